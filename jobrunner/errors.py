@@ -1,0 +1,91 @@
+"""The errors jobrunner raises: each names what went wrong in words a person can act on.
+
+Nothing above the store sees a psycopg exception; the store turns them into these.
+The HTTP server maps each class to a status code and a Rickover error id.
+"""
+
+
+class JobrunnerError(Exception):
+    """Base class: `str(error)` is the message shown to the client."""
+
+
+class InvalidField(JobrunnerError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"Invalid {field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class InvalidJobId(JobrunnerError):
+    """A job id that is not `job_` followed by a UUID; `wrong_prefix` tells which part is wrong."""
+
+    def __init__(self, message: str, wrong_prefix: bool = False):
+        super().__init__(message)
+        self.wrong_prefix = wrong_prefix
+
+
+class UnknownJobType(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"Job type {name!r} does not exist")
+        self.name = name
+
+
+class JobTypeExists(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"A job type named {name!r} already exists")
+        self.name = name
+
+
+class UnknownJob(JobrunnerError):
+    def __init__(self, job_id: str):
+        super().__init__(f"Job {job_id} does not exist")
+        self.job_id = job_id
+
+
+class JobNameMismatch(JobrunnerError):
+    """The job exists, but under another job type than the one named."""
+
+    def __init__(self, job_id: str, name: str, actual_name: str):
+        super().__init__(f"Job {job_id} exists, but with job type {actual_name!r}, not {name!r}")
+        self.job_id = job_id
+        self.actual_name = actual_name
+
+
+class JobAlreadyArchived(JobrunnerError):
+    def __init__(self, job_id: str, status: str):
+        super().__init__(f"Job {job_id} is already archived as {status}")
+        self.job_id = job_id
+        self.status = status
+
+
+class JobIdInUse(JobrunnerError):
+    """Enqueue of an id that is already queued under another job type (Rickover returned that job)."""
+
+    def __init__(self, job_id: str, actual_name: str):
+        super().__init__(f"Job {job_id} is already queued under job type {actual_name!r}")
+        self.job_id = job_id
+        self.actual_name = actual_name
+
+
+class StaleCallback(JobrunnerError):
+    """A failed callback for an attempt that is not the one in progress: it changes nothing."""
+
+    def __init__(self, job_id: str, attempt: int, stored_attempts: int, status: str):
+        super().__init__(
+            f"Job {job_id} is {status} with {stored_attempts} attempts remaining; "
+            f"a failed callback for attempt {attempt} is stale and changes nothing"
+        )
+        self.job_id = job_id
+        self.attempt = attempt
+        self.stored_attempts = stored_attempts
+
+
+class NotReplayable(JobrunnerError):
+    def __init__(self, job_id: str, status: str):
+        super().__init__(f"Job {job_id} is still {status}; only archived jobs can be replayed")
+        self.job_id = job_id
+        self.status = status
+
+
+class DatabaseUnavailable(JobrunnerError):
+    """PostgreSQL did not answer; the caller may retry later (HTTP 503)."""

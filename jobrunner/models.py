@@ -1,0 +1,133 @@
+"""Job types, jobs, their states, and the rules for ids and names.
+
+These are plain values: no I/O here.
+"""
+
+import dataclasses
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidField, InvalidJobId
+
+AT_LEAST_ONCE = "at_least_once"
+AT_MOST_ONCE = "at_most_once"
+DELIVERY_STRATEGIES = (AT_LEAST_ONCE, AT_MOST_ONCE)
+
+# queued_jobs.status
+QUEUED = "queued"
+IN_PROGRESS = "in-progress"
+# archived_jobs.status
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EXPIRED = "expired"
+
+JOB_ID_PREFIX = "job_"
+MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
+MAX_CONCURRENCY = 32767  # the column is a smallint
+MAX_NAME_LENGTH = 100
+# Names travel unescaped in URLs (ours and the downstream's), so keep them URL-safe.
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobType:
+    name: str
+    delivery_strategy: str
+    attempts: int
+    concurrency: int
+    created_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedJob:
+    id: uuid.UUID
+    name: str
+    attempts: int  # attempts remaining
+    run_after: datetime
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    status: str  # QUEUED or IN_PROGRESS
+    data: Any
+
+    @property
+    def job_id(self) -> str:
+        return format_job_id(self.id)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchivedJob:
+    id: uuid.UUID
+    name: str
+    attempts: int  # attempts remaining when archived
+    status: str  # SUCCEEDED, FAILED or EXPIRED
+    created_at: datetime  # when it was archived (Rickover's meaning)
+    data: Any
+    expires_at: datetime | None
+
+    @property
+    def job_id(self) -> str:
+        return format_job_id(self.id)
+
+
+def format_job_id(job_uuid: uuid.UUID) -> str:
+    return JOB_ID_PREFIX + str(job_uuid)
+
+
+def new_job_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
+    """Parse `job_<uuid>` as Rickover does, but accept upper case and UUID versions 6-8.
+
+    Like Rickover, the RFC 4122 variant is not checked: Rickover's own generated ids
+    have the wrong variant bits and live on in old databases.
+    """
+    if len(job_id) < 36:
+        raise InvalidJobId(f'Could not parse "{job_id}" as a UUID with a prefix')
+    prefix, text = job_id[:-36], job_id[-36:].lower()
+    if prefix != JOB_ID_PREFIX:
+        raise InvalidJobId(f"Please use {JOB_ID_PREFIX} for the uuid prefix, not {prefix}", wrong_prefix=True)
+    if not _UUID_PATTERN.fullmatch(text):
+        raise InvalidJobId(f"Invalid UUID string: {job_id[-36:]} (expected hex digits, version 1-8)")
+    return uuid.UUID(text)
+
+
+def validate_job_type_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidField("name", "must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidField("name", f"must be at most {MAX_NAME_LENGTH} characters")
+    if not _NAME_PATTERN.fullmatch(name):
+        raise InvalidField("name", "may hold only letters, digits, '_', '.' and '-', and must start with a letter or digit")
+    if name.startswith(JOB_ID_PREFIX) or name == "random_id":
+        raise InvalidField("name", f"must not start with {JOB_ID_PREFIX!r} or be 'random_id': such a name clashes with job URLs")
+    return name
+
+
+def validate_delivery_strategy(strategy: Any) -> str:
+    if strategy not in DELIVERY_STRATEGIES:
+        raise InvalidField("delivery_strategy", f"must be {AT_LEAST_ONCE!r} or {AT_MOST_ONCE!r}, not {strategy!r}")
+    return strategy
+
+
+def validate_attempts(attempts: Any, strategy: str) -> int:
+    _require_int("attempts", attempts, 1, MAX_ATTEMPTS)
+    if strategy == AT_MOST_ONCE and attempts != 1:
+        raise InvalidField("attempts", f"must be 1 for an {AT_MOST_ONCE} job type, which is never sent twice")
+    return attempts
+
+
+def validate_concurrency(concurrency: Any) -> int:
+    return _require_int("concurrency", concurrency, 0, MAX_CONCURRENCY)
+
+
+def _require_int(field: str, value: Any, low: int, high: int) -> int:
+    # bool is an int in Python, but `true` is not a number of attempts.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
+    return value

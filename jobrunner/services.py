@@ -1,0 +1,260 @@
+"""The job lifecycle rules: the only code that changes a job's state.
+
+Mediation layer between the server, the workers and the watcher on one side and
+the store on the other: everything that is not decoding a request, turning an
+error into a response, or SQL belongs here. A timed-out job, a stuck job and a
+failed callback all take the same path (`_fail`), so they obey the same rules.
+
+`now` is for tests that pin the instant; production passes nothing and the
+database clock decides.
+"""
+
+import math
+import random
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from . import store
+from .errors import (
+    InvalidField,
+    JobAlreadyArchived,
+    JobIdInUse,
+    JobNameMismatch,
+    JobrunnerError,
+    NotReplayable,
+    StaleCallback,
+    UnknownJob,
+    UnknownJobType,
+)
+from .models import (
+    AT_MOST_ONCE,
+    FAILED,
+    IN_PROGRESS,
+    SUCCEEDED,
+    ArchivedJob,
+    JobType,
+    QueuedJob,
+    format_job_id,
+    new_job_id,
+    validate_attempts,
+    validate_concurrency,
+    validate_delivery_strategy,
+    validate_job_type_name,
+)
+from .store import Claim, Connection
+
+# How long a dispatched job may wait for its callback before it counts as failed.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+# Base of the back-off between resends of a job the downstream answered 503 to.
+UNAVAILABLE_SLEEP_FACTOR = timedelta(milliseconds=500)
+# Retry back-off is 2^k seconds, capped (Rickover's overflowed past 2^33).
+MAX_RETRY_DELAY = timedelta(days=1)
+
+IDLE_SLEEP_BASE = timedelta(milliseconds=10)
+IDLE_SLEEP_MAX_MULTIPLIER = 2**10
+STUCK_JOBS_BATCH = 100
+
+
+# --- job types ---------------------------------------------------------------
+
+
+def create_job_type(conn: Connection, name: Any, delivery_strategy: Any, attempts: Any, concurrency: Any) -> JobType:
+    validate_job_type_name(name)
+    validate_delivery_strategy(delivery_strategy)
+    validate_attempts(attempts, delivery_strategy)
+    validate_concurrency(concurrency)
+    return store.create_job_type(conn, name, delivery_strategy, attempts, concurrency)
+
+
+def get_job_type(conn: Connection, name: str) -> JobType:
+    job_type = store.get_job_type(conn, name)
+    if job_type is None:
+        raise UnknownJobType(name)
+    return job_type
+
+
+def list_job_types(conn: Connection) -> list[JobType]:
+    return store.list_job_types(conn)
+
+
+def update_job_type(conn: Connection, name: str, attempts: Any = None, concurrency: Any = None) -> JobType:
+    """Change a type's attempts (for jobs enqueued from now on) and concurrency (from the next claim on)."""
+    if attempts is None and concurrency is None:
+        raise InvalidField("request", "give attempts, concurrency or both")
+    job_type = get_job_type(conn, name)
+    if attempts is not None:
+        validate_attempts(attempts, job_type.delivery_strategy)
+    if concurrency is not None:
+        validate_concurrency(concurrency)
+    updated = store.update_job_type(conn, name, attempts, concurrency)
+    if updated is None:
+        raise UnknownJobType(name)
+    return updated
+
+
+# --- jobs --------------------------------------------------------------------
+
+
+def enqueue(
+    conn: Connection,
+    job_id: UUID,
+    name: str,
+    data: Any,
+    run_after: datetime | None = None,
+    expires_at: datetime | None = None,
+    now: datetime | None = None,
+) -> QueuedJob:
+    """Queue a job; idempotent: enqueueing a queued id again returns the stored job unchanged.
+
+    `run_after` defaults to now. An `expires_at` in the past is accepted: the job is
+    archived as expired when it comes due, and never sent.
+    """
+    _require_aware("run_after", run_after)
+    _require_aware("expires_at", expires_at)
+    job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now)
+    if job is not None:
+        return job
+    queued = store.get_queued_job(conn, job_id)
+    if queued is not None:
+        if queued.name != name:
+            raise JobIdInUse(format_job_id(job_id), queued.name)
+        return queued
+    archived = store.get_archived_job(conn, job_id)
+    if archived is not None:
+        raise JobAlreadyArchived(format_job_id(job_id), archived.status)
+    raise UnknownJobType(name)
+
+
+def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJob | ArchivedJob:
+    """The queued job, else the archived one; `name`, when given, must be the job's type."""
+    job = store.get_queued_job(conn, job_id) or store.get_archived_job(conn, job_id)
+    if job is None:
+        raise UnknownJob(format_job_id(job_id))
+    if name is not None and job.name != name:
+        raise JobNameMismatch(format_job_id(job_id), name, job.name)
+    return job
+
+
+def replay(conn: Connection, job_id: UUID, name: str | None = None, now: datetime | None = None) -> QueuedJob:
+    """Enqueue an archived job again under a new id, with its data and expires_at."""
+    job = get_job(conn, job_id, name)
+    if isinstance(job, QueuedJob):
+        raise NotReplayable(job.job_id, job.status)
+    return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+
+
+def claim(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
+    """Move up to `limit` due jobs of one type to in-progress, never past its concurrency.
+
+    Jobs whose expires_at has passed are archived as expired instead.
+    """
+    return store.claim_jobs(conn, name, limit, now)
+
+
+# --- outcomes ----------------------------------------------------------------
+
+
+def handle_status_callback(
+    conn: Connection,
+    job_id: UUID,
+    name: str,
+    status: str,
+    attempt: int,
+    retryable: bool = True,
+    now: datetime | None = None,
+) -> QueuedJob | ArchivedJob:
+    """Record a job's outcome: the archived job, or the queued job when it will be retried.
+
+    `succeeded` archives whatever the attempt (Rickover's clients rely on it). A
+    `failed` callback must name the attempt in progress; otherwise it is stale.
+    """
+    if status == SUCCEEDED:
+        archived = store.archive_job(conn, job_id, name, SUCCEEDED, attempts_used=0, now=now)
+        if archived is None:
+            raise _not_queued(conn, job_id, name)
+        return archived
+    if status != FAILED:
+        raise InvalidField("status", f"must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
+    with conn.transaction():
+        locked = store.lock_job(conn, job_id)
+        if locked is None or locked.job.name != name:
+            raise _not_queued(conn, job_id, name)
+        return _fail(conn, locked, attempt, retryable, now)
+
+
+def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | None = None) -> int:
+    """Fail every in-progress job not updated within `older_than`, as a failed retryable callback would.
+
+    Returns how many jobs it failed. Jobs are locked first, so a real callback
+    racing with this either waits and then finds the job moved on (stale), or
+    wins and the job is no longer stuck.
+    """
+    failed = 0
+    while True:
+        with conn.transaction():
+            stuck = store.lock_stuck_jobs(conn, older_than, STUCK_JOBS_BATCH, now)
+            for locked in stuck:
+                _fail(conn, locked, locked.job.attempts, retryable=True, now=now)
+        failed += len(stuck)
+        if len(stuck) < STUCK_JOBS_BATCH:
+            return failed
+
+
+def _fail(
+    conn: Connection, locked: store.LockedJob, attempt: int, retryable: bool, now: datetime | None
+) -> QueuedJob | ArchivedJob:
+    """Retry or archive a failed attempt; the job is locked by the caller's transaction."""
+    job = locked.job
+    if job.status != IN_PROGRESS or job.attempts != attempt:
+        raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
+    remaining = job.attempts - 1
+    guard = {"expected_attempts": attempt, "now": now}
+    if not retryable or remaining <= 0 or locked.delivery_strategy == AT_MOST_ONCE:
+        result = store.archive_job(conn, job.id, job.name, FAILED, 1, expected_status=IN_PROGRESS, **guard)
+    else:
+        result = store.retry_job(conn, job.id, delay=retry_delay(locked.total_attempts, remaining), **guard)
+    if result is None:  # cannot happen while the row lock is held; never report success falsely
+        raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
+    return result
+
+
+def _not_queued(conn: Connection, job_id: UUID, name: str) -> JobrunnerError:
+    """Why a callback found no queued job of that id and type."""
+    try:
+        job = get_job(conn, job_id, name)
+    except (UnknownJob, JobNameMismatch) as error:
+        return error
+    return JobAlreadyArchived(job.job_id, job.status)
+
+
+def _require_aware(field: str, value: datetime | None) -> None:
+    if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+        raise InvalidField(field, "must be a timestamp with a time zone")
+
+
+# --- timing ------------------------------------------------------------------
+
+
+def retry_delay(total_attempts: int, remaining_attempts: int) -> timedelta:
+    """2^(attempts used) seconds: 2 s after the first failure, then 4 s, 8 s, ... capped."""
+    exponent = max(0, total_attempts - remaining_attempts)
+    if exponent >= math.log2(MAX_RETRY_DELAY.total_seconds()):
+        return MAX_RETRY_DELAY
+    return timedelta(seconds=2**exponent)
+
+
+def get_sleep_duration(sleep_factor: float, failed_attempts: int) -> timedelta:
+    """How long an idle worker sleeps after `failed_attempts` empty claims in a row.
+
+    10 ms x sleep_factor^failed_attempts, the multiplier capped at 2^10, jittered
+    uniformly by x0.8-1.2 so that idle workers do not wake in step. A
+    sleep_factor of 0 means no sleep.
+    """
+    if sleep_factor <= 0:
+        return timedelta(0)
+    if sleep_factor > 1 and failed_attempts * math.log(sleep_factor) >= math.log(IDLE_SLEEP_MAX_MULTIPLIER):
+        multiplier = IDLE_SLEEP_MAX_MULTIPLIER
+    else:
+        multiplier = min(sleep_factor**failed_attempts, IDLE_SLEEP_MAX_MULTIPLIER)
+    return IDLE_SLEEP_BASE * multiplier * random.uniform(0.8, 1.2)

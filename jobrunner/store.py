@@ -1,0 +1,343 @@
+"""Every SQL statement jobrunner runs, and nothing else.
+
+Each statement is a named constant with named parameters, run by a function of
+the same name. Statements that depend on the time take `now`: production passes
+None and the database clock decides (one clock for every host); tests pass a
+fixed instant. psycopg errors are turned into jobrunner errors here, so nothing
+above this module imports psycopg.
+
+Connections are in autocommit mode: a single statement is its own transaction,
+and services open `conn.transaction()` around the few that need more than one.
+"""
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
+
+from .errors import DatabaseUnavailable, InvalidField, JobTypeExists
+from .models import ArchivedJob, JobType, QueuedJob
+
+Connection = psycopg.Connection
+
+# First key of jobrunner's two-key advisory locks, so they never meet an
+# application's own advisory locks on the same database.
+ADVISORY_LOCK_SPACE = 0x6A6F62  # "job"
+SCHEMA_LOCK_KEY = 0
+
+
+@contextlib.contextmanager
+def translated_errors(field: str = "request") -> Iterator[None]:
+    """Turn psycopg errors into jobrunner errors; `field` names what bad data came from."""
+    try:
+        yield
+    except (pg_errors.DataError, pg_errors.IntegrityError) as error:
+        raise InvalidField(field, _reason(error)) from None
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(f"The database is unavailable: {_reason(error)}") from None
+
+
+def _reason(error: psycopg.Error) -> str:
+    return (error.diag.message_primary or str(error)).strip()
+
+
+def connect(url: str, **kwargs: Any) -> Connection:
+    with translated_errors():
+        return psycopg.connect(url, autocommit=True, **kwargs)
+
+
+# --- schema ------------------------------------------------------------------
+
+LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
+
+
+def apply_schema(conn: Connection, schema_sql: str) -> None:
+    """Apply schema.sql in one transaction; concurrent migrations wait for each other."""
+    with translated_errors(), conn.transaction():
+        conn.execute(LOCK_SCHEMA, {"space": ADVISORY_LOCK_SPACE, "key": SCHEMA_LOCK_KEY})
+        conn.execute(schema_sql.encode())
+
+
+# --- job types ---------------------------------------------------------------
+
+CREATE_JOB_TYPE = """
+INSERT INTO jobs (name, delivery_strategy, attempts, concurrency)
+VALUES (%(name)s, %(delivery_strategy)s, %(attempts)s, %(concurrency)s)
+RETURNING *
+"""
+
+GET_JOB_TYPE = "SELECT * FROM jobs WHERE name = %(name)s"
+
+LIST_JOB_TYPES = "SELECT * FROM jobs ORDER BY name"
+
+UPDATE_JOB_TYPE = """
+UPDATE jobs
+SET attempts = coalesce(%(attempts)s, attempts),
+    concurrency = coalesce(%(concurrency)s, concurrency)
+WHERE name = %(name)s
+RETURNING *
+"""
+
+
+def create_job_type(conn: Connection, name: str, delivery_strategy: str, attempts: int, concurrency: int) -> JobType:
+    params = {"name": name, "delivery_strategy": delivery_strategy, "attempts": attempts, "concurrency": concurrency}
+    with translated_errors("job type"), conn.cursor(row_factory=class_row(JobType)) as cur:
+        try:
+            return cur.execute(CREATE_JOB_TYPE, params).fetchone()
+        except pg_errors.UniqueViolation:
+            raise JobTypeExists(name) from None
+
+
+def get_job_type(conn: Connection, name: str) -> JobType | None:
+    with translated_errors(), conn.cursor(row_factory=class_row(JobType)) as cur:
+        return cur.execute(GET_JOB_TYPE, {"name": name}).fetchone()
+
+
+def list_job_types(conn: Connection) -> list[JobType]:
+    with translated_errors(), conn.cursor(row_factory=class_row(JobType)) as cur:
+        return cur.execute(LIST_JOB_TYPES).fetchall()
+
+
+def update_job_type(conn: Connection, name: str, attempts: int | None, concurrency: int | None) -> JobType | None:
+    params = {"name": name, "attempts": attempts, "concurrency": concurrency}
+    with translated_errors("job type"), conn.cursor(row_factory=class_row(JobType)) as cur:
+        return cur.execute(UPDATE_JOB_TYPE, params).fetchone()
+
+
+# --- enqueue and lookup --------------------------------------------------------
+
+ENQUEUE_JOB = """
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data)
+SELECT %(id)s, name, attempts, coalesce(%(run_after)s, %(now)s, now()), %(expires_at)s,
+       coalesce(%(now)s, now()), coalesce(%(now)s, now()), 'queued', %(data)s
+FROM jobs
+WHERE name = %(name)s
+  -- an archived id is never queued again
+  AND NOT EXISTS (SELECT 1 FROM archived_jobs WHERE id = %(id)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING *
+"""
+
+GET_QUEUED_JOB = "SELECT * FROM queued_jobs WHERE id = %(id)s"
+
+GET_ARCHIVED_JOB = "SELECT * FROM archived_jobs WHERE id = %(id)s"
+
+
+def enqueue_job(
+    conn: Connection,
+    job_id: UUID,
+    name: str,
+    data: Any,
+    run_after: datetime | None,
+    expires_at: datetime | None,
+    now: datetime | None = None,
+) -> QueuedJob | None:
+    """Insert a queued job; None when nothing was inserted (id taken, archived, or no such type)."""
+    params = {
+        "id": job_id,
+        "name": name,
+        "data": Jsonb(data),
+        "run_after": run_after,
+        "expires_at": expires_at,
+        "now": now,
+    }
+    with translated_errors("data"), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+        return cur.execute(ENQUEUE_JOB, params).fetchone()
+
+
+def get_queued_job(conn: Connection, job_id: UUID) -> QueuedJob | None:
+    with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+        return cur.execute(GET_QUEUED_JOB, {"id": job_id}).fetchone()
+
+
+def get_archived_job(conn: Connection, job_id: UUID) -> ArchivedJob | None:
+    with translated_errors(), conn.cursor(row_factory=class_row(ArchivedJob)) as cur:
+        return cur.execute(GET_ARCHIVED_JOB, {"id": job_id}).fetchone()
+
+
+# --- claim -------------------------------------------------------------------
+
+# Claims of one job type are serialised by this lock, held to the end of the
+# claim's transaction. The claim statement runs after it is granted, so its
+# snapshot sees every claim committed before: counting in-progress jobs is then
+# exact. (Counting inside one statement alone is racy under READ COMMITTED.)
+# An advisory lock, not a row lock on `jobs`: it writes nothing and does not
+# meet the key-share locks that enqueues take on the same row.
+LOCK_JOB_TYPE_FOR_CLAIM = "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(name)s))"
+
+CLAIM_JOBS = """
+WITH free_slots AS (
+    -- the type's concurrency now (so a change applies at the next claim) less what is in flight
+    SELECT greatest(0, j.concurrency - (
+        SELECT count(*) FROM queued_jobs WHERE name = %(name)s AND status = 'in-progress'
+    )) AS n
+    FROM jobs j
+    WHERE j.name = %(name)s
+),
+candidates AS MATERIALIZED (
+    -- MATERIALIZED: a LIMIT subquery inlined into the UPDATE may run more than once
+    -- and claim more rows than asked. Oldest due first; rows another transaction
+    -- holds (a cancel, a callback) are skipped, not waited for.
+    SELECT id, coalesce(expires_at <= coalesce(%(now)s, now()), false) AS expired
+    FROM queued_jobs
+    WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
+    ORDER BY run_after, created_at
+    LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
+    FOR UPDATE SKIP LOCKED
+),
+expired AS (
+    -- expired jobs are never sent: archived here, in the same transaction
+    DELETE FROM queued_jobs q
+    USING candidates c
+    WHERE q.id = c.id AND c.expired
+    RETURNING q.*
+),
+archived AS (
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+    SELECT id, name, attempts, 'expired', coalesce(%(now)s, now()), data, expires_at
+    FROM expired
+),
+claimed AS (
+    UPDATE queued_jobs q
+    SET status = 'in-progress', updated_at = coalesce(%(now)s, now())
+    FROM candidates c
+    WHERE q.id = c.id AND NOT c.expired
+    RETURNING q.*
+)
+SELECT false AS expired, * FROM claimed
+UNION ALL
+SELECT true AS expired, * FROM expired
+ORDER BY run_after, created_at
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    jobs: list[QueuedJob]  # now in progress, yours to dispatch
+    expired: list[QueuedJob]  # archived as expired instead, never to be sent
+
+
+def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
+    claim = Claim(jobs=[], expired=[])
+    with translated_errors(), conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
+        for row in cur.execute(CLAIM_JOBS, {"name": name, "limit": limit, "now": now}):
+            target = claim.expired if row.pop("expired") else claim.jobs
+            target.append(QueuedJob(**row))
+    return claim
+
+
+# --- outcomes: archive and retry ---------------------------------------------
+
+LOCK_JOB = """
+SELECT q.*, j.attempts AS total_attempts, j.delivery_strategy
+FROM queued_jobs q
+JOIN jobs j ON j.name = q.name
+WHERE q.id = %(id)s
+FOR UPDATE OF q
+"""
+
+LOCK_STUCK_JOBS = """
+SELECT q.*, j.attempts AS total_attempts, j.delivery_strategy
+FROM queued_jobs q
+JOIN jobs j ON j.name = q.name
+WHERE q.status = 'in-progress' AND q.updated_at < coalesce(%(now)s, now()) - %(older_than)s
+ORDER BY q.updated_at
+LIMIT %(limit)s
+FOR UPDATE OF q SKIP LOCKED
+"""
+
+ARCHIVE_JOB = """
+WITH finished AS (
+    -- delete and insert in one statement: the job is never both queued and archived, nor neither
+    DELETE FROM queued_jobs
+    WHERE id = %(id)s AND name = %(name)s
+      -- a guard, when the caller expects a particular state (a failed callback, the watcher)
+      AND attempts = coalesce(%(expected_attempts)s, attempts)
+      AND status = coalesce(%(expected_status)s::job_status, status)
+    RETURNING *
+)
+INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
+FROM finished
+RETURNING *
+"""
+
+RETRY_JOB = """
+UPDATE queued_jobs
+SET status = 'queued',
+    attempts = attempts - 1,
+    run_after = coalesce(%(now)s, now()) + %(delay)s,
+    updated_at = coalesce(%(now)s, now())
+WHERE id = %(id)s AND attempts = %(expected_attempts)s AND status = 'in-progress'
+RETURNING *
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class LockedJob:
+    """A queued job, row-locked until the transaction ends, with what its type says."""
+
+    job: QueuedJob
+    total_attempts: int
+    delivery_strategy: str
+
+
+def _locked_job(row: dict) -> LockedJob:
+    total_attempts = row.pop("total_attempts")
+    delivery_strategy = row.pop("delivery_strategy")
+    return LockedJob(QueuedJob(**row), total_attempts, delivery_strategy)
+
+
+def lock_job(conn: Connection, job_id: UUID) -> LockedJob | None:
+    """Lock a queued job for the rest of the caller's transaction."""
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(LOCK_JOB, {"id": job_id}).fetchone()
+    return None if row is None else _locked_job(row)
+
+
+def lock_stuck_jobs(conn: Connection, older_than: timedelta, limit: int, now: datetime | None = None) -> list[LockedJob]:
+    """Lock up to `limit` in-progress jobs not updated within `older_than`, oldest first."""
+    params = {"older_than": older_than, "limit": limit, "now": now}
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        return [_locked_job(row) for row in cur.execute(LOCK_STUCK_JOBS, params)]
+
+
+def archive_job(
+    conn: Connection,
+    job_id: UUID,
+    name: str,
+    status: str,
+    attempts_used: int,
+    expected_attempts: int | None = None,
+    expected_status: str | None = None,
+    now: datetime | None = None,
+) -> ArchivedJob | None:
+    """Move a job from queued_jobs to archived_jobs; None when no job matched."""
+    params = {
+        "id": job_id,
+        "name": name,
+        "status": status,
+        "attempts_used": attempts_used,
+        "expected_attempts": expected_attempts,
+        "expected_status": expected_status,
+        "now": now,
+    }
+    with translated_errors(), conn.cursor(row_factory=class_row(ArchivedJob)) as cur:
+        return cur.execute(ARCHIVE_JOB, params).fetchone()
+
+
+def retry_job(
+    conn: Connection, job_id: UUID, expected_attempts: int, delay: timedelta, now: datetime | None = None
+) -> QueuedJob | None:
+    """Queue an in-progress job again with one attempt fewer, due after `delay`; None when no job matched."""
+    params = {"id": job_id, "expected_attempts": expected_attempts, "delay": delay, "now": now}
+    with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+        return cur.execute(RETRY_JOB, params).fetchone()

@@ -1,0 +1,61 @@
+-- jobrunner's database schema.
+--
+-- Rickover's tables and enum types, with the same names, columns and
+-- constraints, plus the indexes jobrunner's queries need. Idempotent: it can
+-- be applied any number of times, to an empty database or to one that
+-- Rickover's own migrations built, and it never changes what already exists.
+-- `jobrunner migrate` applies it in one transaction.
+
+-- Postgres has no CREATE TYPE IF NOT EXISTS.
+DO $$
+BEGIN
+    IF to_regtype('delivery_strategy') IS NULL THEN
+        CREATE TYPE delivery_strategy AS ENUM ('at_most_once', 'at_least_once');
+    END IF;
+    IF to_regtype('job_status') IS NULL THEN
+        CREATE TYPE job_status AS ENUM ('queued', 'in-progress');
+    END IF;
+    IF to_regtype('archived_job_status') IS NULL THEN
+        CREATE TYPE archived_job_status AS ENUM ('succeeded', 'failed', 'expired');
+    END IF;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS jobs (
+    name text PRIMARY KEY,
+    delivery_strategy delivery_strategy NOT NULL,
+    attempts smallint NOT NULL CONSTRAINT jobs_attempts_check CHECK (attempts > 0),
+    concurrency smallint NOT NULL CONSTRAINT jobs_concurrency_check CHECK (concurrency >= 0),
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS queued_jobs (
+    id uuid PRIMARY KEY,
+    name text NOT NULL REFERENCES jobs (name),
+    attempts smallint NOT NULL CONSTRAINT queued_jobs_attempts_check CHECK (attempts >= 0),
+    run_after timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    status job_status NOT NULL,
+    data jsonb NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS archived_jobs (
+    id uuid PRIMARY KEY,
+    name text NOT NULL REFERENCES jobs (name),
+    attempts smallint NOT NULL CHECK (attempts >= 0),
+    status archived_job_status NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    data jsonb NOT NULL
+);
+
+-- Added by a later Rickover migration; a no-op where it exists.
+ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with time zone;
+
+-- The claim: due jobs of one type, oldest run_after first (Rickover's index).
+CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHERE status = 'queued';
+
+-- jobrunner: in-progress jobs, counted per type at every claim and scanned by
+-- updated_at for stuck jobs. Only in-flight rows are in it, so it stays small.
+CREATE INDEX IF NOT EXISTS queued_jobs_in_progress ON queued_jobs (name, updated_at) WHERE status = 'in-progress';
