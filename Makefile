@@ -1,0 +1,24 @@
+# `make test` sets up everything the tests need on a fresh Debian/Ubuntu machine
+# (a virtualenv with jobrunner and its test extra, the PostgreSQL server binaries),
+# then runs the suite against a throwaway cluster it starts itself.
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: test venv postgres clean
+
+test: venv postgres
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+postgres:
+	scripts/ensure-postgres
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

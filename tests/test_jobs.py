@@ -1,0 +1,148 @@
+"""Enqueue (idempotent), get (queued, then archived) and replay."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from conftest import make_type, new_id, utcnow
+
+from jobrunner import services
+from jobrunner.errors import (
+    InvalidField,
+    JobAlreadyArchived,
+    JobIdInUse,
+    JobNameMismatch,
+    NotReplayable,
+    UnknownJob,
+    UnknownJobType,
+)
+from jobrunner.models import EXPIRED, QUEUED, SUCCEEDED, ArchivedJob, QueuedJob
+
+
+def test_enqueue_stores_the_job_with_the_types_attempts(conn):
+    make_type(conn, attempts=4)
+    job_id = new_id()
+    run_after = datetime(2030, 5, 1, tzinfo=timezone.utc)
+    expires_at = run_after + timedelta(days=1)
+
+    job = services.enqueue(conn, job_id, "email", {"to": ["a", "b"], "n": 1.5}, run_after=run_after, expires_at=expires_at)
+
+    assert isinstance(job, QueuedJob)
+    assert (job.id, job.name, job.attempts, job.status) == (job_id, "email", 4, QUEUED)
+    assert (job.run_after, job.expires_at, job.data) == (run_after, expires_at, {"to": ["a", "b"], "n": 1.5})
+    assert job.job_id == f"job_{job_id}"
+    assert services.get_job(conn, job_id) == job
+
+
+def test_run_after_defaults_to_the_database_now(conn):
+    make_type(conn)
+    before = conn.execute("SELECT now()").fetchone()[0]
+    job = services.enqueue(conn, new_id(), "email", None)
+    assert job.run_after >= before
+    assert job.data is None
+    assert job.expires_at is None
+
+
+@pytest.mark.parametrize("data", [None, 0, "text", [1, "two"], True, {"nested": {"deep": [None]}}])
+def test_any_json_value_is_data(conn, data):
+    make_type(conn)
+    assert services.enqueue(conn, new_id(), "email", data).data == data
+
+
+def test_enqueue_is_idempotent_on_the_id(conn):
+    make_type(conn)
+    job_id = new_id()
+    first = services.enqueue(conn, job_id, "email", {"v": 1})
+    again = services.enqueue(conn, job_id, "email", {"v": 2}, run_after=utcnow() + timedelta(days=3))
+    assert again == first
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 1
+
+
+def test_enqueue_refuses_unknown_type_archived_id_and_id_of_another_type(conn):
+    make_type(conn, "email")
+    make_type(conn, "sms")
+    with pytest.raises(UnknownJobType, match="'nope'"):
+        services.enqueue(conn, new_id(), "nope", {})
+
+    job = services.enqueue(conn, new_id(), "email", {})
+    with pytest.raises(JobIdInUse, match="already queued under job type 'email'"):
+        services.enqueue(conn, job.id, "sms", {})
+
+    services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
+    with pytest.raises(JobAlreadyArchived, match="already archived as succeeded"):
+        services.enqueue(conn, job.id, "email", {})
+    with pytest.raises(JobAlreadyArchived):
+        services.enqueue(conn, job.id, "sms", {})
+
+
+def test_bad_data_and_naive_times_are_refused_with_the_field_named(conn):
+    make_type(conn)
+    with pytest.raises(InvalidField, match="Invalid data"):
+        services.enqueue(conn, new_id(), "email", {"nul": "a\u0000b"})
+    with pytest.raises(InvalidField, match="run_after"):
+        services.enqueue(conn, new_id(), "email", {}, run_after=datetime(2030, 1, 1))
+    with pytest.raises(InvalidField, match="expires_at"):
+        services.enqueue(conn, new_id(), "email", {}, expires_at="tomorrow")
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+
+
+def test_a_job_enqueued_already_expired_is_accepted_and_archived_expired_when_due(conn):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {}, expires_at=utcnow() - timedelta(hours=1))
+    assert job.status == QUEUED
+    claim = services.claim(conn, "email", limit=5)
+    assert (claim.jobs, [j.id for j in claim.expired]) == ([], [job.id])
+    assert services.get_job(conn, job.id).status == EXPIRED
+
+
+def test_get_checks_the_type_name_for_queued_and_archived_jobs(conn):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {})
+    assert services.get_job(conn, job.id, "email") == job
+    with pytest.raises(JobNameMismatch):
+        services.get_job(conn, job.id, "sms")
+    services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
+    assert isinstance(services.get_job(conn, job.id, "email"), ArchivedJob)
+    with pytest.raises(JobNameMismatch):
+        services.get_job(conn, job.id, "sms")
+    with pytest.raises(UnknownJob, match=f"job_"):
+        services.get_job(conn, new_id())
+
+
+def test_replay_enqueues_an_archived_job_under_a_new_id(conn):
+    make_type(conn, attempts=2)
+    expires_at = utcnow() + timedelta(hours=2)
+    job = services.enqueue(conn, new_id(), "email", {"x": 1}, expires_at=expires_at)
+    [claimed] = services.claim(conn, "email", limit=1).jobs
+    services.handle_status_callback(conn, claimed.id, "email", "failed", 2, retryable=False)
+
+    replayed = services.replay(conn, job.id, "email")
+
+    assert replayed.id != job.id
+    assert (replayed.name, replayed.data, replayed.expires_at, replayed.attempts, replayed.status) == ("email", {"x": 1}, expires_at, 2, QUEUED)
+    assert services.get_job(conn, job.id).status == "failed"  # the original is unchanged
+
+
+def test_replaying_an_expired_job_archives_the_new_one_as_expired(conn):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {}, expires_at=utcnow() - timedelta(seconds=1))
+    services.claim(conn, "email", limit=1)
+    replayed = services.replay(conn, job.id)
+    claim = services.claim(conn, "email", limit=1)
+    assert [j.id for j in claim.expired] == [replayed.id]
+
+
+def test_only_archived_jobs_can_be_replayed(conn):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {})
+    with pytest.raises(NotReplayable, match="still queued"):
+        services.replay(conn, job.id)
+    services.claim(conn, "email", limit=1)
+    with pytest.raises(NotReplayable, match="still in-progress"):
+        services.replay(conn, job.id)
+    services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
+    assert services.replay(conn, job.id).status == QUEUED
+    with pytest.raises(JobNameMismatch):
+        services.replay(conn, job.id, "sms")
+    with pytest.raises(UnknownJob):
+        services.replay(conn, new_id())
+    assert services.get_job(conn, job.id).status == SUCCEEDED

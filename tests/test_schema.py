@@ -1,0 +1,109 @@
+"""schema.sql: idempotent, safe to apply over a database Rickover's migrations built, and concurrent-safe."""
+
+import threading
+from pathlib import Path
+
+from conftest import make_type, new_id
+
+from jobrunner import services, store
+from jobrunner.cli import schema_sql
+
+RICKOVER_SCHEMA = (Path(__file__).parent / "rickover_schema.sql").read_text()
+
+CATALOG = """
+SELECT 'column ' || table_name || '.' || column_name || ' ' || data_type || ' ' || udt_name || ' '
+       || is_nullable || ' ' || coalesce(column_default, '')
+FROM information_schema.columns WHERE table_schema = 'public'
+UNION ALL
+SELECT 'constraint ' || conrelid::regclass || '.' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+UNION ALL
+SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL
+SELECT 'enum ' || t.typname || ' ' || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid GROUP BY t.typname
+UNION ALL
+-- an object dropped and created again gets a new oid
+SELECT 'oid ' || relname || ' ' || oid FROM pg_class WHERE relnamespace = 'public'::regnamespace
+"""
+ROWS = """
+SELECT 'jobs', to_jsonb(j) FROM jobs j
+UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
+UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
+"""
+TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
+JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress"}
+
+
+def snapshot(conn):
+    return set(row[0] for row in conn.execute(CATALOG))
+
+
+def rows(conn):
+    return sorted((row[0], str(row[1])) for row in conn.execute(ROWS))
+
+
+def add_some_jobs(conn):
+    make_type(conn, "email", concurrency=2)
+    for _ in range(3):
+        services.enqueue(conn, new_id(), "email", {"hello": "world"})
+    [job, _] = services.claim(conn, "email", limit=5).jobs
+    services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
+
+
+def test_applying_the_schema_again_changes_nothing(conn):
+    add_some_jobs(conn)
+    catalog, data = snapshot(conn), rows(conn)
+
+    store.apply_schema(conn, schema_sql())
+    store.apply_schema(conn, schema_sql())
+
+    assert snapshot(conn) == catalog
+    assert rows(conn) == data
+    assert {"index CREATE INDEX find_queued_job ON public.queued_jobs USING btree (name, run_after) WHERE (status = 'queued'::job_status)"} <= catalog
+
+
+def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes(conn, make_database):
+    rickover = store.connect(make_database(template="template0"))
+    rickover.execute(RICKOVER_SCHEMA)
+    add_some_jobs(rickover)
+    catalog, data = snapshot(rickover), rows(rickover)
+
+    store.apply_schema(rickover, schema_sql())
+
+    after = snapshot(rickover)
+    assert rows(rickover) == data
+    assert catalog <= after, "something Rickover built was changed or dropped"
+    added = after - catalog
+    assert {line.split()[0] for line in added} <= {"index", "oid"}
+    assert {name for name in JOBRUNNER_ADDITIONS if any(f" {name} " in line for line in added)} == JOBRUNNER_ADDITIONS
+    # Rickover's three tables are exactly jobrunner's three tables
+    assert rickover.execute(TABLE_COLUMNS).fetchall() == conn.execute(TABLE_COLUMNS).fetchall()
+    # and jobrunner runs on it
+    [job] = services.claim(rickover, "email", limit=5).jobs
+    assert services.handle_status_callback(rickover, job.id, "email", "failed", 3).attempts == 2
+    rickover.close()
+
+
+def test_concurrent_migrations_wait_for_each_other(make_database):
+    url = make_database(template="template0")
+    connections = [store.connect(url) for _ in range(4)]
+    errors = []
+    barrier = threading.Barrier(len(connections))
+
+    def migrate(conn):
+        barrier.wait()
+        try:
+            store.apply_schema(conn, schema_sql())
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=migrate, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert connections[0].execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    for conn in connections:
+        conn.close()
