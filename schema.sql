@@ -56,6 +56,11 @@ ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with tim
 -- The claim: due jobs of one type, oldest run_after first (Rickover's index).
 CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHERE status = 'queued';
 
+-- jobrunner: due jobs whose expires_at has passed, archived at claim time
+-- without scanning the backlog. Only jobs with an expires_at are in it.
+CREATE INDEX IF NOT EXISTS queued_jobs_expires_at ON queued_jobs (name, expires_at)
+    WHERE status = 'queued' AND expires_at IS NOT NULL;
+
 -- jobrunner: in-progress jobs, counted per type at every claim and scanned by
 -- updated_at for stuck jobs. Only in-flight rows are in it, so it stays small.
 CREATE INDEX IF NOT EXISTS queued_jobs_in_progress ON queued_jobs (name, updated_at) WHERE status = 'in-progress';

@@ -89,3 +89,11 @@ class NotReplayable(JobrunnerError):
 
 class DatabaseUnavailable(JobrunnerError):
     """PostgreSQL did not answer; the caller may retry later (HTTP 503)."""
+
+
+class SchemaMissing(DatabaseUnavailable):
+    """The database has no jobrunner tables yet."""
+
+
+class DatabaseError(JobrunnerError):
+    """The database refused a statement for a reason that is jobrunner's bug, not the caller's."""

@@ -9,6 +9,7 @@ failed callback all take the same path (`_fail`), so they obey the same rules.
 database clock decides.
 """
 
+import logging
 import math
 import random
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from uuid import UUID
 
 from . import store
 from .errors import (
+    DatabaseUnavailable,
     InvalidField,
     JobAlreadyArchived,
     JobIdInUse,
@@ -50,6 +52,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=5)
 UNAVAILABLE_SLEEP_FACTOR = timedelta(milliseconds=500)
 # Retry back-off is 2^k seconds, capped (Rickover's overflowed past 2^33).
 MAX_RETRY_DELAY = timedelta(days=1)
+
+log = logging.getLogger(__name__)
 
 IDLE_SLEEP_BASE = timedelta(milliseconds=10)
 IDLE_SLEEP_MAX_MULTIPLIER = 2**10
@@ -176,7 +180,7 @@ def handle_status_callback(
         return archived
     if status != FAILED:
         raise InvalidField("status", f"must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
-    with conn.transaction():
+    with store.transaction(conn):
         locked = store.lock_job(conn, job_id)
         if locked is None or locked.job.name != name:
             raise _not_queued(conn, job_id, name)
@@ -188,17 +192,29 @@ def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | 
 
     Returns how many jobs it failed. Jobs are locked first, so a real callback
     racing with this either waits and then finds the job moved on (stale), or
-    wins and the job is no longer stuck.
+    wins and the job is no longer stuck. A job that cannot be failed is logged
+    and skipped (its own savepoint), so it never holds up the others.
     """
     failed = 0
     while True:
-        with conn.transaction():
+        with store.transaction(conn):
             stuck = store.lock_stuck_jobs(conn, older_than, STUCK_JOBS_BATCH, now)
-            for locked in stuck:
-                _fail(conn, locked, locked.job.attempts, retryable=True, now=now)
-        failed += len(stuck)
-        if len(stuck) < STUCK_JOBS_BATCH:
+            handled = sum(_fail_stuck(conn, locked, now) for locked in stuck)
+        failed += handled
+        if len(stuck) < STUCK_JOBS_BATCH or handled == 0:
             return failed
+
+
+def _fail_stuck(conn: Connection, locked: store.LockedJob, now: datetime | None) -> bool:
+    try:
+        with store.transaction(conn):
+            _fail(conn, locked, locked.job.attempts, retryable=True, now=now)
+        return True
+    except JobrunnerError as error:
+        if isinstance(error, DatabaseUnavailable):
+            raise
+        log.error("could not fail stuck job %s: %s", locked.job.job_id, error)
+        return False
 
 
 def _fail(
@@ -214,8 +230,12 @@ def _fail(
         result = store.archive_job(conn, job.id, job.name, FAILED, 1, expected_status=IN_PROGRESS, **guard)
     else:
         result = store.retry_job(conn, job.id, delay=retry_delay(locked.total_attempts, remaining), **guard)
-    if result is None:  # cannot happen while the row lock is held; never report success falsely
-        raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
+    if result is None:
+        # The id was archived already (Rickover's two-statement archive could leave a job
+        # both queued and archived): the queued copy is gone now, the first outcome stands.
+        result = store.get_archived_job(conn, job.id)
+        if result is None:
+            raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
     return result
 
 

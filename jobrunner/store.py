@@ -7,11 +7,13 @@ fixed instant. psycopg errors are turned into jobrunner errors here, so nothing
 above this module imports psycopg.
 
 Connections are in autocommit mode: a single statement is its own transaction,
-and services open `conn.transaction()` around the few that need more than one.
+and services open `store.transaction(conn)` around the few that need more than one.
 """
 
+import json
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,8 +23,9 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import DatabaseUnavailable, InvalidField, JobTypeExists
+from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobAlreadyArchived, JobTypeExists, SchemaMissing
 from .models import ArchivedJob, JobType, QueuedJob
 
 Connection = psycopg.Connection
@@ -40,8 +43,19 @@ def translated_errors(field: str = "request") -> Iterator[None]:
         yield
     except (pg_errors.DataError, pg_errors.IntegrityError) as error:
         raise InvalidField(field, _reason(error)) from None
+    except pg_errors.UndefinedTable as error:
+        raise SchemaMissing(f"The database has no jobrunner schema ({_reason(error)}): run `jobrunner migrate`") from None
     except psycopg.OperationalError as error:
         raise DatabaseUnavailable(f"The database is unavailable: {_reason(error)}") from None
+    except psycopg.Error as error:
+        raise DatabaseError(f"The database refused a statement: {_reason(error)}") from error
+
+
+@contextlib.contextmanager
+def transaction(conn: Connection) -> Iterator[None]:
+    """One transaction (a savepoint when nested): all of the block's statements commit, or none."""
+    with translated_errors(), conn.transaction():
+        yield
 
 
 def _reason(error: psycopg.Error) -> str:
@@ -53,6 +67,60 @@ def connect(url: str, **kwargs: Any) -> Connection:
         return psycopg.connect(url, autocommit=True, **kwargs)
 
 
+# --- connection pools ----------------------------------------------------------
+
+
+class Pool:
+    """A fixed-size pool of autocommit connections that recovers by itself when the database returns."""
+
+    def __init__(self, url: str, size: int, timeout: float, name: str = "jobrunner"):
+        self._pool = ConnectionPool(
+            url,
+            min_size=size,
+            max_size=size,
+            kwargs={"autocommit": True},
+            timeout=timeout,
+            # keep trying through a long outage instead of giving up on a slot
+            reconnect_timeout=24 * 3600,
+            open=False,
+            name=name,
+        )
+        self._pool.open(wait=False)
+        self._checking = threading.Lock()
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        """Borrow a connection; DatabaseUnavailable when none is to be had within the timeout."""
+        try:
+            with translated_errors(), self._pool.connection(timeout=timeout) as conn:
+                yield conn
+        except PoolTimeout:
+            raise DatabaseUnavailable("The database is unavailable: no connection could be had in time") from None
+        except DatabaseUnavailable:
+            self._drop_broken_connections()
+            raise
+
+    def _drop_broken_connections(self) -> None:
+        # After a restart every idle connection is dead but does not know it yet:
+        # test them all now rather than failing one request per connection.
+        if self._checking.acquire(blocking=False):
+            try:
+                self._pool.check()
+            finally:
+                self._checking.release()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+PING = "SELECT 1"
+
+
+def ping(conn: Connection) -> None:
+    with translated_errors():
+        conn.execute(PING)
+
+
 # --- schema ------------------------------------------------------------------
 
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
@@ -60,7 +128,7 @@ LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
 
 def apply_schema(conn: Connection, schema_sql: str) -> None:
     """Apply schema.sql in one transaction; concurrent migrations wait for each other."""
-    with translated_errors(), conn.transaction():
+    with transaction(conn):
         conn.execute(LOCK_SCHEMA, {"space": ADVISORY_LOCK_SPACE, "key": SCHEMA_LOCK_KEY})
         conn.execute(schema_sql.encode())
 
@@ -105,6 +173,36 @@ def list_job_types(conn: Connection) -> list[JobType]:
         return cur.execute(LIST_JOB_TYPES).fetchall()
 
 
+LIST_JOB_TYPES_WITH_COUNTS = """
+SELECT j.*,
+       count(q.id) FILTER (WHERE q.status = 'queued') AS queued,
+       count(q.id) FILTER (WHERE q.status = 'in-progress') AS in_progress,
+       count(q.id) FILTER (WHERE q.status = 'queued' AND q.run_after <= coalesce(%(now)s, now())) AS due
+FROM jobs j
+LEFT JOIN queued_jobs q ON q.name = j.name
+GROUP BY j.name
+ORDER BY j.name
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTypeCounts:
+    job_type: JobType
+    queued: int  # waiting, due or not
+    in_progress: int
+    due: int  # queued and due now
+
+
+def list_job_types_with_counts(conn: Connection, now: datetime | None = None) -> list[JobTypeCounts]:
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_JOB_TYPES_WITH_COUNTS, {"now": now}).fetchall()
+    counts = []
+    for row in rows:
+        queued, in_progress, due = row.pop("queued"), row.pop("in_progress"), row.pop("due")
+        counts.append(JobTypeCounts(JobType(**row), queued, in_progress, due))
+    return counts
+
+
 def update_job_type(conn: Connection, name: str, attempts: int | None, concurrency: int | None) -> JobType | None:
     params = {"name": name, "attempts": attempts, "concurrency": concurrency}
     with translated_errors("job type"), conn.cursor(row_factory=class_row(JobType)) as cur:
@@ -129,6 +227,33 @@ GET_QUEUED_JOB = "SELECT * FROM queued_jobs WHERE id = %(id)s"
 
 GET_ARCHIVED_JOB = "SELECT * FROM archived_jobs WHERE id = %(id)s"
 
+# A page of one type's jobs, queued and archived, newest first; the cursor is the
+# (created_at, id) of the last job of the previous page. Each branch is limited
+# on its own so that it can stop early.
+LIST_JOBS = """
+(
+    SELECT 'queued' AS source, id, name, attempts, status::text, created_at, data, expires_at, run_after, updated_at
+    FROM queued_jobs
+    WHERE name = %(name)s
+      AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
+      AND (%(after_at)s::timestamptz IS NULL OR (created_at, id) < (%(after_at)s, %(after_id)s::uuid))
+    ORDER BY created_at DESC, id DESC
+    LIMIT %(limit)s
+)
+UNION ALL
+(
+    SELECT 'archived', id, name, attempts, status::text, created_at, data, expires_at, NULL, NULL
+    FROM archived_jobs
+    WHERE name = %(name)s
+      AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
+      AND (%(after_at)s::timestamptz IS NULL OR (created_at, id) < (%(after_at)s, %(after_id)s::uuid))
+    ORDER BY created_at DESC, id DESC
+    LIMIT %(limit)s
+)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
 
 def enqueue_job(
     conn: Connection,
@@ -143,13 +268,46 @@ def enqueue_job(
     params = {
         "id": job_id,
         "name": name,
-        "data": Jsonb(data),
+        "data": _jsonb(data),
         "run_after": run_after,
         "expires_at": expires_at,
         "now": now,
     }
-    with translated_errors("data"), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
-        return cur.execute(ENQUEUE_JOB, params).fetchone()
+    with transaction(conn), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+        with translated_errors("data"):
+            job = cur.execute(ENQUEUE_JOB, params).fetchone()
+        # The insert may have waited for a callback that was archiving this very id
+        # (ON CONFLICT waits on the row being deleted, then inserts): its NOT EXISTS
+        # used a snapshot from before. This statement's snapshot is fresh.
+        archived = None if job is None else get_archived_job(conn, job_id)
+        if archived is not None:
+            raise JobAlreadyArchived(job.job_id, archived.status)
+        return job
+
+
+def _jsonb(data: Any) -> Jsonb:
+    """Serialise now, so that data which is not JSON is the caller's error, not the driver's."""
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidField("data", f"is not JSON: {error}") from None
+    return Jsonb(data, dumps=lambda _: text)
+
+
+def list_jobs(
+    conn: Connection, name: str, statuses: list[str] | None, limit: int, after: tuple[datetime, UUID] | None
+) -> list[QueuedJob | ArchivedJob]:
+    after_at, after_id = after or (None, None)
+    params = {"name": name, "statuses": statuses, "limit": limit, "after_at": after_at, "after_id": after_id}
+    jobs: list[QueuedJob | ArchivedJob] = []
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(LIST_JOBS, params):
+            if row.pop("source") == "queued":
+                jobs.append(QueuedJob(**row))
+            else:
+                del row["run_after"], row["updated_at"]
+                jobs.append(ArchivedJob(**row))
+    return jobs
 
 
 def get_queued_job(conn: Connection, job_id: UUID) -> QueuedJob | None:
@@ -183,32 +341,44 @@ WITH free_slots AS (
 ),
 candidates AS MATERIALIZED (
     -- MATERIALIZED: a LIMIT subquery inlined into the UPDATE may run more than once
-    -- and claim more rows than asked. Oldest due first; rows another transaction
-    -- holds (a cancel, a callback) are skipped, not waited for.
-    SELECT id, coalesce(expires_at <= coalesce(%(now)s, now()), false) AS expired
+    -- and claim more rows than asked. Oldest due first (run_after: the index order,
+    -- so the scan stops after `limit` rows however long the backlog); rows another
+    -- transaction holds (a cancel, a callback) are skipped, not waited for.
+    SELECT id
     FROM queued_jobs
     WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
+      AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
     ORDER BY run_after, created_at
     LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
     FOR UPDATE SKIP LOCKED
 ),
+expiring AS MATERIALIZED (
+    -- due jobs whose expires_at has passed are never sent; they take no slot
+    SELECT id
+    FROM queued_jobs
+    WHERE name = %(name)s AND status = 'queued' AND expires_at <= coalesce(%(now)s, now())
+      AND run_after <= coalesce(%(now)s, now())
+    ORDER BY expires_at
+    LIMIT %(expire_limit)s
+    FOR UPDATE SKIP LOCKED
+),
 expired AS (
-    -- expired jobs are never sent: archived here, in the same transaction
     DELETE FROM queued_jobs q
-    USING candidates c
-    WHERE q.id = c.id AND c.expired
+    USING expiring e
+    WHERE q.id = e.id
     RETURNING q.*
 ),
 archived AS (
     INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
     SELECT id, name, attempts, 'expired', coalesce(%(now)s, now()), data, expires_at
     FROM expired
+    ON CONFLICT (id) DO NOTHING
 ),
 claimed AS (
     UPDATE queued_jobs q
     SET status = 'in-progress', updated_at = coalesce(%(now)s, now())
     FROM candidates c
-    WHERE q.id = c.id AND NOT c.expired
+    WHERE q.id = c.id
     RETURNING q.*
 )
 SELECT false AS expired, * FROM claimed
@@ -216,6 +386,8 @@ UNION ALL
 SELECT true AS expired, * FROM expired
 ORDER BY run_after, created_at
 """
+# At most this many expired jobs are archived by one claim; the next claim takes the rest.
+EXPIRE_BATCH = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +398,10 @@ class Claim:
 
 def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
     claim = Claim(jobs=[], expired=[])
-    with translated_errors(), conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+    with transaction(conn), conn.cursor(row_factory=dict_row) as cur:
         cur.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
-        for row in cur.execute(CLAIM_JOBS, {"name": name, "limit": limit, "now": now}):
+        params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
+        for row in cur.execute(CLAIM_JOBS, params):
             target = claim.expired if row.pop("expired") else claim.jobs
             target.append(QueuedJob(**row))
     return claim
@@ -267,6 +440,9 @@ WITH finished AS (
 INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
 SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
 FROM finished
+-- an id archived already (an old Rickover database may hold one both queued and
+-- archived) keeps its first outcome; the queued row is removed all the same
+ON CONFLICT (id) DO NOTHING
 RETURNING *
 """
 

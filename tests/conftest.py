@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,3 +118,12 @@ def make_type(conn, name="email", strategy="at_least_once", attempts=3, concurre
 
 def enqueue_many(conn, name, count, **kwargs):
     return [services.enqueue(conn, new_id(), name, {"n": n}, **kwargs) for n in range(count)]
+
+
+def wait_until(condition, what: str, timeout: float = 10.0, interval: float = 0.005):
+    """Wait for `condition()` to be true, failing with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -75,6 +75,31 @@ def test_claim_archives_expired_jobs_instead_of_returning_them(conn):
     assert (archived.status, archived.attempts, archived.data, archived.expires_at) == (EXPIRED, 3, {"old": True}, expired.expires_at)
 
 
+def test_expired_jobs_are_archived_even_when_no_slot_is_free(conn):
+    make_type(conn, concurrency=0)
+    now = utcnow()
+    expired = services.enqueue(conn, new_id(), "email", {}, expires_at=now - timedelta(seconds=1))
+    waiting = services.enqueue(conn, new_id(), "email", {})
+
+    claim = services.claim(conn, "email", limit=10)
+
+    assert (claim.jobs, [job.id for job in claim.expired]) == ([], [expired.id])
+    assert services.get_job(conn, waiting.id).status == QUEUED
+
+
+def test_expired_jobs_do_not_use_up_the_claim_limit(conn):
+    make_type(conn, concurrency=5)
+    now = utcnow()
+    for _ in range(3):
+        services.enqueue(conn, new_id(), "email", {}, run_after=now - timedelta(seconds=5), expires_at=now - timedelta(seconds=1))
+    fresh = services.enqueue(conn, new_id(), "email", {}, run_after=now)
+
+    claim = services.claim(conn, "email", limit=1, now=now)
+
+    assert [job.id for job in claim.jobs] == [fresh.id]
+    assert len(claim.expired) == 3
+
+
 def test_claim_of_unknown_type_claims_nothing(conn):
     assert services.claim(conn, "nope", limit=10).jobs == []
 
@@ -109,6 +134,7 @@ def test_eight_connections_racing_never_exceed_concurrency_nor_claim_twice(conn,
             thread.start()
         for thread in threads:
             thread.join(timeout=30)
+            assert not thread.is_alive(), "a racer hung"
 
         assert errors == []
         assert len(claimed) == len(set(claimed)), "a job was claimed twice in one round"

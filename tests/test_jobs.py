@@ -1,9 +1,10 @@
 """Enqueue (idempotent), get (queued, then archived) and replay."""
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import make_type, new_id, utcnow
+from conftest import make_type, new_id, utcnow, wait_until
 
 from jobrunner import services
 from jobrunner.errors import (
@@ -78,6 +79,10 @@ def test_bad_data_and_naive_times_are_refused_with_the_field_named(conn):
     make_type(conn)
     with pytest.raises(InvalidField, match="Invalid data"):
         services.enqueue(conn, new_id(), "email", {"nul": "a\u0000b"})
+    with pytest.raises(InvalidField, match="Invalid data: is not JSON"):
+        services.enqueue(conn, new_id(), "email", {"when": datetime.now()})
+    with pytest.raises(InvalidField, match="Invalid data: is not JSON"):
+        services.enqueue(conn, new_id(), "email", float("nan"))
     with pytest.raises(InvalidField, match="run_after"):
         services.enqueue(conn, new_id(), "email", {}, run_after=datetime(2030, 1, 1))
     with pytest.raises(InvalidField, match="expires_at"):
@@ -146,3 +151,35 @@ def test_only_archived_jobs_can_be_replayed(conn):
     with pytest.raises(UnknownJob):
         services.replay(conn, new_id())
     assert services.get_job(conn, job.id).status == SUCCEEDED
+
+
+def test_enqueue_racing_the_archive_of_the_same_id_never_leaves_it_both_queued_and_archived(conn, connect):
+    """A client re-sends its PUT while a succeeded callback is archiving the job."""
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {})
+    callback, client = connect(), connect()
+    client_pid = client.info.backend_pid
+    outcome = []
+
+    def resend_put():
+        try:
+            outcome.append(services.enqueue(client, job.id, "email", {}))
+        except Exception as error:  # the outcome under test
+            outcome.append(error)
+
+    with callback.transaction():
+        services.handle_status_callback(callback, job.id, "email", "succeeded", 3)
+        thread = threading.Thread(target=resend_put)
+        thread.start()
+        wait_until(lambda: _waits_for_a_lock(conn, client_pid), "the PUT to wait on the archiving transaction")
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], JobAlreadyArchived), outcome
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+    assert services.get_job(conn, job.id).status == SUCCEEDED
+
+
+def _waits_for_a_lock(conn, pid):
+    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "Lock"

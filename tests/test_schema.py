@@ -3,10 +3,12 @@
 import threading
 from pathlib import Path
 
+import pytest
 from conftest import make_type, new_id
 
 from jobrunner import services, store
 from jobrunner.cli import schema_sql
+from jobrunner.errors import SchemaMissing
 
 RICKOVER_SCHEMA = (Path(__file__).parent / "rickover_schema.sql").read_text()
 
@@ -32,7 +34,7 @@ UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
 UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
 """
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
-JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress"}
+JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress", "queued_jobs_expires_at"}
 
 
 def snapshot(conn):
@@ -83,6 +85,13 @@ def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes(conn, make
     [job] = services.claim(rickover, "email", limit=5).jobs
     assert services.handle_status_callback(rickover, job.id, "email", "failed", 3).attempts == 2
     rickover.close()
+
+
+def test_a_database_without_the_schema_says_to_migrate(make_database):
+    conn = store.connect(make_database(template="template0"))
+    with pytest.raises(SchemaMissing, match="jobrunner migrate"):
+        services.get_job_type(conn, "email")
+    conn.close()
 
 
 def test_concurrent_migrations_wait_for_each_other(make_database):

@@ -85,3 +85,21 @@ def test_a_late_callback_after_the_watcher_failed_the_job_is_stale(conn):
     else:
         raise AssertionError("a failed callback for the timed-out attempt must be stale")
     assert services.get_job(conn, job.id).attempts == 2
+
+
+def test_a_job_left_both_queued_and_archived_by_rickover_is_cleaned_up_without_holding_up_others(conn):
+    make_type(conn, "charge", strategy="at_most_once", attempts=1, concurrency=5)
+    jobs = [services.enqueue(conn, new_id(), "charge", {"n": n}) for n in range(2)]
+    claimed_at = now()
+    assert len(services.claim(conn, "charge", limit=5, now=claimed_at).jobs) == 2
+    # what Rickover's insert-then-delete archive leaves when it dies between the two
+    conn.execute(
+        "INSERT INTO archived_jobs (id, name, attempts, status, data) VALUES (%s, 'charge', 1, 'succeeded', '{}')",
+        (jobs[0].id,),
+    )
+
+    assert services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT * 2) == 2
+
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+    assert services.get_job(conn, jobs[0].id).status == SUCCEEDED  # the first outcome stands
+    assert services.get_job(conn, jobs[1].id).status == FAILED

@@ -1,0 +1,171 @@
+"""Settings: one name, one type, one default and one line of documentation each, in this module.
+
+Sources, later wins: defaults < config file (INI, section [jobrunner], keys are
+setting names) < environment variables < command-line flags. `load_config` builds
+and validates an immutable `Config`; processes receive it and never read the
+environment themselves.
+"""
+
+import configparser
+import dataclasses
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the setting and where it is set."""
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value < 10**7:
+        raise ValueError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, not {text!r}")
+
+
+def _users(text: str) -> tuple[tuple[str, str], ...]:
+    """`name:password,name2:password2` (a password may contain ':', not ',')."""
+    users = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, colon, password = entry.partition(":")
+        if not name or not colon or not password:
+            raise ValueError("must be name:password pairs separated by commas (one entry has no name or password)")
+        users.append((name, password))
+    return tuple(users)
+
+
+def _http_url(text: str) -> str:
+    if text:
+        parsed = urllib.parse.urlsplit(text)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"must be an http:// or https:// URL, not {text!r}")
+    return text.rstrip("/")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, not {text!r}")
+    return level
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: str
+    doc: str
+    needs_restart: bool = False
+    secret: bool = False  # never shown in a repr or a log
+
+
+SETTINGS = (
+    Setting("database_url", "DATABASE_URL", str, "", "PostgreSQL URL; empty starts a private cluster in data_dir (development)", secret=True),
+    Setting("data_dir", "JOBRUNNER_DATA_DIR", str, ".jobrunner", "where the private development cluster lives", True),
+    Setting("host", "JOBRUNNER_HOST", str, "0.0.0.0", "address the HTTP server listens on", True),
+    Setting("port", "PORT", _int(0, 65535), "9090", "port the HTTP server listens on", True),
+    Setting("users", "JOBRUNNER_USERS", _users, "", "API users for HTTP Basic auth: name:password,name2:password2", secret=True),
+    Setting("metrics_open", "JOBRUNNER_METRICS_OPEN", _bool, "false", "serve /metrics without authentication"),
+    Setting("server_pool_size", "PG_SERVER_POOL_SIZE", _int(1, 1000), "10", "database connections of the HTTP server"),
+    Setting("worker_pool_size", "PG_WORKER_POOL_SIZE", _int(1, 1000), "4", "database connections of each worker process"),
+    Setting("db_timeout", "JOBRUNNER_DB_TIMEOUT", _seconds, "5", "seconds to wait for a database connection before answering 503"),
+    Setting("max_request_threads", "JOBRUNNER_MAX_REQUEST_THREADS", _int(1, 10000), "128", "open HTTP connections served at once; more get a quick 503"),
+    Setting("read_timeout", "JOBRUNNER_READ_TIMEOUT", _seconds, "15", "seconds a client may stay silent (mid-request or idle keep-alive) before it is dropped"),
+    Setting("max_body_bytes", "JOBRUNNER_MAX_BODY_BYTES", _int(1024, 2**30), "262144", "largest request body accepted; larger gets 413"),
+    Setting("homepage_title", "HOMEPAGE_TITLE", str, "jobrunner", "title of the page at /"),
+    Setting("homepage_iframe_url", "HOMEPAGE_IFRAME_URL", str, "", "a page to embed at / (Rickover's setting)"),
+    Setting("allow_unencrypted_proxy_traffic", "ALLOW_UNENCRYPTED_PROXY_TRAFFIC", _bool, "false", "accept requests a proxy marks X-Forwarded-Proto: http"),
+    Setting("downstream_url", "DOWNSTREAM_URL", _http_url, "", "base URL of the service jobs are POSTed to"),
+    Setting("downstream_password", "DOWNSTREAM_WORKER_AUTH", str, "", "Basic auth password (user 'jobs') for the downstream", secret=True),
+    Setting("workers", "JOBRUNNER_WORKERS", _int(0, 256), str(os.cpu_count() or 1), "number of worker processes"),
+    Setting("graceful_timeout", "JOBRUNNER_GRACEFUL_TIMEOUT", _seconds, "30", "seconds a graceful stop may take before what remains is killed"),
+    Setting("log_level", "JOBRUNNER_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(s.name, Any, dataclasses.field(repr=not s.secret)) for s in SETTINGS]
+    + [("config_file", Any, dataclasses.field(default=None))],
+    frozen=True,
+)
+Config.__doc__ = "An immutable, validated set of settings (see SETTINGS for each one's meaning)."
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def load_config(
+    environ: Mapping[str, str], config_file: str | None = None, overrides: Mapping[str, str] | None = None
+) -> "Config":
+    """Build the config from defaults, then the file, then `environ`, then `overrides` (flags)."""
+    raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
+    if config_file:
+        for name, text in _read_file(config_file).items():
+            raw[name] = (text, f"{config_file}")
+    for setting in SETTINGS:
+        if setting.env in environ:
+            raw[setting.name] = (environ[setting.env], f"${setting.env}")
+    for name, text in (overrides or {}).items():
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name!r}")
+        raw[name] = (str(text), "the command line")
+    values = {}
+    for name, (text, source) in raw.items():
+        setting = _BY_NAME[name]
+        try:
+            values[name] = setting.parse(text)
+        except ValueError as error:
+            raise ConfigError(f"{setting.env} ({name}, from {source}): {error}") from None
+    return Config(**values, config_file=config_file)
+
+
+def _read_file(path: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as file:
+            parser.read_file(file)
+    except (OSError, configparser.Error) as error:
+        raise ConfigError(f"config file {path}: {error}") from None
+    if parser.sections() != ["jobrunner"]:
+        raise ConfigError(f"config file {path}: must hold exactly one section, [jobrunner]")
+    entries = dict(parser["jobrunner"])
+    for name in entries:
+        if name not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown setting {name!r}")
+    return entries
+
+
+def changes_needing_restart(old: "Config", new: "Config") -> list[str]:
+    """Settings that differ but cannot change without a restart (the listen address, the data dir)."""
+    return [s.name for s in SETTINGS if s.needs_restart and getattr(old, s.name) != getattr(new, s.name)]
+
+
+def describe() -> str:
+    """One line per setting, for `jobrunner check-config --help` and the docs."""
+    return "\n".join(f"{s.env:34} {s.name:32} default {s.default!r:14} {s.doc}" for s in SETTINGS)
