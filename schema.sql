@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS archived_jobs (
     data jsonb NOT NULL
 );
 
+-- jobrunner: a queued job cancelled before it was sent (POST .../cancel).
+ALTER TYPE archived_job_status ADD VALUE IF NOT EXISTS 'cancelled';
+
 -- Added by a later Rickover migration; a no-op where it exists.
 ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with time zone;
 
@@ -60,6 +63,9 @@ CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHER
 -- without scanning the backlog. Only jobs with an expires_at are in it.
 CREATE INDEX IF NOT EXISTS queued_jobs_expires_at ON queued_jobs (name, expires_at)
     WHERE status = 'queued' AND expires_at IS NOT NULL;
+
+-- jobrunner: paging through a type's archived jobs, newest first.
+CREATE INDEX IF NOT EXISTS archived_jobs_name_created_at ON archived_jobs (name, created_at, id);
 
 -- jobrunner: in-progress jobs, counted per type at every claim and scanned by
 -- updated_at for stuck jobs. Only in-flight rows are in it, so it stays small.

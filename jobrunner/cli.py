@@ -1,12 +1,24 @@
 """The `jobrunner` command line."""
 
 import argparse
+import contextlib
+import dataclasses
+import logging
 import os
+import secrets
+import signal
+import socket
 import sys
+import threading
+from collections.abc import Iterator
 from importlib import resources
 
 from . import store
+from .config import Config, ConfigError, describe, load_config
 from .errors import JobrunnerError
+from .localdb import LocalPostgres, LocalPostgresError
+
+log = logging.getLogger("jobrunner")
 
 
 def schema_sql() -> str:
@@ -21,28 +33,79 @@ def migrate(database_url: str) -> None:
         conn.close()
 
 
+@contextlib.contextmanager
+def database(config: Config) -> Iterator[Config]:
+    """The config to run with: as given, or with a private cluster (and a generated user) when DATABASE_URL is unset."""
+    if config.database_url:
+        if not config.users:
+            raise ConfigError("JOBRUNNER_USERS (users): no API users configured; set name:password pairs")
+        yield config
+        return
+    cluster = LocalPostgres(os.path.join(config.data_dir, "postgres"))
+    url = cluster.start()
+    try:
+        migrate(url)
+        users = config.users
+        if not users:
+            users = (("admin", secrets.token_urlsafe(16)),)
+            print(f"jobrunner: development mode, API user admin, password {users[0][1]}", flush=True)
+        log.info("development mode: private PostgreSQL in %s", cluster.datadir)
+        yield dataclasses.replace(config, database_url=url, users=users)
+    finally:
+        cluster.stop()
+
+
+def listening_socket(config: Config) -> socket.socket:
+    return socket.create_server((config.host, config.port), backlog=1024)
+
+
+def serve(config: Config) -> None:
+    """The HTTP server alone, in this process, until SIGTERM or SIGINT."""
+    from . import server
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with database(config) as config:
+        sock = listening_socket(config)
+        log.info("serving HTTP on %s:%d", *sock.getsockname()[:2])
+        server.serve(config, sock, stop)
+        sock.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobrunner", description="A Postgres-backed job queue.")
+    parser.add_argument("--config", default=None, help="INI config file with a [jobrunner] section (default: $JOBRUNNER_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
     migrate_cmd = commands.add_parser("migrate", help="apply schema.sql to the database (idempotent)")
-    migrate_cmd.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default: $DATABASE_URL)",
-    )
+    migrate_cmd.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    serve_cmd = commands.add_parser("serve", help="run the HTTP API server alone")
+    serve_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
+    serve_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
+    commands.add_parser("check-config", help="validate the configuration and exit", epilog=describe())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    flags = {name: value for name in ("database_url", "host", "port") if (value := getattr(args, name, None)) is not None}
     try:
+        config = load_config(os.environ, args.config or os.environ.get("JOBRUNNER_CONFIG"), flags)
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
         if args.command == "migrate":
-            if not args.database_url:
+            if not config.database_url:
                 print("jobrunner migrate: DATABASE_URL is not set (or pass --database-url)", file=sys.stderr)
                 return 2
-            migrate(args.database_url)
+            migrate(config.database_url)
             print("jobrunner: schema applied")
-    except JobrunnerError as error:
+        elif args.command == "serve":
+            serve(config)
+        elif args.command == "check-config":
+            print("jobrunner: configuration is valid")
+    except ConfigError as error:
+        print(f"jobrunner {args.command}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    except (JobrunnerError, LocalPostgresError) as error:
         print(f"jobrunner {args.command}: {error}", file=sys.stderr)
         return 1
     return 0

@@ -87,6 +87,13 @@ class NotReplayable(JobrunnerError):
         self.status = status
 
 
+class NotCancellable(JobrunnerError):
+    def __init__(self, job_id: str, status: str):
+        super().__init__(f"Job {job_id} is {status}: only a queued job that has not been sent can be cancelled")
+        self.job_id = job_id
+        self.status = status
+
+
 class DatabaseUnavailable(JobrunnerError):
     """PostgreSQL did not answer; the caller may retry later (HTTP 503)."""
 

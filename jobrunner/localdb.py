@@ -43,20 +43,26 @@ class LocalPostgres:
         self.datadir = Path(datadir).resolve()
         self.settings = settings or {}
         self.socket_dir: str | None = None
+        self.running = False
         # initdb and postgres refuse to run as root: run them as `postgres` then.
         self._run_as = _server_user() if os.geteuid() == 0 else None
 
     def url(self, dbname: str = DATABASE) -> str:
         if self.socket_dir is None:
-            raise LocalPostgresError("the local PostgreSQL is not running")
+            raise LocalPostgresError("the local PostgreSQL has not been started")
         return f"postgresql://{SUPERUSER}@/{dbname}?host={self.socket_dir}&port={PORT}"
 
     def start(self) -> str:
         """Initialise the cluster if needed, start it, and return its URL."""
         if not (self.datadir / "PG_VERSION").exists():
             self._initdb()
-        self.socket_dir = tempfile.mkdtemp(prefix="jobrunner-pg-")
+        # A restart keeps the same socket directory, so the URL stays valid.
+        if self.socket_dir is None:
+            self.socket_dir = tempfile.mkdtemp(prefix="jobrunner-pg-")
+        else:
+            os.makedirs(self.socket_dir, exist_ok=True)
         self._give_to_server_user(self.socket_dir)
+        self.running = True
         self._run(
             "pg_ctl", "start", "--wait", "--silent", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
             "-o", f"-k {self.socket_dir} -p {PORT}",
@@ -64,13 +70,13 @@ class LocalPostgres:
         return self.url()
 
     def stop(self) -> None:
-        if self.socket_dir is None:
+        if not self.running:
             return
         try:
             self._run("pg_ctl", "stop", "--wait", "--silent", "-m", "fast", "-D", str(self.datadir))
         finally:
+            self.running = False
             shutil.rmtree(self.socket_dir, ignore_errors=True)
-            self.socket_dir = None
 
     def _initdb(self) -> None:
         self.datadir.mkdir(parents=True, exist_ok=True)

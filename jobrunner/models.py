@@ -22,6 +22,9 @@ IN_PROGRESS = "in-progress"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
+CANCELLED = "cancelled"  # jobrunner's: a queued job cancelled before it was sent
+QUEUED_STATUSES = (QUEUED, IN_PROGRESS)
+ARCHIVED_STATUSES = (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
 
 JOB_ID_PREFIX = "job_"
 MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
@@ -63,7 +66,7 @@ class ArchivedJob:
     id: uuid.UUID
     name: str
     attempts: int  # attempts remaining when archived
-    status: str  # SUCCEEDED, FAILED or EXPIRED
+    status: str  # SUCCEEDED, FAILED, EXPIRED or CANCELLED
     created_at: datetime  # when it was archived (Rickover's meaning)
     data: Any
     expires_at: datetime | None

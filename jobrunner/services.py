@@ -9,6 +9,7 @@ failed callback all take the same path (`_fail`), so they obey the same rules.
 database clock decides.
 """
 
+import base64
 import logging
 import math
 import random
@@ -24,15 +25,20 @@ from .errors import (
     JobIdInUse,
     JobNameMismatch,
     JobrunnerError,
+    NotCancellable,
     NotReplayable,
     StaleCallback,
     UnknownJob,
     UnknownJobType,
 )
 from .models import (
+    ARCHIVED_STATUSES,
     AT_MOST_ONCE,
+    CANCELLED,
     FAILED,
     IN_PROGRESS,
+    QUEUED,
+    QUEUED_STATUSES,
     SUCCEEDED,
     ArchivedJob,
     JobType,
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 IDLE_SLEEP_BASE = timedelta(milliseconds=10)
 IDLE_SLEEP_MAX_MULTIPLIER = 2**10
 STUCK_JOBS_BATCH = 100
+MAX_PAGE = 500
 
 
 # --- job types ---------------------------------------------------------------
@@ -80,6 +87,11 @@ def get_job_type(conn: Connection, name: str) -> JobType:
 
 def list_job_types(conn: Connection) -> list[JobType]:
     return store.list_job_types(conn)
+
+
+def list_job_types_with_counts(conn: Connection, now: datetime | None = None) -> list[store.JobTypeCounts]:
+    """Every job type with its queued, in-progress and due-now counts."""
+    return store.list_job_types_with_counts(conn, now)
 
 
 def update_job_type(conn: Connection, name: str, attempts: Any = None, concurrency: Any = None) -> JobType:
@@ -146,6 +158,51 @@ def replay(conn: Connection, job_id: UUID, name: str | None = None, now: datetim
     if isinstance(job, QueuedJob):
         raise NotReplayable(job.job_id, job.status)
     return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+
+
+def cancel(conn: Connection, job_id: UUID, name: str | None = None, now: datetime | None = None) -> ArchivedJob:
+    """Archive a queued job that has not been sent as `cancelled`; it never reaches the downstream.
+
+    A claim racing with this either skips the row (SKIP LOCKED) or wins, and then
+    the job is in progress and can no longer be cancelled.
+    """
+    job = get_job(conn, job_id, name)
+    if isinstance(job, QueuedJob):
+        archived = store.archive_job(conn, job_id, job.name, CANCELLED, 0, expected_status=QUEUED, now=now)
+        if archived is not None:
+            return archived
+        job = get_job(conn, job_id, name)
+    if isinstance(job, QueuedJob):
+        raise NotCancellable(job.job_id, job.status)
+    raise JobAlreadyArchived(job.job_id, job.status)
+
+
+def list_jobs(
+    conn: Connection, name: str, status: str | None = None, limit: int = 50, cursor: str | None = None
+) -> tuple[list[QueuedJob | ArchivedJob], str | None]:
+    """A page of a type's queued and archived jobs, newest first, and the cursor of the next page (None at the end)."""
+    get_job_type(conn, name)
+    if status is not None and status not in QUEUED_STATUSES + ARCHIVED_STATUSES:
+        raise InvalidField("status", f"must be one of {', '.join(QUEUED_STATUSES + ARCHIVED_STATUSES)}, not {status!r}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidField("limit", f"must be from 1 to {MAX_PAGE}, not {limit}")
+    after = None if cursor is None else _decode_cursor(cursor)
+    jobs = store.list_jobs(conn, name, None if status is None else [status], limit, after)
+    return jobs, (_encode_cursor(jobs[-1]) if len(jobs) == limit else None)
+
+
+def _encode_cursor(job: QueuedJob | ArchivedJob) -> str:
+    text = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, job_uuid = text.split("|")
+        return datetime.fromisoformat(created_at), UUID(job_uuid)
+    except ValueError:
+        raise InvalidField("cursor", "is not a cursor this server handed out") from None
 
 
 def claim(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:

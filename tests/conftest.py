@@ -4,10 +4,17 @@ Set JOBRUNNER_TEST_DATABASE_URL to use an existing server instead (the role need
 CREATEDB); otherwise a private cluster is started with the machine's initdb/pg_ctl.
 """
 
+import base64
+import contextlib
+import dataclasses
+import http.client
 import itertools
+import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -17,8 +24,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from jobrunner import services, store
+from jobrunner import server, services, store
 from jobrunner.cli import schema_sql
+from jobrunner.config import load_config
 from jobrunner.localdb import LocalPostgres
 
 TEMPLATE = f"jobrunner_template_{os.getpid()}"
@@ -127,3 +135,75 @@ def wait_until(condition, what: str, timeout: float = 10.0, interval: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+# --- a real HTTP server on loopback ---------------------------------------------
+
+API_USER, API_PASSWORD = "admin", "s3cret:pass"
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class Api:
+    """A client of the server under test: one new connection per request unless given one."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def request(self, method, path, body=None, auth=(API_USER, API_PASSWORD), headers=None, conn=None) -> Response:
+        all_headers = dict(headers or {})
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            all_headers.setdefault("Authorization", f"Basic {token}")
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        connection = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=all_headers)
+            response = connection.getresponse()
+            return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            if conn is None:
+                connection.close()
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, body=None, **kwargs):
+        return self.request("POST", path, body=body, **kwargs)
+
+    def put(self, path, body=None, **kwargs):
+        return self.request("PUT", path, body=body, **kwargs)
+
+
+@contextlib.contextmanager
+def running_server(database_url: str, **settings):
+    """Run the HTTP server in a thread on a loopback port; stop it gracefully on exit."""
+    overrides = {"database_url": database_url, "users": f"{API_USER}:{API_PASSWORD}", "db_timeout": "2", **settings}
+    config = load_config({}, overrides=overrides)
+    sock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(config, sock, stop), name="test-server")
+    thread.start()
+    try:
+        yield Api(sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def api(db_url):
+    with running_server(db_url) as client:
+        yield client

@@ -1,0 +1,403 @@
+"""The v1 HTTP API over real loopback HTTP: every route's success and error paths."""
+
+import os
+import tempfile
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from conftest import running_server, wait_until
+
+from jobrunner import services, store
+from jobrunner.cli import schema_sql
+from jobrunner.localdb import LocalPostgres
+
+EMAIL = {"name": "email", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": 2}
+
+
+def job_id():
+    return f"job_{uuid.uuid4()}"
+
+
+def assert_error(response, status, error_id):
+    assert response.status == status, response.body
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.json["id"] == error_id, response.json
+    assert response.json["title"]
+
+
+@pytest.fixture
+def email(api):
+    assert api.post("/v1/jobs", EMAIL).status == 201
+    return api
+
+
+def claim_one(db_url, name="email"):
+    conn = store.connect(db_url)
+    try:
+        [job] = services.claim(conn, name, limit=1).jobs
+        return job
+    finally:
+        conn.close()
+
+
+# --- job types ---------------------------------------------------------------
+
+
+def test_create_and_get_a_job_type(api):
+    created = api.post("/v1/jobs", EMAIL)
+    assert created.status == 201
+    assert {k: created.json[k] for k in EMAIL} == EMAIL
+    assert created.json["created_at"].endswith("Z")
+    fetched = api.get("/v1/jobs/email")
+    assert (fetched.status, fetched.json) == (200, created.json)
+    assert_error(api.get("/v1/jobs/nope"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "body, error_id",
+    [
+        ({**EMAIL, "name": ""}, "missing_parameter"),
+        ({k: v for k, v in EMAIL.items() if k != "name"}, "missing_parameter"),
+        ({**EMAIL, "delivery_strategy": ""}, "missing_parameter"),
+        ({**EMAIL, "delivery_strategy": "sometimes"}, "invalid_delivery_strategy"),
+        ({**EMAIL, "delivery_strategy": "at_most_once", "attempts": 3}, "invalid_attempts"),
+        ({**EMAIL, "attempts": 0}, "invalid_parameter"),
+        ({k: v for k, v in EMAIL.items() if k != "attempts"}, "invalid_parameter"),
+        ({**EMAIL, "name": "has space"}, "invalid_parameter"),
+        ({**EMAIL, "name": "job_x"}, "invalid_parameter"),
+        ({**EMAIL, "attempts": 256}, "invalid_request"),
+        ({**EMAIL, "concurrency": -1}, "invalid_request"),
+        ({**EMAIL, "concurrency": "2"}, "invalid_request"),
+    ],
+)
+def test_invalid_job_types_are_refused(api, body, error_id):
+    assert_error(api.post("/v1/jobs", body), 400, error_id)
+    assert api.get("/v1/jobs").json == {"job_types": []}
+
+
+def test_a_duplicate_job_type_is_refused(email):
+    response = email.post("/v1/jobs", EMAIL)
+    assert_error(response, 400, "invalid_parameter")
+    assert "already exists" in response.json["title"]
+
+
+def test_list_job_types_with_live_counts(email, db_url):
+    email.post("/v1/jobs", {**EMAIL, "name": "sms"})
+    for _ in range(3):
+        email.put(f"/v1/jobs/email/{job_id()}", {"data": {}})
+    later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    email.put(f"/v1/jobs/email/{job_id()}", {"data": {}, "run_after": later})
+    claim_one(db_url)
+
+    listed = email.get("/v1/jobs").json["job_types"]
+
+    assert [(t["name"], t["queued"], t["in_progress"], t["due"]) for t in listed] == [("email", 3, 1, 2), ("sms", 0, 0, 0)]
+
+
+def test_update_concurrency_and_attempts_while_running(email):
+    updated = email.post("/v1/jobs/email", {"concurrency": 0})
+    assert (updated.status, updated.json["concurrency"], updated.json["attempts"]) == (200, 0, 3)
+    assert email.post("/v1/jobs/email", {"attempts": 5, "concurrency": 7}).json["attempts"] == 5
+    assert email.get("/v1/jobs/email").json["concurrency"] == 7
+    assert_error(email.post("/v1/jobs/email", {}), 400, "invalid_parameter")
+    assert_error(email.post("/v1/jobs/nope", {"concurrency": 1}), 404, "not_found")
+
+
+# --- enqueue -----------------------------------------------------------------
+
+
+def test_enqueue_answers_202_with_the_queued_job(email):
+    jid = job_id()
+    run_after = "2030-01-02T03:04:05.123456Z"
+    response = email.put(f"/v1/jobs/email/{jid}", {"data": {"to": "a@example.com"}, "run_after": run_after, "expires_at": None})
+    assert response.status == 202
+    assert response.json == {
+        "id": jid,
+        "name": "email",
+        "attempts": 3,
+        "run_after": run_after,
+        "expires_at": None,
+        "created_at": response.json["created_at"],
+        "updated_at": response.json["updated_at"],
+        "status": "queued",
+        "data": {"to": "a@example.com"},
+    }
+
+
+def test_enqueue_random_id_and_any_json_data(email):
+    for data in (None, [1, 2], "text", 3.5, {"nested": {"a": [True]}}):
+        response = email.put("/v1/jobs/email/random_id", {"data": data})
+        assert response.status == 202
+        assert response.json["data"] == data
+        assert uuid.UUID(response.json["id"][4:]).version == 4
+
+
+def test_enqueue_is_idempotent(email):
+    jid = job_id()
+    first = email.put(f"/v1/jobs/email/{jid}", {"data": {"v": 1}})
+    second = email.put(f"/v1/jobs/email/{jid}", {"data": {"v": 2}})
+    assert (second.status, second.json) == (202, first.json)
+
+
+def test_twenty_concurrent_identical_puts_make_exactly_one_job(email, db_url):
+    jid = job_id()
+    responses = []
+    barrier = threading.Barrier(20)
+
+    def put():
+        barrier.wait()
+        responses.append(email.put(f"/v1/jobs/email/{jid}", {"data": {"same": True}}))
+
+    threads = [threading.Thread(target=put) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert [r.status for r in responses] == [202] * 20
+    assert len({r.body for r in responses}) == 1
+    conn = store.connect(db_url)
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 1
+    conn.close()
+
+
+def test_enqueue_errors(email):
+    assert_error(email.put(f"/v1/jobs/nope/{job_id()}", {"data": {}}), 404, "job_type_not_found")
+    assert email.put(f"/v1/jobs/nope/{job_id()}", {"data": {}}).json["instance"] == "/v1/jobs/nope"
+    assert_error(email.put(f"/v1/jobs/email/{job_id()}", {}), 400, "missing_parameter")
+    assert_error(email.put("/v1/jobs/email/job_123", {"data": {}}), 400, "invalid_uuid")
+    assert_error(email.put(f"/v1/jobs/email/job_x{uuid.uuid4()}", {"data": {}}), 400, "invalid_prefix")
+    assert_error(email.put(f"/v1/jobs/email/{job_id()}", {"data": {}, "run_after": "2016-01-11"}), 400, "invalid_request")
+    assert_error(email.put(f"/v1/jobs/email/{job_id()}", {"data": "x" * 102400}), 413, "entity_too_large")
+    assert email.put(f"/v1/jobs/email/{job_id()}", {"data": "x" * 102000}).status == 202
+    assert_error(email.put(f"/v1/jobs/email/{job_id()}", {"data": "nul\u0000"}), 400, "invalid_parameter")
+
+
+def test_enqueue_of_an_archived_id_or_an_id_of_another_type(email):
+    email.post("/v1/jobs", {**EMAIL, "name": "sms"})
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    assert_error(email.put(f"/v1/jobs/sms/{jid}", {"data": {}}), 409, "job_id_in_use")
+    assert email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3}).status == 200
+    assert_error(email.put(f"/v1/jobs/email/{jid}", {"data": {}}), 400, "job_already_archived")
+
+
+# --- callbacks ---------------------------------------------------------------
+
+
+def test_succeeded_callback_archives_and_answers_the_archived_job(email, db_url):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {"k": 1}})
+    claim_one(db_url)
+
+    response = email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+
+    assert response.status == 200
+    assert {k: response.json[k] for k in ("id", "status", "attempts", "data")} == {"id": jid, "status": "succeeded", "attempts": 3, "data": {"k": 1}}
+    assert email.get(f"/v1/jobs/{jid}").json["status"] == "succeeded"
+    assert_error(email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3}), 400, "duplicate_status_request")
+
+
+def test_failed_callback_requeues_then_a_stale_one_is_refused(email, db_url):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    claim_one(db_url)
+
+    retried = email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3})
+    assert (retried.status, retried.json["status"], retried.json["attempts"]) == (200, "queued", 2)
+    stale = email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3})
+    assert_error(stale, 400, "stale_attempt")
+    assert email.get(f"/v1/jobs/email/{jid}").json["attempts"] == 2
+
+
+def test_failed_not_retryable_archives(email, db_url):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    claim_one(db_url)
+    response = email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3, "retryable": False})
+    assert (response.json["status"], response.json["attempts"]) == ("failed", 2)
+
+
+@pytest.mark.parametrize(
+    "body, error_id",
+    [
+        ({"attempt": 3}, "missing_parameter"),
+        ({"status": "succeeded"}, "missing_parameter"),
+        ({"status": "succeeded", "attempt": None}, "missing_parameter"),
+        ({"status": "done", "attempt": 3}, "invalid_status"),
+        ({"status": "failed", "attempt": -1}, "invalid_request"),
+        ({"status": "failed", "attempt": 3, "retryable": "no"}, "invalid_request"),
+    ],
+)
+def test_invalid_callbacks(email, body, error_id):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    assert_error(email.post(f"/v1/jobs/email/{jid}", body), 400, error_id)
+    assert email.get(f"/v1/jobs/{jid}").json["status"] == "queued"
+
+
+def test_callbacks_racing_each_other_take_effect_exactly_once(email, db_url):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    claim_one(db_url)
+    responses = []
+    barrier = threading.Barrier(10)
+
+    def callback():
+        barrier.wait()
+        responses.append(email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3}))
+
+    threads = [threading.Thread(target=callback) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(r.status for r in responses) == [200] + [400] * 9
+    assert {r.json["id"] for r in responses if r.status == 400} == {"stale_attempt"}
+    assert email.get(f"/v1/jobs/{jid}").json["attempts"] == 2
+
+
+def test_callback_for_an_unknown_job_or_another_type(email):
+    email.post("/v1/jobs", {**EMAIL, "name": "sms"})
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    assert_error(email.post(f"/v1/jobs/sms/{jid}", {"status": "succeeded", "attempt": 3}), 400, "duplicate_status_request")
+    assert_error(email.post(f"/v1/jobs/email/{job_id()}", {"status": "failed", "attempt": 3}), 400, "duplicate_status_request")
+    assert email.get(f"/v1/jobs/{jid}").json["status"] == "queued"
+
+
+# --- get, replay, cancel, list -----------------------------------------------
+
+
+def test_get_a_job_by_both_url_forms(email):
+    jid = job_id()
+    queued = email.put(f"/v1/jobs/email/{jid}", {"data": {}}).json
+    assert email.get(f"/v1/jobs/email/{jid}").json == queued
+    assert email.get(f"/v1/jobs/{jid}").json == queued
+    assert_error(email.get(f"/v1/jobs/sms/{jid}"), 404, "job_not_found")
+    assert_error(email.get(f"/v1/jobs/{job_id()}"), 404, "not_found")
+    assert_error(email.get("/v1/jobs/email/random_id"), 400, "invalid_uuid")
+
+    email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+    archived = email.get(f"/v1/jobs/email/{jid}").json
+    assert set(archived) == {"id", "name", "attempts", "status", "created_at", "data", "expires_at"}
+    assert_error(email.get(f"/v1/jobs/sms/{jid}"), 404, "job_not_found")
+
+
+def test_replay(email):
+    jid = job_id()
+    expires_at = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {"again": 1}, "expires_at": expires_at})
+    assert_error(email.post(f"/v1/jobs/email/{jid}/replay"), 400, "invalid_replay_attempt")
+    email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+
+    for path in (f"/v1/jobs/email/{jid}/replay", f"/v1/jobs/{jid}/replay"):
+        replayed = email.post(path)
+        assert replayed.status == 201
+        assert replayed.json["id"] != jid
+        assert (replayed.json["data"], replayed.json["status"]) == ({"again": 1}, "queued")
+        assert replayed.json["expires_at"] is not None
+    assert_error(email.post(f"/v1/jobs/sms/{jid}/replay"), 404, "job_not_found")
+    assert_error(email.post(f"/v1/jobs/{job_id()}/replay"), 404, "not_found")
+
+
+def test_cancel_a_queued_job_but_not_one_in_progress(email, db_url):
+    first, second = job_id(), job_id()
+    email.put(f"/v1/jobs/email/{first}", {"data": {}})
+    claim_one(db_url)
+    email.put(f"/v1/jobs/email/{second}", {"data": {}})
+
+    assert_error(email.post(f"/v1/jobs/email/{first}/cancel"), 409, "invalid_cancel_attempt")
+    cancelled = email.post(f"/v1/jobs/email/{second}/cancel")
+    assert (cancelled.status, cancelled.json["status"]) == (200, "cancelled")
+    assert email.get(f"/v1/jobs/{second}").json["status"] == "cancelled"
+    assert_error(email.post(f"/v1/jobs/email/{second}/cancel"), 400, "job_already_archived")
+    assert_error(email.post(f"/v1/jobs/email/{job_id()}/cancel"), 404, "not_found")
+
+
+def test_page_through_a_types_jobs_newest_first(email, db_url):
+    ids = []
+    for n in range(7):
+        ids.append(job_id())
+        email.put(f"/v1/jobs/email/{ids[-1]}", {"data": {"n": n}})
+    for jid in ids[:2]:
+        email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+
+    seen, cursor = [], None
+    while True:
+        page = email.get(f"/v1/jobs/email/jobs?limit=3" + (f"&cursor={cursor}" if cursor else "")).json
+        seen += [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids)
+    assert len(seen) == 7
+    # archived jobs carry their archive time, so the two archived ones are newest
+    assert set(seen[:2]) == set(ids[:2])
+    assert seen[2:] == list(reversed(ids[2:]))
+
+    succeeded = email.get("/v1/jobs/email/jobs?status=succeeded").json
+    assert {job["id"] for job in succeeded["jobs"]} == set(ids[:2])
+    assert succeeded["next_cursor"] is None
+    assert_error(email.get("/v1/jobs/email/jobs?status=done"), 400, "invalid_parameter")
+    assert_error(email.get("/v1/jobs/email/jobs?limit=0"), 400, "invalid_parameter")
+    assert_error(email.get("/v1/jobs/email/jobs?cursor=bogus"), 400, "invalid_parameter")
+    assert_error(email.get("/v1/jobs/nope/jobs"), 404, "not_found")
+
+
+# --- operations --------------------------------------------------------------
+
+
+def test_homepage(api):
+    response = api.get("/")
+    assert response.status == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert b"<title>jobrunner</title>" in response.body
+
+
+def test_healthz_needs_no_auth(api):
+    response = api.get("/healthz", auth=None)
+    assert (response.status, response.json) == (200, {"status": "ok"})
+
+
+def test_metrics_count_requests_enqueues_and_callbacks(email):
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {}})
+    email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+    email.get("/v1/jobs/nope")
+
+    text = email.get("/metrics").body.decode()
+
+    assert 'jobrunner_http_requests_total{route="enqueue",status="202"} 1' in text
+    assert 'jobrunner_http_requests_total{route="get_job_type",status="404"} 1' in text
+    assert 'jobrunner_jobs_enqueued_total{name="email"} 1' in text
+    assert 'jobrunner_callbacks_total{status="succeeded"} 1' in text
+    assert 'jobrunner_http_request_duration_seconds_count{route="enqueue"} 1' in text
+
+
+def test_the_database_going_away_gives_503_then_recovers_by_itself():
+    """A private cluster, so that stopping it disturbs no other test."""
+    workdir = tempfile.mkdtemp(prefix="jobrunner-outage-")
+    os.chmod(workdir, 0o755)
+    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
+    url = cluster.start()
+    try:
+        conn = store.connect(url)
+        store.apply_schema(conn, schema_sql())
+        conn.close()
+        with running_server(url, db_timeout="1") as api:
+            assert api.post("/v1/jobs", EMAIL).status == 201
+            cluster.stop()
+
+            down = api.get("/v1/jobs/email")
+            assert_error(down, 503, "service_unavailable")
+            assert_error(api.get("/healthz", auth=None), 503, "service_unavailable")
+
+            cluster.start()
+            wait_until(lambda: api.get("/v1/jobs/email").status == 200, "the server to recover", timeout=30)
+            assert api.put(f"/v1/jobs/email/{job_id()}", {"data": {}}).status == 202
+    finally:
+        cluster.stop()
