@@ -22,8 +22,10 @@ FROM pg_constraint WHERE connamespace = 'public'::regnamespace
 UNION ALL
 SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
 UNION ALL
-SELECT 'enum ' || t.typname || ' ' || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
-FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid GROUP BY t.typname
+SELECT 'enum ' || t.typname || ' ' || e.enumlabel || ' after ' || coalesce(
+    (SELECT string_agg(p.enumlabel, ',' ORDER BY p.enumsortorder) FROM pg_enum p
+     WHERE p.enumtypid = t.oid AND p.enumsortorder < e.enumsortorder), '')
+FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
 UNION ALL
 -- an object dropped and created again gets a new oid
 SELECT 'oid ' || relname || ' ' || oid FROM pg_class WHERE relnamespace = 'public'::regnamespace
@@ -65,7 +67,7 @@ def test_applying_the_schema_again_changes_nothing(conn):
     assert {"index CREATE INDEX find_queued_job ON public.queued_jobs USING btree (name, run_after) WHERE (status = 'queued'::job_status)"} <= catalog
 
 
-def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes(conn, make_database):
+def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_and_a_status(conn, make_database):
     rickover = store.connect(make_database(template="template0"))
     rickover.execute(RICKOVER_SCHEMA)
     add_some_jobs(rickover)
@@ -77,7 +79,8 @@ def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes(conn, make
     assert rows(rickover) == data
     assert catalog <= after, "something Rickover built was changed or dropped"
     added = after - catalog
-    assert {line.split()[0] for line in added} <= {"index", "oid"}
+    assert {line.split()[0] for line in added} <= {"index", "oid", "enum"}
+    assert {line for line in added if line.startswith("enum")} == {"enum archived_job_status cancelled after succeeded,failed,expired"}
     assert {name for name in JOBRUNNER_ADDITIONS if any(f" {name} " in line for line in added)} == JOBRUNNER_ADDITIONS
     # Rickover's three tables are exactly jobrunner's three tables
     assert rickover.execute(TABLE_COLUMNS).fetchall() == conn.execute(TABLE_COLUMNS).fetchall()
