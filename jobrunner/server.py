@@ -401,8 +401,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._data_too_large(body["data"]):
             raise HttpError(413, "entity_too_large", "Data parameter is too large (100KB max)")
         try:
-            with self._db() as conn:
-                job = services.enqueue(conn, job_id, name, body["data"], run_after, expires_at)
+            job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at)
         except UnknownJobType:
             raise HttpError(404, "job_type_not_found", f"Job type {name!r} not found", instance=f"/v1/jobs/{name}") from None
         self.server.enqueued.inc(name)
@@ -519,6 +518,7 @@ class APIServer(ThreadingHTTPServer):
         self.server_address = sock.getsockname()
         self.config = config
         self.pool = pool
+        self.enqueuer = services.EnqueueBatcher(pool)
         self.metrics = registry
         self.users = dict(config.users)
         self.stopping = False
@@ -576,6 +576,7 @@ class APIServer(ThreadingHTTPServer):
                 except OSError:
                     pass
         self.server_close()
+        self.enqueuer.close()
 
 
 def serve(config, sock: socket.socket, stop: threading.Event, registry: Registry | None = None) -> None:
