@@ -133,7 +133,9 @@ def timestamp(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with up to 6 fractional digits, as Rickover wrote it."""
     if value is None:
         return None
-    text = value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+    text = value.astimezone(timezone.utc).isoformat()[:-6]  # drop "+00:00"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
     return text + "Z"
 
 

@@ -196,8 +196,8 @@ class EnqueueBatcher:
         try:
             with self._pool.connection() as conn:
                 inserted = store.enqueue_jobs(conn, [request.new_job for request in batch])
-            for request in batch:
-                request.job = inserted.get(request.new_job.id)
+            for request, job in zip(batch, inserted):
+                request.job = job
         except JobrunnerError as error:
             for request in batch:
                 request.error = error

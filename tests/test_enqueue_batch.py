@@ -1,0 +1,122 @@
+"""Enqueue in batches (the HTTP server's path): one transaction for many concurrent PUTs, same answers as alone."""
+
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from conftest import make_type, new_id, wait_until
+
+from jobrunner import services, store
+from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJobType
+from jobrunner.models import SUCCEEDED
+
+
+@pytest.fixture
+def pool(db_url):
+    connection_pool = store.Pool(db_url, 4, timeout=5)
+    yield connection_pool
+    connection_pool.close()
+
+
+@pytest.fixture
+def batcher(pool):
+    enqueuer = services.EnqueueBatcher(pool)
+    yield enqueuer
+    enqueuer.close()
+
+
+def test_one_batch_inserts_many_jobs_and_skips_a_repeated_id(conn):
+    make_type(conn, attempts=4)
+    repeated = new_id()
+    later = datetime(2031, 1, 1, tzinfo=timezone.utc)
+    jobs = [store.NewJob(new_id(), "email", {"n": n}, None, None) for n in range(5)]
+    jobs += [store.NewJob(repeated, "email", {"first": True}, later, later + timedelta(days=1)),
+             store.NewJob(repeated, "email", {"second": True}, None, None)]
+
+    inserted = store.enqueue_jobs(conn, jobs)
+
+    assert [job.id for job in inserted[:6]] == [job.id for job in jobs[:6]]
+    assert inserted[6] is None  # the repeat: enqueued alone later, it gets the stored job
+    assert inserted[5].data == {"first": True}
+    assert (inserted[5].run_after, inserted[5].attempts) == (later, 4)
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 6
+    assert services.get_job(conn, repeated) == inserted[5]
+
+
+def test_jobs_of_unknown_types_and_archived_ids_are_left_out_of_a_batch(conn):
+    make_type(conn)
+    archived = services.enqueue(conn, new_id(), "email", {})
+    services.handle_status_callback(conn, archived.id, "email", "succeeded", 3)
+    fresh = new_id()
+    jobs = [store.NewJob(archived.id, "email", {}, None, None), store.NewJob(new_id(), "nope", {}, None, None),
+            store.NewJob(fresh, "email", {}, None, None)]
+    assert [job and job.id for job in store.enqueue_jobs(conn, jobs)] == [None, None, fresh]
+
+
+def test_concurrent_enqueues_each_get_their_own_answer(conn, batcher):
+    make_type(conn, "email")
+    make_type(conn, "sms")
+    taken = services.enqueue(conn, new_id(), "sms", {})
+    cases = {new_id(): ("email", {"ok": n}) for n in range(30)}
+    cases[new_id()] = ("email", {"bad": "nul\u0000"})
+    cases[new_id()] = ("nope", {})
+    cases[taken.id] = ("email", {})
+    outcomes = {}
+    barrier = threading.Barrier(len(cases))
+
+    def put(job_id, name, data):
+        barrier.wait()
+        try:
+            outcomes[job_id] = batcher.enqueue(job_id, name, data)
+        except Exception as error:  # the outcome under test
+            outcomes[job_id] = error
+
+    threads = [threading.Thread(target=put, args=(job_id, *case)) for job_id, case in cases.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    kinds = {job_id: type(outcome).__name__ for job_id, outcome in outcomes.items()}
+    assert list(kinds.values()).count("QueuedJob") == 30
+    assert {kinds[job_id] for job_id, (name, data) in cases.items() if "bad" in data} == {InvalidField.__name__}
+    assert {kinds[job_id] for job_id, (name, _) in cases.items() if name == "nope"} == {UnknownJobType.__name__}
+    assert kinds[taken.id] == JobIdInUse.__name__
+    for job_id, (name, data) in cases.items():
+        if kinds[job_id] == "QueuedJob":
+            assert (outcomes[job_id].name, outcomes[job_id].data) == (name, data)
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 31
+
+
+def test_a_batch_racing_the_archive_of_the_same_id_is_undone(conn, connect, batcher):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {})
+    callback = connect()
+    outcome = []
+
+    def resend_put():
+        try:
+            outcome.append(batcher.enqueue(job.id, "email", {}))
+        except Exception as error:  # the outcome under test
+            outcome.append(error)
+
+    with callback.transaction():
+        services.handle_status_callback(callback, job.id, "email", "succeeded", 3)
+        thread = threading.Thread(target=resend_put)
+        thread.start()
+        wait_until(lambda: _someone_waits_for_a_lock(conn), "the batch to wait on the archiving transaction")
+    thread.join(timeout=10)
+
+    assert isinstance(outcome[0], JobAlreadyArchived), outcome
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+    assert services.get_job(conn, job.id).status == SUCCEEDED
+
+
+def _someone_waits_for_a_lock(conn):
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] > 0
+
+
+def test_naive_timestamps_are_refused_before_batching(batcher):
+    with pytest.raises(InvalidField, match="run_after"):
+        batcher.enqueue(uuid.uuid4(), "email", {}, run_after=datetime(2030, 1, 1))
