@@ -1,8 +1,13 @@
 """The `jobrunner` command line, run as a real process."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+
+from conftest import Api
 
 from jobrunner import store
 
@@ -34,3 +39,46 @@ def test_migrate_with_an_unreachable_database_fails_cleanly(tmp_path):
     assert result.returncode == 1
     assert "database is unavailable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_to_start_without_users_naming_the_setting(db_url):
+    result = run_cli("serve", env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert "JOBRUNNER_USERS" in result.stderr
+
+
+def test_bad_settings_fail_fast_naming_the_setting(db_url):
+    result = run_cli("serve", env={"DATABASE_URL": db_url, "JOBRUNNER_USERS": "a:b", "PORT": "eighty"})
+    assert result.returncode == 2
+    assert "PORT (port, from $PORT): must be a whole number" in result.stderr
+    result = run_cli("check-config", env={"JOBRUNNER_USERS": "nopassword"})
+    assert result.returncode == 2
+    assert "JOBRUNNER_USERS" in result.stderr
+    assert "nopassword" not in result.stderr  # secrets are never echoed
+
+
+def test_serve_without_database_url_runs_a_private_database_and_stops_on_sigterm():
+    workdir = tempfile.mkdtemp(prefix="jobrunner-dev-")
+    os.chmod(workdir, 0o755)  # as root, the cluster runs as `postgres`, which must reach it
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "JOBRUNNER_USERS")}
+    environment.update({"JOBRUNNER_DATA_DIR": f"{workdir}/data", "PORT": "0", "JOBRUNNER_HOST": "127.0.0.1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobrunner", "serve"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        password = process.stdout.readline().split("password ")[1].strip()
+        port = None
+        while port is None:
+            line = process.stderr.readline()
+            assert line, "the server exited before it served"
+            if "serving HTTP on" in line:
+                port = int(line.rsplit(":", 1)[1])
+        api = Api(port)
+        assert api.get("/v1/jobs", auth=("admin", password)).json == {"job_types": []}
+        assert api.get("/v1/jobs", auth=("admin", "wrong")).status == 401
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
