@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: test venv postgres clean
+.PHONY: run test venv postgres clean
+
+# The service on :9090; with DATABASE_URL unset, a private PostgreSQL in .jobrunner/.
+run: venv postgres
+	$(VENV)/bin/jobrunner serve
 
 test: venv postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -82,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the HTTP API server alone")
     serve_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
     serve_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
-    commands.add_parser("check-config", help="validate the configuration and exit", epilog=describe())
+    commands.add_parser(
+        "check-config", help="validate the configuration and exit", epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
 
