@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -59,18 +60,40 @@ def listening_socket(config: Config) -> socket.socket:
     return socket.create_server((config.host, config.port), backlog=1024)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT. The handler only records the signal
+    (SimpleQueue.put is safe there; Event.set is not); a thread acts on it."""
+    signals: queue.SimpleQueue = queue.SimpleQueue()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: signals.put(signum))
+    stop = threading.Event()
+    threading.Thread(target=lambda: (signals.get(), stop.set()), name="signals", daemon=True).start()
+    return stop
+
+
 def serve(config: Config) -> None:
     """The HTTP server alone, in this process, until SIGTERM or SIGINT."""
     from . import server
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     with database(config) as config:
         sock = listening_socket(config)
         log.info("serving HTTP on %s:%d", *sock.getsockname()[:2])
         server.serve(config, sock, stop)
         sock.close()
+
+
+def work(config: Config) -> None:
+    """One worker process alone, until SIGTERM or SIGINT."""
+    from . import worker
+
+    if not config.database_url:
+        raise ConfigError("DATABASE_URL (database_url): a worker needs the database the server uses")
+    if not config.downstream_url:
+        raise ConfigError("DOWNSTREAM_URL (downstream_url): where should jobs be sent?")
+    stop = stop_on_signals()
+    log.info("worker sending jobs to %s", config.downstream_url)
+    worker.run(config, stop)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the HTTP API server alone")
     serve_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
     serve_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
+    commands.add_parser("work", help="run one worker process alone (needs DATABASE_URL and DOWNSTREAM_URL)")
     commands.add_parser(
         "check-config", help="validate the configuration and exit", epilog=describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print("jobrunner: schema applied")
         elif args.command == "serve":
             serve(config)
+        elif args.command == "work":
+            work(config)
         elif args.command == "check-config":
             print("jobrunner: configuration is valid")
     except ConfigError as error:

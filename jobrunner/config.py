@@ -41,6 +41,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, not {text!r}") from None
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be from 0 to 100, not {text}")
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -105,6 +115,11 @@ SETTINGS = (
     Setting("allow_unencrypted_proxy_traffic", "ALLOW_UNENCRYPTED_PROXY_TRAFFIC", _bool, "false", "accept requests a proxy marks X-Forwarded-Proto: http"),
     Setting("downstream_url", "DOWNSTREAM_URL", _http_url, "", "base URL of the service jobs are POSTed to"),
     Setting("downstream_password", "DOWNSTREAM_WORKER_AUTH", str, "", "Basic auth password (user 'jobs') for the downstream", secret=True),
+    Setting("listen_database_url", "JOBRUNNER_LISTEN_DATABASE_URL", str, "", "URL for the workers' LISTEN connection when DATABASE_URL goes through a transaction pooler (default: DATABASE_URL)", secret=True),
+    Setting("dispatch_threads", "JOBRUNNER_DISPATCH_THREADS", _int(1, 1000), "16", "POSTs to the downstream each worker process makes at once"),
+    Setting("downstream_timeout", "JOBRUNNER_DOWNSTREAM_TIMEOUT", _seconds, "6.5", "seconds to wait for the downstream to answer a POST (then: may have been delivered)"),
+    Setting("job_timeout", "JOBRUNNER_JOB_TIMEOUT", _seconds, "300", "seconds a sent job may wait for its callback before it counts as failed"),
+    Setting("sleep_factor", "JOBRUNNER_SLEEP_FACTOR", _factor, "2", "growth of the idle safety poll interval: 10 ms x factor^empty polls, at most x1024"),
     Setting("workers", "JOBRUNNER_WORKERS", _int(0, 256), str(os.cpu_count() or 1), "number of worker processes"),
     Setting("graceful_timeout", "JOBRUNNER_GRACEFUL_TIMEOUT", _seconds, "30", "seconds a graceful stop may take before what remains is killed"),
     Setting("log_level", "JOBRUNNER_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),

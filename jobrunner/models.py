@@ -118,11 +118,10 @@ def validate_delivery_strategy(strategy: Any) -> str:
     return strategy
 
 
-def validate_attempts(attempts: Any, strategy: str) -> int:
-    _require_int("attempts", attempts, 1, MAX_ATTEMPTS)
-    if strategy == AT_MOST_ONCE and attempts != 1:
-        raise InvalidField("attempts", f"must be 1 for an {AT_MOST_ONCE} job type, which is never sent twice")
-    return attempts
+def validate_attempts(attempts: Any) -> int:
+    """1-255 for both strategies: an at_most_once job uses more than one only when
+    an attempt certainly never reached the downstream (Rickover required 1)."""
+    return _require_int("attempts", attempts, 1, MAX_ATTEMPTS)
 
 
 def validate_concurrency(concurrency: Any) -> int:

@@ -37,7 +37,7 @@ from .errors import (
     UnknownJobType,
 )
 from .metrics import Registry
-from .models import AT_MOST_ONCE, MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
+from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +436,6 @@ class Handler(BaseHTTPRequestHandler):
         strategy = _string(body, "delivery_strategy")
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False) or 0
         concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
-        if strategy == AT_MOST_ONCE and attempts > 1:
-            raise HttpError(400, "invalid_attempts", "Cannot set retry attempts to a number greater than 1 if the delivery strategy is at_most_once")
         if concurrency is None:
             raise _missing("concurrency")
         with self._db() as conn:

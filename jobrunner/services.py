@@ -16,11 +16,12 @@ import math
 import queue
 import random
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 from . import store
+from .downstream import Delivery, Downstream
 from .errors import (
     DatabaseUnavailable,
     InvalidField,
@@ -38,6 +39,7 @@ from .models import (
     ARCHIVED_STATUSES,
     AT_MOST_ONCE,
     CANCELLED,
+    EXPIRED,
     FAILED,
     IN_PROGRESS,
     QUEUED,
@@ -76,7 +78,7 @@ MAX_PAGE = 500
 def create_job_type(conn: Connection, name: Any, delivery_strategy: Any, attempts: Any, concurrency: Any) -> JobType:
     validate_job_type_name(name)
     validate_delivery_strategy(delivery_strategy)
-    validate_attempts(attempts, delivery_strategy)
+    validate_attempts(attempts)
     validate_concurrency(concurrency)
     return store.create_job_type(conn, name, delivery_strategy, attempts, concurrency)
 
@@ -101,9 +103,8 @@ def update_job_type(conn: Connection, name: str, attempts: Any = None, concurren
     """Change a type's attempts (for jobs enqueued from now on) and concurrency (from the next claim on)."""
     if attempts is None and concurrency is None:
         raise InvalidField("request", "give attempts, concurrency or both")
-    job_type = get_job_type(conn, name)
     if attempts is not None:
-        validate_attempts(attempts, job_type.delivery_strategy)
+        validate_attempts(attempts)
     if concurrency is not None:
         validate_concurrency(concurrency)
     updated = store.update_job_type(conn, name, attempts, concurrency)
@@ -350,8 +351,33 @@ def _fail_stuck(conn: Connection, locked: store.LockedJob, now: datetime | None)
         return False
 
 
+def record_not_delivered(conn: Connection, job: QueuedJob, now: datetime | None = None) -> QueuedJob | ArchivedJob:
+    """The downstream certainly never received this attempt (refused, unreachable, an error answer).
+
+    Handled as a failed retryable callback, except that an `at_most_once` job is
+    retried too while attempts remain: it never reached the downstream.
+    """
+    with store.transaction(conn):
+        locked = store.lock_job(conn, job.id)
+        if locked is None or locked.job.name != job.name:
+            raise _not_queued(conn, job.id, job.name)
+        return _fail(conn, locked, job.attempts, retryable=True, now=now, delivered=False)
+
+
+def expire_in_progress(conn: Connection, job: QueuedJob, now: datetime | None = None) -> ArchivedJob | None:
+    """Archive a claimed job as expired if its expires_at has passed (by the database's clock) before it was sent."""
+    return store.archive_job(
+        conn, job.id, job.name, EXPIRED, 0, expected_attempts=job.attempts, expected_status=IN_PROGRESS, only_if_expired=True, now=now
+    )
+
+
 def _fail(
-    conn: Connection, locked: store.LockedJob, attempt: int, retryable: bool, now: datetime | None
+    conn: Connection,
+    locked: store.LockedJob,
+    attempt: int,
+    retryable: bool,
+    now: datetime | None,
+    delivered: bool = True,
 ) -> QueuedJob | ArchivedJob:
     """Retry or archive a failed attempt; the job is locked by the caller's transaction."""
     job = locked.job
@@ -359,7 +385,7 @@ def _fail(
         raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
     remaining = job.attempts - 1
     guard = {"expected_attempts": attempt, "now": now}
-    if not retryable or remaining <= 0 or locked.delivery_strategy == AT_MOST_ONCE:
+    if not retryable or remaining <= 0 or (delivered and locked.delivery_strategy == AT_MOST_ONCE):
         result = store.archive_job(conn, job.id, job.name, FAILED, 1, expected_status=IN_PROGRESS, **guard)
     else:
         result = store.retry_job(conn, job.id, delay=retry_delay(locked.total_attempts, remaining), **guard)
@@ -384,6 +410,63 @@ def _not_queued(conn: Connection, job_id: UUID, name: str) -> JobrunnerError:
 def _require_aware(field: str, value: datetime | None) -> None:
     if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
         raise InvalidField(field, "must be a timestamp with a time zone")
+
+
+# --- the default worker: POST to the downstream ----------------------------------
+
+UNAVAILABLE_RESENDS = 3
+
+
+class JobProcessor:
+    """The default Worker: POST each claimed job to the downstream; its callback, or the timeout, decides.
+
+    `timeout` is how long a sent job may wait for its callback; `sleep_factor`
+    how fast an idle worker's safety poll slows down (`get_sleep_duration`).
+    """
+
+    def __init__(
+        self,
+        pool: store.Pool,
+        downstream: Downstream,
+        stop: threading.Event,
+        timeout: timedelta = DEFAULT_TIMEOUT,
+        sleep_factor: float = 2.0,
+    ):
+        self.pool, self.downstream, self.stop = pool, downstream, stop
+        self.timeout, self.sleep_factor = timeout, sleep_factor
+
+    def do_work(self, job: QueuedJob) -> Delivery | None:
+        """Send one attempt and record what is certain; None when the job expired before it could be resent."""
+        outcome, reason = self.downstream.post(job)
+        for resend in range(UNAVAILABLE_RESENDS):
+            # 503: the downstream is busy; try again soon without using an attempt
+            if outcome is not Delivery.UNAVAILABLE:
+                break
+            if self.stop.wait(UNAVAILABLE_SLEEP_FACTOR.total_seconds() * 2**resend):
+                break
+            if job.expires_at is not None and job.expires_at <= datetime.now(timezone.utc):
+                with self.pool.connection() as conn:
+                    if expire_in_progress(conn, job) is not None:
+                        return None
+            outcome, reason = self.downstream.post(job)
+        if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE):
+            log.info("job %s (%s) not delivered: %s", job.job_id, job.name, reason)
+            try:
+                with self.pool.connection() as conn:
+                    record_not_delivered(conn, job)
+            except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
+                pass  # a callback came first after all
+            return Delivery.NOT_DELIVERED
+        if outcome is Delivery.MAYBE_DELIVERED:
+            log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
+        return outcome
+
+    def sleep_duration(self, failed_attempts: int) -> float:
+        return get_sleep_duration(self.sleep_factor, failed_attempts).total_seconds()
+
+    def sleep(self, failed_attempts: int) -> bool:
+        """Idle back-off; True when stopping."""
+        return self.stop.wait(self.sleep_duration(failed_attempts))
 
 
 # --- timing ------------------------------------------------------------------

@@ -135,10 +135,14 @@ def apply_schema(conn: Connection, schema_sql: str) -> None:
 
 # --- job types ---------------------------------------------------------------
 
+# Creating or changing a type tells the workers at once (sent on commit).
 CREATE_JOB_TYPE = """
-INSERT INTO jobs (name, delivery_strategy, attempts, concurrency)
-VALUES (%(name)s, %(delivery_strategy)s, %(attempts)s, %(concurrency)s)
-RETURNING *
+WITH created AS (
+    INSERT INTO jobs (name, delivery_strategy, attempts, concurrency)
+    VALUES (%(name)s, %(delivery_strategy)s, %(attempts)s, %(concurrency)s)
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_types', name) AS notified FROM created
 """
 
 GET_JOB_TYPE = "SELECT * FROM jobs WHERE name = %(name)s"
@@ -146,19 +150,22 @@ GET_JOB_TYPE = "SELECT * FROM jobs WHERE name = %(name)s"
 LIST_JOB_TYPES = "SELECT * FROM jobs ORDER BY name"
 
 UPDATE_JOB_TYPE = """
-UPDATE jobs
-SET attempts = coalesce(%(attempts)s, attempts),
-    concurrency = coalesce(%(concurrency)s, concurrency)
-WHERE name = %(name)s
-RETURNING *
+WITH updated AS (
+    UPDATE jobs
+    SET attempts = coalesce(%(attempts)s, attempts),
+        concurrency = coalesce(%(concurrency)s, concurrency)
+    WHERE name = %(name)s
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_types', name) AS notified FROM updated
 """
 
 
 def create_job_type(conn: Connection, name: str, delivery_strategy: str, attempts: int, concurrency: int) -> JobType:
     params = {"name": name, "delivery_strategy": delivery_strategy, "attempts": attempts, "concurrency": concurrency}
-    with translated_errors("job type"), conn.cursor(row_factory=class_row(JobType)) as cur:
+    with translated_errors("job type"), conn.cursor(row_factory=dict_row) as cur:
         try:
-            return cur.execute(CREATE_JOB_TYPE, params).fetchone()
+            return JobType(**_without(cur.execute(CREATE_JOB_TYPE, params).fetchone(), "notified"))
         except pg_errors.UniqueViolation:
             raise JobTypeExists(name) from None
 
@@ -205,8 +212,9 @@ def list_job_types_with_counts(conn: Connection, now: datetime | None = None) ->
 
 def update_job_type(conn: Connection, name: str, attempts: int | None, concurrency: int | None) -> JobType | None:
     params = {"name": name, "attempts": attempts, "concurrency": concurrency}
-    with translated_errors("job type"), conn.cursor(row_factory=class_row(JobType)) as cur:
-        return cur.execute(UPDATE_JOB_TYPE, params).fetchone()
+    with translated_errors("job type"), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(UPDATE_JOB_TYPE, params).fetchone()
+    return None if row is None else JobType(**_without(row, "notified"))
 
 
 # --- enqueue and lookup --------------------------------------------------------
@@ -232,6 +240,10 @@ DELETE FROM queued_jobs
 WHERE id = %(id)s AND EXISTS (SELECT 1 FROM archived_jobs WHERE id = %(id)s)
 RETURNING (SELECT status FROM archived_jobs WHERE id = %(id)s)
 """
+
+# Wake the workers: these types have new jobs (sent on commit; repeats in one
+# transaction are folded into one by Postgres).
+NOTIFY_JOBS = "SELECT pg_notify('jobrunner_jobs', name) FROM unnest(%(names)s::text[]) AS name"
 
 GET_QUEUED_JOB = "SELECT * FROM queued_jobs WHERE id = %(id)s"
 
@@ -289,6 +301,8 @@ def enqueue_job(
         undone = conn.execute(UNDO_ENQUEUE_OF_ARCHIVED_ID, {"id": job_id}).fetchone()
         if undone is not None:
             raise JobAlreadyArchived(format_job_id(job_id), undone[0])
+        if job is not None:
+            conn.execute(NOTIFY_JOBS, {"names": [name]})
     return job
 
 
@@ -357,6 +371,8 @@ def enqueue_jobs(conn: Connection, jobs: list[NewJob]) -> list[QueuedJob | None]
         ids = "{" + ",".join(str(job_id) for job_id in inserted) + "}"  # an array literal: cheaper to send than a list
         for (job_id,) in conn.execute(UNDO_ENQUEUES_OF_ARCHIVED_IDS, {"ids": ids}):
             del inserted[job_id]
+        if inserted:
+            conn.execute(NOTIFY_JOBS, {"names": sorted({job.name for job in inserted.values()})})
     return [inserted.get(job.id) if by_id[job.id] is job else None for job in jobs]
 
 
@@ -465,10 +481,20 @@ ORDER BY run_after, created_at
 EXPIRE_BATCH = 1000
 
 
-@dataclasses.dataclass(frozen=True)
+# Seconds until the type's next queued job comes due (<= 0: one is due now, and
+# waits for a free slot); NULL when nothing is queued.
+NEXT_DUE = """
+SELECT extract(epoch FROM min(run_after) - coalesce(%(now)s, now()))::float8
+FROM queued_jobs
+WHERE name = %(name)s AND status = 'queued'
+"""
+
+
+@dataclasses.dataclass
 class Claim:
     jobs: list[QueuedJob]  # now in progress, yours to dispatch
     expired: list[QueuedJob]  # archived as expired instead, never to be sent
+    next_due_in: float | None = None  # when fewer than asked were claimed: see NEXT_DUE
 
 
 def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
@@ -479,7 +505,58 @@ def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = N
         for row in cur.execute(CLAIM_JOBS, params):
             target = claim.expired if row.pop("expired") else claim.jobs
             target.append(QueuedJob(**row))
+        if len(claim.jobs) < limit:
+            claim.next_due_in = conn.execute(NEXT_DUE, {"name": name, "now": now}).fetchone()[0]
     return claim
+
+
+# What a worker needs to know of every type: how many may run, whether one is
+# due now, and in how many seconds the next comes due. One index probe per type.
+POLL_JOB_TYPES = """
+SELECT j.name, j.concurrency,
+       (SELECT extract(epoch FROM min(q.run_after) - now())::float8
+        FROM queued_jobs q WHERE q.name = j.name AND q.status = 'queued') AS next_due_in
+FROM jobs j
+ORDER BY j.name
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTypeState:
+    name: str
+    concurrency: int
+    next_due_in: float | None  # seconds; <= 0 means due now; None means nothing queued
+
+
+def poll_job_types(conn: Connection) -> list[JobTypeState]:
+    with translated_errors(), conn.cursor(row_factory=class_row(JobTypeState)) as cur:
+        return cur.execute(POLL_JOB_TYPES).fetchall()
+
+
+# --- notifications -------------------------------------------------------------
+
+JOBS_CHANNEL = "jobrunner_jobs"  # payload: a job type that may have due jobs or a free slot
+TYPES_CHANNEL = "jobrunner_types"  # payload: a job type that was created or changed
+LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
+
+
+class Listener:
+    """One connection that LISTENs; behind PgBouncer it needs a session-pooled or direct URL."""
+
+    def __init__(self, url: str):
+        self._conn = connect(url)
+        with translated_errors():
+            self._conn.execute(LISTEN)
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """(channel, payload) of every notification that arrives within `timeout` seconds, at least one if any."""
+        with translated_errors():
+            first = list(self._conn.notifies(timeout=timeout, stop_after=1))
+            rest = list(self._conn.notifies(timeout=0.0)) if first else []
+        return [(n.channel, n.payload) for n in first + rest]
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 # --- outcomes: archive and retry ---------------------------------------------
@@ -510,25 +587,34 @@ WITH finished AS (
       -- a guard, when the caller expects a particular state (a failed callback, the watcher)
       AND attempts = coalesce(%(expected_attempts)s, attempts)
       AND status = coalesce(%(expected_status)s::job_status, status)
+      AND (NOT %(only_if_expired)s OR expires_at <= coalesce(%(now)s, now()))
+    RETURNING *
+),
+archived AS (
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+    SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
+    FROM finished
+    -- an id archived already (an old Rickover database may hold one both queued and
+    -- archived) keeps its first outcome; the queued row is removed all the same
+    ON CONFLICT (id) DO NOTHING
     RETURNING *
 )
-INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
-SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
-FROM finished
--- an id archived already (an old Rickover database may hold one both queued and
--- archived) keeps its first outcome; the queued row is removed all the same
-ON CONFLICT (id) DO NOTHING
-RETURNING *
+-- a slot of the type may be free: tell the workers (sent on commit)
+SELECT *, pg_notify('jobrunner_jobs', name) AS notified FROM archived
 """
 
 RETRY_JOB = """
-UPDATE queued_jobs
-SET status = 'queued',
-    attempts = attempts - 1,
-    run_after = coalesce(%(now)s, now()) + %(delay)s,
-    updated_at = coalesce(%(now)s, now())
-WHERE id = %(id)s AND attempts = %(expected_attempts)s AND status = 'in-progress'
-RETURNING *
+WITH retried AS (
+    UPDATE queued_jobs
+    SET status = 'queued',
+        attempts = attempts - 1,
+        run_after = coalesce(%(now)s, now()) + %(delay)s,
+        updated_at = coalesce(%(now)s, now())
+    WHERE id = %(id)s AND attempts = %(expected_attempts)s AND status = 'in-progress'
+    RETURNING *
+)
+-- a slot is free, and a job will be due: tell the workers (sent on commit)
+SELECT *, pg_notify('jobrunner_jobs', name) AS notified FROM retried
 """
 
 
@@ -569,6 +655,7 @@ def archive_job(
     attempts_used: int,
     expected_attempts: int | None = None,
     expected_status: str | None = None,
+    only_if_expired: bool = False,
     now: datetime | None = None,
 ) -> ArchivedJob | None:
     """Move a job from queued_jobs to archived_jobs; None when no job matched."""
@@ -579,10 +666,12 @@ def archive_job(
         "attempts_used": attempts_used,
         "expected_attempts": expected_attempts,
         "expected_status": expected_status,
+        "only_if_expired": only_if_expired,
         "now": now,
     }
-    with translated_errors(), conn.cursor(row_factory=class_row(ArchivedJob)) as cur:
-        return cur.execute(ARCHIVE_JOB, params).fetchone()
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(ARCHIVE_JOB, params).fetchone()
+    return None if row is None else ArchivedJob(**_without(row, "notified"))
 
 
 def retry_job(
@@ -590,5 +679,12 @@ def retry_job(
 ) -> QueuedJob | None:
     """Queue an in-progress job again with one attempt fewer, due after `delay`; None when no job matched."""
     params = {"id": job_id, "expected_attempts": expected_attempts, "delay": delay, "now": now}
-    with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
-        return cur.execute(RETRY_JOB, params).fetchone()
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(RETRY_JOB, params).fetchone()
+    return None if row is None else QueuedJob(**_without(row, "notified"))
+
+
+def _without(row: dict, *keys: str) -> dict:
+    for key in keys:
+        del row[key]
+    return row

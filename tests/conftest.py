@@ -207,3 +207,70 @@ def running_server(database_url: str, **settings):
 def api(db_url):
     with running_server(db_url) as client:
         yield client
+
+
+# --- workers and a downstream ----------------------------------------------------
+
+DOWNSTREAM_PASSWORD = "downstream-secret"
+
+
+def worker_settings(db_url: str, downstream_url: str, **settings) -> dict:
+    return {
+        "database_url": db_url,
+        "downstream_url": downstream_url,
+        "downstream_password": DOWNSTREAM_PASSWORD,
+        "downstream_timeout": "1",
+        **settings,
+    }
+
+
+@contextlib.contextmanager
+def running_worker(db_url: str, downstream_url: str, **settings):
+    """A Worker in a thread of this process (its own pools and LISTEN connection); stopped gracefully on exit."""
+    from jobrunner.worker import Worker
+
+    worker = Worker(load_config({}, overrides=worker_settings(db_url, downstream_url, **settings)))
+    thread = threading.Thread(target=worker.run, name="test-worker")
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+@contextlib.contextmanager
+def worker_processes(count: int, db_url: str, downstream_url: str, **settings):
+    """`jobrunner work` processes, stopped with SIGTERM on exit (each must exit 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    from jobrunner.config import SETTINGS
+
+    env_names = {setting.name: setting.env for setting in SETTINGS}
+    environment = {k: v for k, v in os.environ.items() if k not in env_names.values()}
+    environment.update({env_names[name]: str(value) for name, value in worker_settings(db_url, downstream_url, **settings).items()})
+    environment["JOBRUNNER_LOG_LEVEL"] = "WARNING"
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "jobrunner", "work"], env=environment, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            _, stderr = process.communicate(timeout=30)
+            assert process.returncode == 0, stderr
+
+
+@pytest.fixture
+def downstream(api):
+    from downstream_stub import DownstreamStub
+
+    stub = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+    yield stub
+    stub.close()

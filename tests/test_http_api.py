@@ -62,7 +62,6 @@ def test_create_and_get_a_job_type(api):
         ({k: v for k, v in EMAIL.items() if k != "name"}, "missing_parameter"),
         ({**EMAIL, "delivery_strategy": ""}, "missing_parameter"),
         ({**EMAIL, "delivery_strategy": "sometimes"}, "invalid_delivery_strategy"),
-        ({**EMAIL, "delivery_strategy": "at_most_once", "attempts": 3}, "invalid_attempts"),
         ({**EMAIL, "attempts": 0}, "invalid_parameter"),
         ({k: v for k, v in EMAIL.items() if k != "attempts"}, "invalid_parameter"),
         ({**EMAIL, "name": "has space"}, "invalid_parameter"),

@@ -1,0 +1,232 @@
+"""A worker process: claim due jobs of every type and hand them to dispatch threads — woken, not polling.
+
+One claim loop (this module's `Worker.run`), a small pool of dispatch threads
+making blocking downstream POSTs, one connection pool and one LISTEN connection.
+Postgres decides what may run: a claim never takes more than a type's free
+slots, counted across every process and host. Notifications say when a type
+may have work (a job enqueued, a slot freed, a type created or changed); a
+safety poll that slows down while idle (`get_sleep_duration`) covers lost
+ones, and a timer wakes the loop when a delayed job comes due. Callbacks are
+never polled per job: a sent job waits in the database, and one statement per
+tick fails those whose callback is overdue.
+"""
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from . import services, store
+from .downstream import Downstream
+from .errors import DatabaseUnavailable, JobrunnerError
+from .models import QueuedJob
+
+log = logging.getLogger(__name__)
+
+MAX_CLAIM = 100  # jobs claimed per type per statement
+POLL_WHILE_DEAF = 1.0  # seconds between polls while the LISTEN connection is down
+EVERY_TYPE = "*"  # a wake-up for all types: poll the database
+STOP = None
+
+
+class OutageLog:
+    """Log the first failure of an outage and the recovery, not every failure in between."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failures = 0
+
+    def failed(self, error: Exception) -> None:
+        if self.failures == 0:
+            log.warning("%s failed: %s; retrying with back-off until it recovers", self.what, error)
+        self.failures += 1
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.warning("%s recovered after %d failed tries", self.what, self.failures)
+        self.failures = 0
+
+
+class Worker:
+    def __init__(self, config, stop: threading.Event | None = None):
+        self.config = config
+        self.stop_event = stop or threading.Event()
+        self.pool = store.Pool(config.database_url, config.worker_pool_size, config.db_timeout, name="worker")
+        downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
+        self.processor = services.JobProcessor(
+            self.pool, downstream, self.stop_event, timedelta(seconds=config.job_timeout), config.sleep_factor
+        )
+        self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
+        self._free = config.dispatch_threads  # dispatch threads not busy with a POST
+        self._free_lock = threading.Lock()
+        self._starved = False  # a claim was cut short for want of a dispatch thread
+        self._wakes: queue.SimpleQueue = queue.SimpleQueue()
+        self._due_at: dict[str, float] = {}  # job type -> monotonic time it has (or will have) due jobs
+        self._empty_polls = 0
+        self._next_poll = 0.0
+        self._next_stuck_check = 0.0
+        self._deaf = True  # no LISTEN connection yet
+        self._db_outage = OutageLog("worker database access")
+
+    # --- the loop ---
+
+    def run(self) -> None:
+        listener = threading.Thread(target=self._listen, name="listen", daemon=True)
+        listener.start()
+        try:
+            while not self.stop_event.is_set():
+                self.run_once()
+                self._wait()
+        finally:
+            self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
+            self.pool.close()
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler): no new claims; in-flight POSTs finish."""
+        self.stop_event.set()
+        self._wakes.put(STOP)
+
+    def run_once(self) -> int:
+        """Poll, fail overdue jobs and claim what is due, as far as each is due now; how many jobs were claimed."""
+        now = time.monotonic()
+        try:
+            if now >= self._next_poll:
+                self._poll(now)
+            if now >= self._next_stuck_check:
+                self._fail_overdue_jobs(now)
+            claimed = sum(self._claim(name, now) for name, due_at in list(self._due_at.items()) if due_at <= now)
+            self._db_outage.recovered()
+        except DatabaseUnavailable as error:
+            self._db_outage.failed(error)
+            self._next_poll = now + self.processor.sleep_duration(min(self._db_outage.failures, 10))
+            return 0
+        if claimed:
+            self._empty_polls = 0
+        return claimed
+
+    def _poll(self, now: float) -> None:
+        with self.pool.connection() as conn:
+            states = store.poll_job_types(conn)
+        self._due_at = {
+            state.name: now + max(0.0, state.next_due_in)
+            for state in states
+            if state.next_due_in is not None and state.concurrency > 0
+        }
+        self._empty_polls += 1
+        interval = self.processor.sleep_duration(self._empty_polls)
+        self._next_poll = now + (min(interval, POLL_WHILE_DEAF) if self._deaf else interval)
+
+    def _fail_overdue_jobs(self, now: float) -> None:
+        timeout = self.processor.timeout.total_seconds()
+        self._next_stuck_check = now + min(max(timeout / 10, 0.05), 10.0)
+        with self.pool.connection() as conn:
+            failed = services.archive_stuck_jobs(conn, self.processor.timeout)
+        if failed:
+            log.info("%d jobs not called back within %.0f s counted as failed", failed, timeout)
+
+    def _claim(self, name: str, now: float) -> int:
+        limit = self._take_threads(MAX_CLAIM)
+        if limit == 0:
+            self._starved = True
+            return 0
+        claimed = 0
+        try:
+            with self.pool.connection() as conn:
+                claim = services.claim(conn, name, limit)
+            claimed = len(claim.jobs)
+        finally:
+            self._give_back_threads(limit - claimed)
+        for job in claim.jobs:
+            self.dispatch.submit(self._dispatch, job)
+        if len(claim.jobs) == limit:
+            self._due_at[name] = now  # there may be more
+        elif claim.next_due_in is not None and claim.next_due_in > 0:
+            self._due_at[name] = now + claim.next_due_in
+        else:
+            # nothing queued, or due jobs wait for a free slot: a callback will say when
+            self._due_at.pop(name, None)
+        return len(claim.jobs)
+
+    def _dispatch(self, job: QueuedJob) -> None:
+        try:
+            self.processor.do_work(job)
+        except JobrunnerError as error:
+            # the job stays in progress: its callback, or the overdue check, settles it
+            log.warning("job %s (%s): could not record the outcome: %s", job.job_id, job.name, error)
+        except Exception:
+            log.exception("job %s (%s): unexpected error", job.job_id, job.name)
+        finally:
+            self._give_back_threads(1)
+
+    def _take_threads(self, wanted: int) -> int:
+        with self._free_lock:
+            taken = min(wanted, self._free)
+            self._free -= taken
+            return taken
+
+    def _give_back_threads(self, count: int) -> None:
+        with self._free_lock:
+            self._free += count
+            starved, self._starved = self._starved, False
+        if starved and count:
+            self._wakes.put(EVERY_TYPE)
+
+    # --- waking up ---
+
+    def _wait(self) -> None:
+        """Sleep until a notification, the next due job, the next poll or tick, or stop."""
+        now = time.monotonic()
+        deadline = min([self._next_poll, self._next_stuck_check, *self._due_at.values()])
+        try:
+            wake = self._wakes.get(timeout=max(0.0, deadline - now))
+        except queue.Empty:
+            return
+        while True:
+            self._note(wake)
+            try:
+                wake = self._wakes.get_nowait()
+            except queue.Empty:
+                return
+
+    def _note(self, wake: str | None) -> None:
+        if wake is STOP:
+            return
+        now = time.monotonic()
+        if wake == EVERY_TYPE:
+            self._next_poll = now
+        else:
+            self._due_at[wake] = now
+        self._empty_polls = 0
+
+    def _listen(self) -> None:
+        """Turn notifications into wake-ups; reconnect with back-off when the connection fails."""
+        outage = OutageLog("LISTEN connection")
+        listener = None
+        while not self.stop_event.is_set():
+            try:
+                if listener is None:
+                    listener = store.Listener(self.config.listen_database_url or self.config.database_url)
+                    self._deaf = False
+                    self._wakes.put(EVERY_TYPE)  # anything missed while deaf
+                    outage.recovered()
+                for channel, payload in listener.wait(timeout=1.0):
+                    self._wakes.put(EVERY_TYPE if channel == store.TYPES_CHANNEL else payload)
+            except JobrunnerError as error:
+                self._deaf = True
+                outage.failed(error)
+                if listener is not None:
+                    listener.close()
+                    listener = None
+                self.stop_event.wait(self.processor.sleep_duration(min(outage.failures + 5, 10)))
+        if listener is not None:
+            listener.close()
+
+
+def run(config, stop: threading.Event) -> None:
+    """The worker process's body: run until `stop` is set."""
+    worker = Worker(config, stop)
+    stopper = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
+    stopper.start()
+    worker.run()
