@@ -11,15 +11,26 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 
 from . import store
-from .config import Config, ConfigError, describe, load_config
+from .config import Config, ConfigError, describe, effective_settings, load_config
 from .errors import JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
 
 log = logging.getLogger("jobrunner")
+
+
+def _configure_logging(level: str, environ: dict) -> None:
+    from .systemd import JournalFormatter, stderr_is_journal
+
+    handler = logging.StreamHandler()
+    if stderr_is_journal(environ):
+        handler.setFormatter(JournalFormatter("%(processName)s %(name)s: %(message)s"))  # journald adds the time
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def schema_sql() -> str:
@@ -96,6 +107,29 @@ def work(config: Config) -> None:
     worker.run(config, stop)
 
 
+def run(config: Config, reread: Callable[[], Config]) -> int:
+    """The service: a supervisor with a server, workers and a watcher (and, in development, an example downstream)."""
+    from .supervisor import Supervisor
+    from .systemd import Notifier
+
+    with database(config) as running:
+        sockets = {"api": listening_socket(running)}
+        if not config.database_url and not running.downstream_url:
+            sockets["downstream"] = socket.create_server(("127.0.0.1", 0))
+            running = dataclasses.replace(running, downstream_url=f"http://127.0.0.1:{sockets['downstream'].getsockname()[1]}")
+            print(f"jobrunner: development mode, example downstream on {running.downstream_url}", flush=True)
+        if running.workers and not running.downstream_url:
+            raise ConfigError("DOWNSTREAM_URL (downstream_url): workers need the URL of the service that runs the jobs")
+        runtime = {name: getattr(running, name) for name in ("database_url", "users", "downstream_url")}
+
+        def reload() -> Config:
+            fresh = reread()
+            # what development mode chose at start stays, unless the file now sets it
+            return dataclasses.replace(fresh, **{name: value for name, value in runtime.items() if not getattr(fresh, name)})
+
+        return Supervisor(running, sockets, reload, Notifier(dict(os.environ))).run()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobrunner", description="A Postgres-backed job queue.")
     parser.add_argument("--config", default=None, help="INI config file with a [jobrunner] section (default: $JOBRUNNER_CONFIG)")
@@ -105,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the HTTP API server alone")
     serve_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
     serve_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
+    run_cmd = commands.add_parser("run", help="run the service: supervisor, HTTP server, workers, watcher")
+    run_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
+    run_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
+    run_cmd.add_argument("--workers", help="worker processes (default: $JOBRUNNER_WORKERS or the number of CPUs)")
     commands.add_parser("work", help="run one worker process alone (needs DATABASE_URL and DOWNSTREAM_URL)")
     commands.add_parser(
         "check-config", help="validate the configuration and exit", epilog=describe(),
@@ -115,10 +153,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    flags = {name: value for name in ("database_url", "host", "port") if (value := getattr(args, name, None)) is not None}
+    flags = {name: value for name in ("database_url", "host", "port", "workers") if (value := getattr(args, name, None)) is not None}
+    config_file = args.config or os.environ.get("JOBRUNNER_CONFIG")
+    environ = dict(os.environ)
     try:
-        config = load_config(os.environ, args.config or os.environ.get("JOBRUNNER_CONFIG"), flags)
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s")
+        config = load_config(environ, config_file, flags)
+        _configure_logging(config.log_level, environ)
         if args.command == "migrate":
             if not config.database_url:
                 print("jobrunner migrate: DATABASE_URL is not set (or pass --database-url)", file=sys.stderr)
@@ -129,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             serve(config)
         elif args.command == "work":
             work(config)
+        elif args.command == "run":
+            return run(config, lambda: load_config(environ, config_file, flags))
         elif args.command == "check-config":
+            print(effective_settings(config))
             print("jobrunner: configuration is valid")
     except ConfigError as error:
         print(f"jobrunner {args.command}: bad configuration: {error}", file=sys.stderr)

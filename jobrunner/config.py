@@ -120,6 +120,9 @@ SETTINGS = (
     Setting("downstream_timeout", "JOBRUNNER_DOWNSTREAM_TIMEOUT", _seconds, "6.5", "seconds to wait for the downstream to answer a POST (then: may have been delivered)"),
     Setting("job_timeout", "JOBRUNNER_JOB_TIMEOUT", _seconds, "300", "seconds a sent job may wait for its callback before it counts as failed"),
     Setting("sleep_factor", "JOBRUNNER_SLEEP_FACTOR", _factor, "2", "growth of the idle safety poll interval: 10 ms x factor^empty polls, at most x1024"),
+    Setting("stuck_job_interval", "JOBRUNNER_STUCK_JOB_INTERVAL", _seconds, "60", "seconds between the watcher's rounds"),
+    Setting("stuck_job_timeout", "JOBRUNNER_STUCK_JOB_TIMEOUT", _seconds, "420", "the watcher fails in-progress jobs not updated for this long (longer than job_timeout)"),
+    Setting("archive_retention_days", "JOBRUNNER_ARCHIVE_RETENTION_DAYS", _int(0, 100000), "0", "the watcher deletes archived jobs older than this many days; 0 keeps them all"),
     Setting("workers", "JOBRUNNER_WORKERS", _int(0, 256), str(os.cpu_count() or 1), "number of worker processes"),
     Setting("graceful_timeout", "JOBRUNNER_GRACEFUL_TIMEOUT", _seconds, "30", "seconds a graceful stop may take before what remains is killed"),
     Setting("log_level", "JOBRUNNER_LOG_LEVEL", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -184,3 +187,13 @@ def changes_needing_restart(old: "Config", new: "Config") -> list[str]:
 def describe() -> str:
     """One line per setting, for `jobrunner check-config --help` and the docs."""
     return "\n".join(f"{s.env:34} {s.name:32} default {s.default!r:14} {s.doc}" for s in SETTINGS)
+
+
+def effective_settings(config: "Config") -> str:
+    """Every setting's value and where it can be set, secrets masked."""
+    lines = []
+    for s in SETTINGS:
+        value = getattr(config, s.name)
+        shown = ("****" if value else "(empty)") if s.secret else repr(value)
+        lines.append(f"{s.name:32} {shown:24} ${s.env}")
+    return "\n".join(lines)

@@ -635,13 +635,17 @@ class APIServer(ThreadingHTTPServer):
         self.enqueuer.close()
 
 
-def serve(config, sock: socket.socket, stop: threading.Event, registry: Registry | None = None) -> None:
-    """Answer HTTP on `sock` until `stop` is set, then stop gracefully; the caller owns `sock`'s binding."""
-    registry = registry or Registry()
+def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
+    """Answer HTTP on `sock` until `stop` is set, then stop gracefully; the caller owns `sock`'s binding.
+
+    `ready` is called once requests are being served.
+    """
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
-    server = APIServer(sock, config, pool, registry)
+    server = APIServer(sock, config, pool, Registry())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
     thread.start()
+    if ready:
+        ready()
     try:
         stop.wait()
     finally:

@@ -533,6 +533,47 @@ def poll_job_types(conn: Connection) -> list[JobTypeState]:
         return cur.execute(POLL_JOB_TYPES).fetchall()
 
 
+# --- maintenance (the watcher) -------------------------------------------------
+
+# Due jobs whose expires_at has passed, of every type, archived as expired
+# (a claim does the same for its type; this covers paused and idle types).
+ARCHIVE_EXPIRED_JOBS = """
+WITH expiring AS MATERIALIZED (
+    SELECT id FROM queued_jobs
+    WHERE status = 'queued' AND expires_at <= coalesce(%(now)s, now()) AND run_after <= coalesce(%(now)s, now())
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+expired AS (
+    DELETE FROM queued_jobs q USING expiring e WHERE q.id = e.id RETURNING q.*
+)
+INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+SELECT id, name, attempts, 'expired', coalesce(%(now)s, now()), data, expires_at FROM expired
+ON CONFLICT (id) DO NOTHING
+"""
+
+# Archived jobs older than the retention, one type and one small batch at a time
+# (through the (name, created_at) index, so that no statement holds many locks).
+DELETE_OLD_ARCHIVED_JOBS = """
+DELETE FROM archived_jobs
+WHERE id IN (
+    SELECT id FROM archived_jobs
+    WHERE name = %(name)s AND created_at < coalesce(%(now)s, now()) - %(older_than)s
+    LIMIT %(limit)s
+)
+"""
+
+
+def archive_expired_jobs(conn: Connection, limit: int, now: datetime | None = None) -> int:
+    with translated_errors():
+        return conn.execute(ARCHIVE_EXPIRED_JOBS, {"limit": limit, "now": now}).rowcount
+
+
+def delete_old_archived_jobs(conn: Connection, name: str, older_than: timedelta, limit: int, now: datetime | None = None) -> int:
+    with translated_errors():
+        return conn.execute(DELETE_OLD_ARCHIVED_JOBS, {"name": name, "older_than": older_than, "limit": limit, "now": now}).rowcount
+
+
 # --- notifications -------------------------------------------------------------
 
 JOBS_CHANNEL = "jobrunner_jobs"  # payload: a job type that may have due jobs or a free slot

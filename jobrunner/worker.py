@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -224,9 +225,11 @@ class Worker:
             listener.close()
 
 
-def run(config, stop: threading.Event) -> None:
-    """The worker process's body: run until `stop` is set."""
+def run(config, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
+    """The worker process's body: run until `stop` is set; `ready` is called once it runs."""
     worker = Worker(config, stop)
     stopper = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     stopper.start()
+    if ready:
+        ready()
     worker.run()

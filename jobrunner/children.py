@@ -1,0 +1,69 @@
+"""What runs in each child process the supervisor forks: signals reset, a name, then the child's own loop.
+
+A child stops gracefully on SIGTERM (from the supervisor), ignores the signals
+that belong to the supervisor (SIGINT from a terminal's Ctrl-C reaches the
+whole process group; SIGHUP, SIGTTIN, SIGTTOU), and exits by itself when its
+parent is gone.
+"""
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+
+from .supervisor import set_process_title
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_INTERVAL = 0.5
+
+
+def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int) -> None:
+    stop = _stop_on_sigterm()
+    set_process_title(f"jr-{kind}-{number}" if kind == "worker" else f"jr-{kind}")
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, stop, config.graceful_timeout), daemon=True).start()
+    if kind == "server":
+        from . import server
+
+        server.serve(config, sockets["api"], stop, ready=ready.set)
+    elif kind == "worker":
+        from . import worker
+
+        worker.run(config, stop, ready=ready.set)
+    elif kind == "watcher":
+        from . import watcher
+
+        ready.set()
+        watcher.run(config, stop)
+    elif kind == "downstream":
+        from . import example_downstream
+
+        ready.set()
+        user, password = config.users[0]
+        example_downstream.serve(sockets["downstream"], f"http://127.0.0.1:{sockets['api'].getsockname()[1]}", user, password, stop)
+    for sock in sockets.values():
+        sock.close()
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """Reset what the fork inherited from the supervisor: its wake-up fd and its handlers."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signals: queue.SimpleQueue = queue.SimpleQueue()
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))  # only record it
+    stop = threading.Event()
+    threading.Thread(target=lambda: (signals.get(), stop.set()), name="sigterm", daemon=True).start()
+    return stop
+
+
+def _exit_when_orphaned(parent_pid: int, stop: threading.Event, graceful_timeout: float) -> None:
+    while not stop.wait(PARENT_CHECK_INTERVAL):
+        if os.getppid() != parent_pid:
+            log.warning("the supervisor (pid %d) is gone: stopping", parent_pid)
+            stop.set()
+            time.sleep(graceful_timeout)  # a daemon thread: if the graceful stop finishes first, so much the better
+            os._exit(1)

@@ -1,0 +1,312 @@
+"""The supervisor: the parent process that owns the config, the listening socket and the children.
+
+It binds the socket, forks (multiprocessing, fork context) one server, N
+workers and one watcher, replaces children that die, reloads on SIGHUP and
+stops gracefully on SIGTERM. Signal handlers only record the signal; the loop
+acts. The loop waits on the children's sentinels and a wake-up pipe, so it
+sleeps until something happens.
+
+| signal  | supervisor                                                          |
+|---------|---------------------------------------------------------------------|
+| HUP     | re-read the config; if valid start a new generation, retire the old |
+| TERM    | graceful stop (a second TERM, or INT, stops fast)                  |
+| INT     | graceful stop; the second stops fast                               |
+| QUIT    | fast stop: children are killed; their jobs wait in the database    |
+| TTIN    | one worker more                                                     |
+| TTOU    | one worker less                                                     |
+"""
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_for
+
+from .config import Config, ConfigError, changes_needing_restart
+from .systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+QUICK_DEATH = 5.0  # a child that dies sooner than this after starting has failed to start
+MAX_QUICK_DEATHS = 5  # in a row, before the supervisor gives up
+MAX_RESTART_DELAY = 30.0
+READY_TIMEOUT = 60.0  # for a new generation during a reload
+SIGNALS = {
+    signal.SIGHUP: "hup",
+    signal.SIGTERM: "term",
+    signal.SIGINT: "int",
+    signal.SIGQUIT: "quit",
+    signal.SIGTTIN: "ttin",
+    signal.SIGTTOU: "ttou",
+}
+
+
+class GiveUp(Exception):
+    """A child keeps dying at start: the supervisor stops and exits non-zero."""
+
+
+@dataclasses.dataclass
+class Child:
+    kind: str  # server, worker, watcher, downstream
+    number: int
+    generation: int
+    process: multiprocessing.Process
+    ready: object  # a multiprocessing Event the child sets once it is serving
+    started: float
+    retiring_since: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.number}" if self.kind == "worker" else self.kind
+
+
+class Supervisor:
+    def __init__(self, config: Config, sockets: dict[str, socket.socket], reload_config: Callable[[], Config], notifier: Notifier):
+        self.config = config
+        self.sockets = sockets  # "api" (and "downstream" in development), bound before any fork
+        self.reload_config = reload_config
+        self.notifier = notifier
+        self.context = multiprocessing.get_context("fork")
+        self.children: list[Child] = []
+        self.generation = 0
+        self.quick_deaths: dict[str, int] = {}
+        self.restart_at: dict[str, float] = {}
+        self.stopping: str | None = None  # "graceful" or "fast"
+        self.signals: list[int] = []
+        self._wake_read, self._wake_write = os.pipe()
+        self._last_watchdog = 0.0
+
+    # --- the main loop ---
+
+    def run(self) -> int:
+        set_process_title("jr-supervisor")
+        self._install_signal_handlers()
+        self.spawn_generation()
+        self._wait_until_ready(self.current())
+        self.notifier.ready(self.status())
+        log.info("supervisor %d: %s", os.getpid(), self.status())
+        try:
+            while self.stopping is None:
+                self.sleep()
+                self.handle_signals()
+                self.reap_children()
+                self.manage_children()
+                self.ping_watchdog()
+        except GiveUp as error:
+            log.error("%s; stopping", error)
+            self.stop(graceful=True)
+            return 1
+        self.stop(graceful=self.stopping == "graceful")
+        return 0
+
+    def sleep(self) -> None:
+        """Until a child exits, a signal arrives, a restart is due, or a watchdog ping is."""
+        deadlines = [*self.restart_at.values(), time.monotonic() + 1.0]
+        if self.notifier.watchdog_interval:
+            deadlines.append(self._last_watchdog + self.notifier.watchdog_interval)
+        timeout = max(0.0, min(deadlines) - time.monotonic())
+        ready = wait_for([self._wake_read, *(child.process.sentinel for child in self.children)], timeout)
+        if self._wake_read in ready:
+            os.read(self._wake_read, 1024)
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            getattr(self, "handle_" + SIGNALS[self.signals.pop(0)])()
+
+    # --- signals (the handlers only recorded them) ---
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_term(self) -> None:
+        self.stopping = "graceful"
+
+    def handle_int(self) -> None:
+        self.stopping = "graceful"
+
+    def handle_quit(self) -> None:
+        self.stopping = "fast"
+
+    def handle_ttin(self) -> None:
+        self.config = dataclasses.replace(self.config, workers=self.config.workers + 1)
+        log.info("SIGTTIN: %d workers", self.config.workers)
+
+    def handle_ttou(self) -> None:
+        self.config = dataclasses.replace(self.config, workers=max(0, self.config.workers - 1))
+        log.info("SIGTTOU: %d workers", self.config.workers)
+
+    # --- children ---
+
+    def current(self) -> list[Child]:
+        return [child for child in self.children if child.retiring_since is None]
+
+    def wanted(self) -> list[tuple[str, int]]:
+        """The children the current config asks for."""
+        kinds = [("server", 1), ("watcher", 1)] + [("worker", n) for n in range(1, self.config.workers + 1)]
+        if "downstream" in self.sockets:
+            kinds.append(("downstream", 1))
+        return kinds
+
+    def spawn_generation(self) -> None:
+        self.generation += 1
+        for kind, number in self.wanted():
+            self.spawn(kind, number)
+
+    def spawn(self, kind: str, number: int) -> Child:
+        from .children import child_main  # the children's code is never imported by the supervisor before a fork
+
+        ready = self.context.Event()
+        name = f"{kind}-{number}" if kind == "worker" else kind
+        process = self.context.Process(
+            target=child_main,
+            name=name,
+            args=(kind, number, self.config, self.sockets, ready, os.getpid()),
+            daemon=False,
+        )
+        process.start()
+        child = Child(kind, number, self.generation, process, ready, time.monotonic())
+        self.children.append(child)
+        self.restart_at.pop(child.name, None)
+        return child
+
+    def reap_children(self) -> None:
+        for child in list(self.children):
+            code = child.process.exitcode
+            if code is None:
+                continue
+            self.children.remove(child)
+            pid = child.process.pid
+            child.process.close()
+            if child.retiring_since is not None or self.stopping:
+                continue
+            lived = time.monotonic() - child.started
+            if lived < QUICK_DEATH:
+                deaths = self.quick_deaths[child.name] = self.quick_deaths.get(child.name, 0) + 1
+                if deaths >= MAX_QUICK_DEATHS:
+                    raise GiveUp(f"{child.name} died {deaths} times within {QUICK_DEATH:.0f} s of starting (last exit code {code})")
+                delay = min(0.5 * 2 ** (deaths - 1), MAX_RESTART_DELAY)
+            else:
+                self.quick_deaths[child.name] = 0
+                delay = 0.0
+            log.warning("%s (pid %d) exited with code %s; restarting it in %.1f s", child.name, pid, code, delay)
+            self.restart_at[child.name] = time.monotonic() + delay
+
+    def manage_children(self) -> None:
+        """Start what is missing (when its restart is due) and retire workers beyond the count."""
+        running = {child.name: child for child in self.current()}
+        now = time.monotonic()
+        for kind, number in self.wanted():
+            name = f"{kind}-{number}" if kind == "worker" else kind
+            if name not in running and self.restart_at.get(name, 0.0) <= now:
+                self.spawn(kind, number)
+        wanted = {f"{kind}-{number}" if kind == "worker" else kind for kind, number in self.wanted()}
+        for child in self.current():
+            if child.name not in wanted:
+                self.retire(child)
+        self.restart_at = {name: at for name, at in self.restart_at.items() if name in wanted}
+        for child in self.children:
+            if child.retiring_since is not None and now - child.retiring_since > self.config.graceful_timeout:
+                log.warning("%s did not stop within %.0f s: killing it", child.name, self.config.graceful_timeout)
+                _kill(child, signal.SIGKILL)
+
+    def retire(self, child: Child) -> None:
+        """Graceful stop of one child: it finishes what it is doing, then exits."""
+        child.retiring_since = time.monotonic()
+        _kill(child, signal.SIGTERM)
+
+    # --- reload and stop ---
+
+    def reload(self) -> None:
+        try:
+            new = self.reload_config()
+        except ConfigError as error:
+            log.error("SIGHUP: the new configuration is invalid, keeping the running one: %s", error)
+            return
+        kept = changes_needing_restart(self.config, new)
+        if kept:
+            log.warning("SIGHUP: %s can only change with a restart; keeping the running value", ", ".join(kept))
+            new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in kept})
+        self.notifier.reloading()
+        old = self.current()
+        self.config = new
+        self.spawn_generation()
+        if not self._wait_until_ready(self.current()):
+            log.error("SIGHUP: the new generation did not start; keeping the old one")
+            for child in self.current():
+                if child.generation == self.generation:
+                    self.retire(child)
+            for child in old:
+                child.retiring_since = None
+        else:
+            for child in old:
+                self.retire(child)
+            log.info("SIGHUP: reloaded (generation %d)", self.generation)
+        self.notifier.ready(self.status())
+
+    def stop(self, graceful: bool) -> None:
+        self.notifier.stopping()
+        log.info("stopping %s", "gracefully" if graceful else "fast")
+        for child in self.children:
+            _kill(child, signal.SIGTERM if graceful else signal.SIGKILL)
+        deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 5.0)
+        while self.children and time.monotonic() < deadline:
+            ready = wait_for([self._wake_read, *(child.process.sentinel for child in self.children)], deadline - time.monotonic())
+            if self._wake_read in ready:
+                os.read(self._wake_read, 1024)
+            self.children = [child for child in self.children if child.process.exitcode is None]
+            if self.signals and graceful:  # a second TERM/INT, or QUIT: stop fast
+                self.signals.clear()
+                log.info("second signal: stopping fast")
+                for child in self.children:
+                    _kill(child, signal.SIGKILL)
+        for child in self.children:
+            log.warning("%s did not stop within the graceful timeout: killing it", child.name)
+            _kill(child, signal.SIGKILL)
+            child.process.join(5)
+
+    def _wait_until_ready(self, children: list[Child]) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for child in children:
+            while not child.ready.wait(0.1):
+                if child.process.exitcode is not None or time.monotonic() > deadline:
+                    return False
+        return True
+
+    def status(self) -> str:
+        return f"{self.config.workers} workers, generation {self.generation}, listening on {self.sockets['api'].getsockname()[1]}"
+
+    def ping_watchdog(self) -> None:
+        now = time.monotonic()
+        if self.notifier.watchdog_interval and now - self._last_watchdog >= self.notifier.watchdog_interval:
+            self.notifier.watchdog()
+            self._last_watchdog = now
+
+    def _install_signal_handlers(self) -> None:
+        os.set_blocking(self._wake_write, False)
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        for signum in SIGNALS:
+            signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, frame) -> None:
+        self.signals.append(signum)  # NO LOGGING, just record the signal (the wake-up fd wakes the loop)
+
+
+def _kill(child: Child, signum: int) -> None:
+    try:
+        os.kill(child.process.pid, signum)
+    except (ProcessLookupError, TypeError):
+        pass
+
+
+def set_process_title(title: str) -> None:
+    """The name `ps -o comm`, top and pstree show (Linux; 15 characters at most)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(title[:15])
+    except OSError:
+        pass

@@ -1,0 +1,80 @@
+"""The watcher process: periodic maintenance that no request or worker triggers.
+
+Every `stuck_job_interval` it fails jobs stuck in progress (a worker that died
+with jobs in flight), archives due jobs that expired, and deletes archived jobs
+past the retention. It is the safety net behind the workers' own callback
+timeout, so its own timeout is longer.
+"""
+
+import dataclasses
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+
+from . import services, store
+from .errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    stuck: int = 0
+    expired: int = 0
+    deleted: int = 0
+
+    def changed_something(self) -> bool:
+        return bool(self.stuck or self.expired or self.deleted)
+
+
+class Watcher:
+    def __init__(self, config, pool: store.Pool):
+        self.pool = pool
+        self.interval = config.stuck_job_interval
+        self.stuck_after = timedelta(seconds=config.stuck_job_timeout)
+        self.retention = timedelta(days=config.archive_retention_days) if config.archive_retention_days else None
+
+    def run_once(self, now: datetime | None = None) -> Round:
+        """One round; what it changed."""
+        with self.pool.connection() as conn:
+            stuck = services.archive_stuck_jobs(conn, self.stuck_after, now)
+            expired = _repeat(lambda: store.archive_expired_jobs(conn, BATCH, now))
+            deleted = 0
+            if self.retention is not None:
+                for job_type in store.list_job_types(conn):
+                    deleted += _repeat(lambda: store.delete_old_archived_jobs(conn, job_type.name, self.retention, BATCH, now))
+        return Round(stuck, expired, deleted)
+
+    def run(self, stop: threading.Event) -> None:
+        """`run_once` every interval, anchored to the start so that the rounds never drift."""
+        started = time.monotonic()
+        while not stop.is_set():
+            try:
+                done = self.run_once()
+                if done.changed_something():
+                    log.info("watcher: %d stuck jobs failed, %d expired jobs archived, %d old archived jobs deleted", done.stuck, done.expired, done.deleted)
+            except DatabaseUnavailable as error:
+                log.warning("watcher: %s; trying again next round", error)
+            # the next tick of the grid that started with the first round; a late round skips ticks
+            stop.wait(self.interval - (time.monotonic() - started) % self.interval)
+
+
+def _repeat(batch) -> int:
+    """Run a batch statement until it does less than a full batch; the total it did."""
+    total = 0
+    while True:
+        done = batch()
+        total += done
+        if done < BATCH:
+            return total
+
+
+def run(config, stop: threading.Event) -> None:
+    pool = store.Pool(config.database_url, 1, config.db_timeout, name="watcher")
+    try:
+        Watcher(config, pool).run(stop)
+    finally:
+        pool.close()
