@@ -112,6 +112,19 @@ class DownstreamStub:
             time.sleep(self.hold)  # the downstream's work; not a wait for a condition
         # no longer in flight once the callback is on its way: the job may then be freed any moment
         self._count(post.name, -1)
+        # like a real downstream, retry while the queue's API is unreachable (a restart)
+        for attempt in range(100):
+            try:
+                status_code = self._send_callback(post, status)
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.05)
+                continue
+            if status_code != 200 and not (attempt and status_code == 400):  # a retry may find it done
+                self.callback_errors.append(f"{post.job_id}: {status_code}")
+            return
+        self.callback_errors.append(f"{post.job_id}: API unreachable")
+
+    def _send_callback(self, post: Post, status: str) -> int:
         token = base64.b64encode(":".join(self.api_auth).encode()).decode()
         connection = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=30)
         try:
@@ -123,7 +136,6 @@ class DownstreamStub:
             )
             response = connection.getresponse()
             response.read()
-            if response.status != 200:
-                self.callback_errors.append(f"{post.job_id}: {response.status}")
+            return response.status
         finally:
             connection.close()

@@ -1,0 +1,278 @@
+"""`jobrunner run` as a real process tree: children, signals, reloads, crash loops, systemd notifications."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import downstream_stub as stub
+import pytest
+from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, Api, wait_until
+from downstream_stub import DownstreamStub
+
+from jobrunner import store
+
+
+class Service:
+    """A running `jobrunner run`, with the NOTIFY_SOCKET it reports to."""
+
+    def __init__(self, process: subprocess.Popen, notifications: list[str], config_path: str):
+        self.process = process
+        self.notifications = notifications
+        self.config_path = config_path
+        self.port = None
+
+    @property
+    def api(self) -> Api:
+        return Api(self.port)
+
+    def children(self) -> dict[str, int]:
+        """comm name -> pid of each live child."""
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/comm") as comm:
+                    name = comm.read().strip()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and fields[0] != "Z":
+                found[name] = int(pid)
+        return found
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def notified(self, message: str) -> bool:
+        return any(message in notification.split("\n") for notification in self.notifications)
+
+
+@contextlib.contextmanager
+def running_service(db_url: str, downstream_url: str, config: str = "workers = 2\n", **environment):
+    workdir = tempfile.mkdtemp(prefix="jobrunner-run-")
+    notify_path = os.path.join(workdir, "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(0.2)
+    notifications: list[str] = []
+    reading = threading.Event()
+
+    def read_notifications():
+        while not reading.is_set():
+            try:
+                notifications.append(listener.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read_notifications, daemon=True)
+    reader.start()
+    config_path = os.path.join(workdir, "jobrunner.ini")
+    with open(config_path, "w") as file:
+        file.write("[jobrunner]\n" + config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DATABASE_URL", "DOWNSTREAM", "PORT"))}
+    env.update(
+        DATABASE_URL=db_url,
+        JOBRUNNER_USERS=f"{API_USER}:{API_PASSWORD}",
+        DOWNSTREAM_URL=downstream_url,
+        DOWNSTREAM_WORKER_AUTH=DOWNSTREAM_PASSWORD,
+        JOBRUNNER_HOST="127.0.0.1",
+        PORT="0",
+        JOBRUNNER_GRACEFUL_TIMEOUT="10",
+        JOBRUNNER_DOWNSTREAM_TIMEOUT="1",
+        NOTIFY_SOCKET=notify_path,
+        **environment,
+    )
+    process = subprocess.Popen([sys.executable, "-m", "jobrunner", "--config", config_path, "run"], env=env, stderr=subprocess.PIPE, text=True)
+    service = Service(process, notifications, config_path)
+    try:
+        wait_until(lambda: service.notified("READY=1") or process.poll() is not None, "READY=1", timeout=30)
+        assert process.poll() is None, process.stderr.read()
+        status = next(line for n in notifications for line in n.split("\n") if line.startswith("STATUS="))
+        service.port = int(status.rsplit(" ", 1)[1])
+        yield service
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+        reading.set()
+        reader.join()
+        listener.close()
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+
+
+@pytest.fixture
+def downstream():
+    downstream = DownstreamStub(0, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+    yield downstream
+    downstream.close()
+
+
+def setup_type(service: Service, downstream: DownstreamStub, concurrency: int = 5) -> None:
+    downstream.api_port = service.port
+    response = service.api.post("/v1/jobs", {"name": "email", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": concurrency})
+    assert response.status == 201, response.body
+
+
+def enqueue(service: Service, count: int = 1) -> list[str]:
+    ids = [f"job_{uuid.uuid4()}" for _ in range(count)]
+    for job_id in ids:
+        assert service.api.put(f"/v1/jobs/email/{job_id}", {"data": {}}).status == 202
+    return ids
+
+
+def succeeded(db_url: str) -> int:
+    conn = store.connect(db_url)
+    try:
+        return conn.execute("SELECT count(*) FROM archived_jobs WHERE status = 'succeeded'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        assert set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1", "jr-worker-2"}
+        setup_type(service, downstream)
+        enqueue(service, 5)
+        wait_until(lambda: succeeded(db_url) == 5, "5 jobs to succeed")
+
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+        assert service.notified("STOPPING=1")
+
+
+@pytest.mark.parametrize("victim", ["jr-server", "jr-worker-1", "jr-watcher"])
+def test_a_killed_child_is_replaced_and_jobs_keep_flowing(db_url, downstream, victim):
+    # a job the killed worker had claimed but not sent waits out the callback timeout, then is retried
+    with running_service(db_url, downstream.url, JOBRUNNER_JOB_TIMEOUT="2") as service:
+        setup_type(service, downstream)
+        enqueue(service, 10)
+        old_pid = service.children()[victim]
+        os.kill(old_pid, signal.SIGKILL)
+        wait_until(lambda: service.children().get(victim) not in (None, old_pid), f"{victim} to be replaced")
+        wait_until(lambda: service.api.get("/healthz", auth=None).status == 200, "the API to answer")
+        enqueue(service, 10)
+        wait_until(lambda: succeeded(db_url) == 20, "all 20 jobs to succeed", timeout=30)
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+
+
+def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        setup_type(service, downstream)
+        before = service.children()
+        failures, requests = [], [0]
+        hammering = threading.Event()
+
+        def hammer():
+            while not hammering.is_set():
+                response = service.api.get("/v1/jobs/email")
+                requests[0] += 1
+                if response.status != 200:
+                    failures.append(response.status)
+
+        client = threading.Thread(target=hammer)
+        client.start()
+        try:
+            wait_until(lambda: requests[0] > 20, "the client to get going")
+            with open(service.config_path, "w") as file:
+                file.write("[jobrunner]\nworkers = 3\n")
+            service.signal(signal.SIGHUP)
+            wait_until(lambda: "jr-worker-3" in service.children(), "a third worker")
+            wait_until(lambda: not set(before.values()) & set(service.children().values()), "the old generation to retire")
+            settled = requests[0]
+            wait_until(lambda: requests[0] > settled + 20, "more requests after the reload")
+        finally:
+            hammering.set()
+            client.join(timeout=30)
+        assert failures == []
+        wait_until(lambda: sum(n.count("READY=1") for n in service.notifications) == 2, "READY=1 after the reload")
+        assert service.notified("RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for n in service.notifications for line in n.split("\n"))
+        assert set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1", "jr-worker-2", "jr-worker-3"}
+        enqueue(service, 3)
+        wait_until(lambda: succeeded(db_url) == 3, "jobs to flow after the reload")
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        before = service.children()
+        with open(service.config_path, "a") as file:
+            file.write("log_level = LOUD\n")
+        service.signal(signal.SIGHUP)
+        service.signal(signal.SIGTERM)  # the HUP is handled first: its log line is then written
+        assert service.process.wait(timeout=15) == 0
+        stderr = service.process.stderr.read()
+        assert "the new configuration is invalid, keeping the running one" in stderr
+        assert "JOBRUNNER_LOG_LEVEL (log_level" in stderr
+        assert not service.notified("RELOADING=1")
+        assert before  # and it was serving until the TERM
+
+
+def test_sigterm_with_jobs_in_flight_exits_0_in_time_and_loses_nothing(db_url, downstream):
+    downstream.policy = lambda post: stub.HANG
+    with running_service(db_url, downstream.url) as service:
+        setup_type(service, downstream, concurrency=3)
+        ids = enqueue(service, 6)
+        wait_until(lambda: len(downstream.posts) == 3, "3 POSTs in flight")
+        started = time.monotonic()
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    conn = store.connect(db_url)
+    rows = dict(conn.execute("SELECT status::text, count(*) FROM queued_jobs GROUP BY 1").fetchall())
+    conn.close()
+    assert rows == {"in-progress": 3, "queued": 3}  # the sent ones wait for a callback or the timeout
+    assert len(ids) == 6
+
+
+def test_children_exit_by_themselves_when_the_supervisor_is_killed(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        children = service.children()
+        os.kill(service.process.pid, signal.SIGKILL)
+        service.process.wait(timeout=5)
+        wait_until(lambda: not any(_alive(pid) for pid in children.values()), "every child to exit", timeout=15)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ttin_and_ttou_add_and_remove_a_worker(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        service.signal(signal.SIGTTIN)
+        wait_until(lambda: "jr-worker-3" in service.children(), "a third worker")
+        # one at a time: two of the same signal sent at once may arrive as one
+        service.signal(signal.SIGTTOU)
+        wait_until(lambda: "jr-worker-3" not in service.children(), "the third worker to go")
+        service.signal(signal.SIGTTOU)
+        wait_until(lambda: set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1"}, "one worker left")
+
+
+def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, downstream):
+    with running_service(db_url, downstream.url) as service:
+        killed = set()
+
+        def kill_the_watcher_again():
+            pid = service.children().get("jr-watcher")
+            if pid and pid not in killed:
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+            return service.process.poll() is not None
+
+        wait_until(kill_the_watcher_again, "the supervisor to give up", timeout=40)
+        assert service.process.returncode == 1
+        assert len(killed) == 5
+        assert "watcher died 5 times within 5 s of starting" in service.process.stderr.read()
