@@ -7,9 +7,10 @@ PYTEST_ARGS ?=
 
 .PHONY: run test venv postgres clean
 
-# The service on :9090; with DATABASE_URL unset, a private PostgreSQL in .jobrunner/.
+# The service on :9090; with DATABASE_URL unset, a private PostgreSQL in .jobrunner/
+# and an example downstream that calls back `succeeded`.
 run: venv postgres
-	$(VENV)/bin/jobrunner serve
+	$(VENV)/bin/jobrunner run
 
 test: venv postgres
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -57,14 +57,23 @@ def database(config: Config) -> Iterator[Config]:
     url = cluster.start()
     try:
         migrate(url)
-        users = config.users
-        if not users:
-            users = (("admin", secrets.token_urlsafe(16)),)
-            print(f"jobrunner: development mode, API user admin, password {users[0][1]}", flush=True)
-        log.info("development mode: private PostgreSQL in %s", cluster.datadir)
+        users = config.users or (("admin", _development_password(config.data_dir)),)
+        print(f"jobrunner: development mode, database {url}", flush=True)
+        if not config.users:
+            print(f"jobrunner: development mode, API user admin, password {users[0][1]} (kept in {config.data_dir}/api-password)", flush=True)
         yield dataclasses.replace(config, database_url=url, users=users)
     finally:
         cluster.stop()
+
+
+def _development_password(data_dir: str) -> str:
+    """Generated once, then kept beside the private database, so that it survives restarts."""
+    path = os.path.join(data_dir, "api-password")
+    if not os.path.exists(path):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_urlsafe(16))
+    with open(path) as file:
+        return file.read().strip()
 
 
 def listening_socket(config: Config) -> socket.socket:

@@ -66,7 +66,10 @@ def test_serve_without_database_url_runs_a_private_database_and_stops_on_sigterm
         [sys.executable, "-m", "jobrunner", "serve"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        password = process.stdout.readline().split("password ")[1].strip()
+        assert process.stdout.readline().startswith("jobrunner: development mode, database postgresql://")
+        password = process.stdout.readline().split("password ")[1].split()[0]
+        with open(f"{workdir}/data/api-password") as kept:
+            assert kept.read() == password
         port = None
         while port is None:
             line = process.stderr.readline()
@@ -82,3 +85,18 @@ def test_serve_without_database_url_runs_a_private_database_and_stops_on_sigterm
         process.kill()
         process.communicate(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_check_config_prints_the_effective_settings_with_secrets_masked(tmp_path):
+    config = tmp_path / "jobrunner.ini"
+    config.write_text("[jobrunner]\nworkers = 3\nhomepage_title = Jobs\n")
+    result = run_cli("--config", str(config), "check-config", env={"JOBRUNNER_USERS": "ops:hunter2", "PORT": "8080"})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines() if line.split()[-1].startswith("$")}
+    assert (lines["workers"], lines["port"], lines["homepage_title"], lines["users"]) == ("3", "8080", "'Jobs'", "****")
+    assert "hunter2" not in result.stdout
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[jobrunner]\nworkers = many\n")
+    result = run_cli("--config", str(bad), "check-config")
+    assert result.returncode == 2
+    assert "JOBRUNNER_WORKERS (workers, from" in result.stderr
