@@ -11,8 +11,6 @@ import base64
 import enum
 import http.client
 import json
-import socket
-import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,9 +18,41 @@ import urllib.request
 from .models import QueuedJob
 
 USER = "jobs"
-# Errors raised before a byte of the request can have reached the downstream.
-_NEVER_SENT = (ConnectionRefusedError, socket.gaierror, ssl.SSLError)
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies from the environment
+
+
+class NotConnected(OSError):
+    """Connecting failed (refused, unreachable, timed out, TLS handshake): not a byte of the request was sent."""
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except OSError as error:
+            raise NotConnected(f"{type(error).__name__}: {error}") from error
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except OSError as error:  # ssl.SSLError included: the handshake is part of connecting
+            raise NotConnected(f"{type(error).__name__}: {error}") from error
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+# urllib reports errors of connecting and of sending alike (URLError); these
+# connections mark the first kind, which proves that nothing was delivered.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPHandler(), _HTTPSHandler())
 
 
 class Delivery(enum.Enum):
@@ -61,9 +91,9 @@ class Downstream:
                 return Delivery.UNAVAILABLE, f"HTTP {error.code}"
             return Delivery.NOT_DELIVERED, f"HTTP {error.code}"
         except urllib.error.URLError as error:
-            # urllib wraps errors of connecting and sending; only some prove nothing arrived
-            if isinstance(error.reason, _NEVER_SENT):
-                return Delivery.NOT_DELIVERED, type(error.reason).__name__
+            if isinstance(error.reason, NotConnected):
+                return Delivery.NOT_DELIVERED, str(error.reason)
+            # connected, then failed while sending: part of the request may have arrived
             return Delivery.MAYBE_DELIVERED, type(error.reason).__name__
         except (TimeoutError, ConnectionError, http.client.HTTPException) as error:
             # the request went out; the answer did not come back whole

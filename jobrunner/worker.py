@@ -74,7 +74,7 @@ class Worker:
     # --- the loop ---
 
     def run(self) -> None:
-        listener = threading.Thread(target=self._listen, name="listen", daemon=True)
+        listener = threading.Thread(target=self._listen, name="listen")
         listener.start()
         try:
             while not self.stop_event.is_set():
@@ -82,6 +82,7 @@ class Worker:
                 self._wait()
         finally:
             self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
+            listener.join()
             self.pool.close()
 
     def stop(self) -> None:

@@ -20,6 +20,10 @@ RICKOVER_UNAVAILABLE = "rickover_unavailable"  # 500 with Rickover's service_una
 HANG = "hang"  # answer nothing until the client gives up
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 refuses connections under load
+
+
 @dataclasses.dataclass
 class Post:
     at: float  # time.monotonic()
@@ -55,7 +59,7 @@ class DownstreamStub:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()

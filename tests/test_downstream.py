@@ -1,0 +1,159 @@
+"""The downstream client over real sockets: each way a POST can end, told apart by type."""
+
+import contextlib
+import json
+import socket
+import threading
+import uuid
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from jobrunner.downstream import Delivery, Downstream
+from jobrunner.models import QueuedJob
+
+NOW = datetime.now(timezone.utc)
+JOB = QueuedJob(uuid.uuid4(), "email", 3, NOW, None, NOW, NOW, "in-progress", {"to": "a@example.com"})
+
+
+@contextlib.contextmanager
+def http_server(status: int, body: bytes = b""):
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, self.headers.get("Authorization"), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def raw_server(behaviour):
+    """A server that accepts one connection and does `behaviour(connection)`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            behaviour(connection, done)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def read_request(connection: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return body
+
+
+@pytest.mark.parametrize("status, body", [(200, b""), (202, b""), (202, b'{"status":"accepted"}'), (204, b""), (201, b"[1]")])
+def test_any_2xx_is_accepted_whatever_its_body(status, body):
+    with http_server(status, body) as (url, received):
+        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is Delivery.ACCEPTED
+    [(path, authorization, sent)] = received
+    assert path == f"/v1/jobs/email/{JOB.job_id}"
+    assert authorization == "Basic am9iczpwdw=="  # jobs:pw
+    assert json.loads(sent) == {"data": {"to": "a@example.com"}, "attempts": 3}
+
+
+@pytest.mark.parametrize(
+    "status, body, outcome",
+    [
+        (503, b"", Delivery.UNAVAILABLE),
+        (500, b'{"title":"Service Unavailable","id":"service_unavailable"}', Delivery.UNAVAILABLE),
+        (500, b'{"title":"boom","id":"server_error"}', Delivery.NOT_DELIVERED),
+        (404, b"not json", Delivery.NOT_DELIVERED),
+        (400, b"", Delivery.NOT_DELIVERED),
+    ],
+)
+def test_error_answers(status, body, outcome):
+    with http_server(status, body) as (url, _):
+        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is outcome
+
+
+def test_a_refused_connection_is_not_delivered():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome, reason = Downstream(f"http://127.0.0.1:{port}", "pw", timeout=5).post(JOB)
+    assert (outcome, reason.split(":")[0]) == (Delivery.NOT_DELIVERED, "ConnectionRefusedError")
+
+
+def test_a_connect_timeout_is_not_delivered():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        while True:  # fill the accept queue until a connection cannot complete
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            fillers.append(filler)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        outcome, reason = Downstream(f"http://127.0.0.1:{port}", "pw", timeout=0.2).post(JOB)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert outcome is Delivery.NOT_DELIVERED, reason
+
+
+def test_a_failed_tls_handshake_is_not_delivered():
+    with raw_server(lambda connection, done: connection.sendall(b"HTTP/1.1 400 Not TLS\r\n\r\n")) as url:
+        outcome, _ = Downstream(url.replace("http://", "https://"), "pw", timeout=5).post(JOB)
+    assert outcome is Delivery.NOT_DELIVERED
+
+
+def test_no_answer_after_the_request_was_sent_may_have_been_delivered():
+    def read_then_hang(connection, done):
+        read_request(connection)
+        done.wait(10)
+
+    with raw_server(read_then_hang) as url:
+        assert Downstream(url, "pw", timeout=0.3).post(JOB)[0] is Delivery.MAYBE_DELIVERED
+
+
+@pytest.mark.parametrize(
+    "partial", [b"", b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{", b"HTTP/1.1 20"]
+)
+def test_a_connection_cut_mid_response_may_have_been_delivered(partial):
+    def read_then_cut(connection, done):
+        read_request(connection)
+        connection.sendall(partial)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
+
+    with raw_server(read_then_cut) as url:
+        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is Delivery.MAYBE_DELIVERED
