@@ -240,3 +240,42 @@ def _closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
+    """A private cluster, stopped and started again under a running worker and server."""
+    import logging
+    import os
+    import tempfile
+
+    from conftest import API_PASSWORD, API_USER, running_server
+    from downstream_stub import DownstreamStub
+
+    from jobrunner.cli import schema_sql
+    from jobrunner.localdb import LocalPostgres
+
+    workdir = tempfile.mkdtemp(prefix="jobrunner-outage-")
+    os.chmod(workdir, 0o755)
+    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
+    url = cluster.start()
+    conn = store.connect(url)
+    store.apply_schema(conn, schema_sql())
+    conn.close()
+    caplog.set_level(logging.WARNING, logger="jobrunner.worker")
+    try:
+        with running_server(url, db_timeout="1") as api:
+            downstream = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+            create_type(api)
+            with running_worker(url, downstream.url, db_timeout="1") as worker:
+                wait_for_status(api, enqueue(api), "succeeded")
+                cluster.stop()
+                wait_until(lambda: worker._db_outage.failures >= 3, "the worker to notice the outage and keep trying")
+                cluster.start()
+                wait_until(lambda: api.get("/healthz", auth=None).status == 200, "the database to be back", timeout=30)
+                wait_for_status(api, enqueue(api), "succeeded", timeout=30)
+            downstream.close()
+    finally:
+        cluster.stop()
+    outage_lines = [r.message for r in caplog.records if "worker database access failed" in r.message]
+    assert len(outage_lines) == 1, outage_lines
+    assert any("worker database access recovered" in r.message for r in caplog.records)
