@@ -259,8 +259,8 @@ class Supervisor:
             if self._wake_read in ready:
                 os.read(self._wake_read, 1024)
             self.children = [child for child in self.children if child.process.exitcode is None]
-            if self.signals and graceful:  # a second TERM/INT, or QUIT: stop fast
-                self.signals.clear()
+            if graceful and set(self.signals) & {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}:
+                self.signals.clear()  # a second TERM or INT, or a QUIT: stop fast
                 log.info("second signal: stopping fast")
                 for child in self.children:
                     _kill(child, signal.SIGKILL)

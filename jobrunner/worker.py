@@ -62,7 +62,7 @@ class Worker:
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
         self._free_lock = threading.Lock()
-        self._starved = False  # a claim was cut short for want of a dispatch thread
+        self._starved: set[str] = set()  # types not claimed for want of a dispatch thread
         self._wakes: queue.SimpleQueue = queue.SimpleQueue()
         self._due_at: dict[str, float] = {}  # job type -> monotonic time it has (or will have) due jobs
         self._empty_polls = 0
@@ -129,9 +129,9 @@ class Worker:
             log.info("%d jobs not called back within %.0f s counted as failed", failed, timeout)
 
     def _claim(self, name: str, now: float) -> int:
-        limit = self._take_threads(MAX_CLAIM)
+        limit = self._take_threads(MAX_CLAIM, name)
         if limit == 0:
-            self._starved = True
+            self._due_at.pop(name, None)  # the next free dispatch thread wakes it (no spinning till then)
             return 0
         claimed = 0
         try:
@@ -162,18 +162,22 @@ class Worker:
         finally:
             self._give_back_threads(1)
 
-    def _take_threads(self, wanted: int) -> int:
+    def _take_threads(self, wanted: int, name: str) -> int:
         with self._free_lock:
             taken = min(wanted, self._free)
             self._free -= taken
+            if not taken:
+                self._starved.add(name)
             return taken
 
     def _give_back_threads(self, count: int) -> None:
+        if not count:
+            return
         with self._free_lock:
             self._free += count
-            starved, self._starved = self._starved, False
-        if starved and count:
-            self._wakes.put(EVERY_TYPE)
+            starved, self._starved = self._starved, set()
+        for name in starved:
+            self._wakes.put(name)
 
     # --- waking up ---
 
