@@ -57,6 +57,8 @@ def _stop_on_sigterm() -> threading.Event:
     signal.signal(signal.SIGTERM, lambda signum, frame: signals.put(signum))  # only record it
     stop = threading.Event()
     threading.Thread(target=lambda: (signals.get(), stop.set()), name="sigterm", daemon=True).start()
+    # the supervisor blocked signals across the fork: what arrived since is delivered now, to these handlers
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     return stop
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from importlib import resources
 
 from . import store
-from .config import Config, ConfigError, describe, effective_settings, load_config
+from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config
 from .errors import JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
 
@@ -31,6 +31,8 @@ def _configure_logging(level: str, environ: dict) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    # psycopg_pool warns at every failed reconnect; our processes log an outage once
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def schema_sql() -> str:
@@ -127,14 +129,15 @@ def run(config: Config, reread: Callable[[], Config]) -> int:
             sockets["downstream"] = socket.create_server(("127.0.0.1", 0))
             running = dataclasses.replace(running, downstream_url=f"http://127.0.0.1:{sockets['downstream'].getsockname()[1]}")
             print(f"jobrunner: development mode, example downstream on {running.downstream_url}", flush=True)
-        if running.workers and not running.downstream_url:
-            raise ConfigError("DOWNSTREAM_URL (downstream_url): workers need the URL of the service that runs the jobs")
+        check_runnable(running)
         runtime = {name: getattr(running, name) for name in ("database_url", "users", "downstream_url")}
 
         def reload() -> Config:
             fresh = reread()
             # what development mode chose at start stays, unless the file now sets it
-            return dataclasses.replace(fresh, **{name: value for name, value in runtime.items() if not getattr(fresh, name)})
+            fresh = dataclasses.replace(fresh, **{name: value for name, value in runtime.items() if not getattr(fresh, name)})
+            check_runnable(fresh)
+            return fresh
 
         return Supervisor(running, sockets, reload, Notifier(dict(os.environ))).run()
 

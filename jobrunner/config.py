@@ -197,3 +197,11 @@ def effective_settings(config: "Config") -> str:
         shown = ("****" if value else "(empty)") if s.secret else repr(value)
         lines.append(f"{s.name:32} {shown:24} ${s.env}")
     return "\n".join(lines)
+
+
+def check_runnable(config: "Config") -> None:
+    """What `jobrunner run` needs beyond valid values: users for the API, a downstream for workers."""
+    if not config.users:
+        raise ConfigError("JOBRUNNER_USERS (users): no API users configured; set name:password pairs")
+    if config.workers and not config.downstream_url:
+        raise ConfigError("DOWNSTREAM_URL (downstream_url): workers need the URL of the service that runs the jobs")

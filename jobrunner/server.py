@@ -638,13 +638,13 @@ class APIServer(ThreadingHTTPServer):
 def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
     """Answer HTTP on `sock` until `stop` is set, then stop gracefully; the caller owns `sock`'s binding.
 
-    `ready` is called once requests are being served.
+    `ready` is called once requests are being served and the database has answered.
     """
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
     server = APIServer(sock, config, pool, Registry())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
     thread.start()
-    if ready:
+    if ready and _database_answers(pool, stop):
         ready()
     try:
         stop.wait()
@@ -652,3 +652,15 @@ def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[]
         server.stop()
         thread.join()
         pool.close()
+
+
+def _database_answers(pool: store.Pool, stop: threading.Event) -> bool:
+    """Wait until the database answers (True), or until stopped (False)."""
+    while not stop.is_set():
+        try:
+            with pool.connection(timeout=1.0) as conn:
+                store.ping(conn)
+            return True
+        except JobrunnerError:
+            stop.wait(0.5)
+    return False

@@ -80,8 +80,9 @@ class Pool:
             max_size=size,
             kwargs={"autocommit": True},
             timeout=timeout,
-            # keep trying through a long outage instead of giving up on a slot
-            reconnect_timeout=24 * 3600,
+            # psycopg_pool doubles its reconnect delay until this timeout, then drops
+            # the slot and grows back on demand: a short one keeps recovery quick
+            reconnect_timeout=10,
             open=False,
             name=name,
         )

@@ -87,9 +87,7 @@ class Supervisor:
         set_process_title("jr-supervisor")
         self._install_signal_handlers()
         self.spawn_generation()
-        self._wait_until_ready(self.current())
-        self.notifier.ready(self.status())
-        log.info("supervisor %d: %s", os.getpid(), self.status())
+        announced = False
         try:
             while self.stopping is None:
                 self.sleep()
@@ -97,6 +95,11 @@ class Supervisor:
                 self.reap_children()
                 self.manage_children()
                 self.ping_watchdog()
+                if not announced and all(child.ready.is_set() for child in self.current()):
+                    # READY=1 once every child has started and reached the database
+                    self.notifier.ready(self.status())
+                    log.info("supervisor %d: %s", os.getpid(), self.status())
+                    announced = True
         except GiveUp as error:
             log.error("%s; stopping", error)
             self.stop(graceful=True)
@@ -106,7 +109,7 @@ class Supervisor:
 
     def sleep(self) -> None:
         """Until a child exits, a signal arrives, a restart is due, or a watchdog ping is."""
-        deadlines = [*self.restart_at.values(), time.monotonic() + 1.0]
+        deadlines = [*self.restart_at.values(), time.monotonic() + 0.1 if self._starting() else time.monotonic() + 1.0]
         if self.notifier.watchdog_interval:
             deadlines.append(self._last_watchdog + self.notifier.watchdog_interval)
         timeout = max(0.0, min(deadlines) - time.monotonic())
@@ -133,6 +136,9 @@ class Supervisor:
         self.stopping = "fast"
 
     def handle_ttin(self) -> None:
+        if not self.config.downstream_url:
+            log.error("SIGTTIN: no DOWNSTREAM_URL (downstream_url) to send jobs to; no worker added")
+            return
         self.config = dataclasses.replace(self.config, workers=self.config.workers + 1)
         log.info("SIGTTIN: %d workers", self.config.workers)
 
@@ -168,7 +174,13 @@ class Supervisor:
             args=(kind, number, self.config, self.sockets, ready, os.getpid()),
             daemon=False,
         )
-        process.start()
+        # Signals stay pending until the child has its own handlers (it unblocks them):
+        # a SIGTERM in between must not meet the supervisor's handler in the child.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child = Child(kind, number, self.generation, process, ready, time.monotonic())
         self.children.append(child)
         self.restart_at.pop(child.name, None)
@@ -232,16 +244,15 @@ class Supervisor:
             log.warning("SIGHUP: %s can only change with a restart; keeping the running value", ", ".join(kept))
             new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in kept})
         self.notifier.reloading()
-        old = self.current()
+        old, old_config = self.current(), self.config
         self.config = new
         self.spawn_generation()
         if not self._wait_until_ready(self.current()):
-            log.error("SIGHUP: the new generation did not start; keeping the old one")
+            log.error("SIGHUP: the new generation did not start and reach the database; keeping the old one")
             for child in self.current():
                 if child.generation == self.generation:
                     self.retire(child)
-            for child in old:
-                child.retiring_since = None
+            self.config = old_config
         else:
             for child in old:
                 self.retire(child)
@@ -273,9 +284,13 @@ class Supervisor:
         deadline = time.monotonic() + READY_TIMEOUT
         for child in children:
             while not child.ready.wait(0.1):
+                self.ping_watchdog()
                 if child.process.exitcode is not None or time.monotonic() > deadline:
                     return False
         return True
+
+    def _starting(self) -> bool:
+        return not all(child.ready.is_set() for child in self.current())
 
     def status(self) -> str:
         return f"{self.config.workers} workers, generation {self.generation}, listening on {self.sockets['api'].getsockname()[1]}"

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from . import services, store
 from .downstream import Downstream
-from .errors import DatabaseUnavailable, JobrunnerError
+from .errors import JobrunnerError
 from .models import QueuedJob
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,19 @@ class Worker:
 
     # --- the loop ---
 
-    def run(self) -> None:
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Claim and dispatch until stopped; `ready` is called after the first round that reached the database."""
         listener = threading.Thread(target=self._listen, name="listen")
         listener.start()
         try:
             while not self.stop_event.is_set():
                 self.run_once()
+                if ready and not self._db_outage.failures:
+                    ready()
+                    ready = None
                 self._wait()
         finally:
+            self.stop_event.set()  # also when the loop died: the listener must end too
             self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
             listener.join()
             self.pool.close()
@@ -100,7 +105,7 @@ class Worker:
                 self._fail_overdue_jobs(now)
             claimed = sum(self._claim(name, now) for name, due_at in list(self._due_at.items()) if due_at <= now)
             self._db_outage.recovered()
-        except DatabaseUnavailable as error:
+        except JobrunnerError as error:  # unreachable, or refusing: keep trying, slower and slower
             self._db_outage.failed(error)
             self._next_poll = now + self.processor.sleep_duration(min(self._db_outage.failures, 10))
             return 0
@@ -231,10 +236,8 @@ class Worker:
 
 
 def run(config, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
-    """The worker process's body: run until `stop` is set; `ready` is called once it runs."""
+    """The worker process's body: run until `stop` is set; `ready` is called once it has reached the database."""
     worker = Worker(config, stop)
     stopper = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     stopper.start()
-    if ready:
-        ready()
-    worker.run()
+    worker.run(ready)
