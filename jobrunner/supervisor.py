@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 QUICK_DEATH = 5.0  # a child that dies sooner than this after starting has failed to start
 MAX_QUICK_DEATHS = 5  # in a row, before the supervisor gives up
 MAX_RESTART_DELAY = 30.0
-READY_TIMEOUT = 60.0  # for a new generation during a reload
 SIGNALS = {
     signal.SIGHUP: "hup",
     signal.SIGTERM: "term",
@@ -281,7 +280,7 @@ class Supervisor:
             child.process.join(5)
 
     def _wait_until_ready(self, children: list[Child]) -> bool:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.config.start_timeout
         for child in children:
             while not child.ready.wait(0.1):
                 self.ping_watchdog()

@@ -77,8 +77,9 @@ def running_service(db_url: str, downstream_url: str, config: str = "workers = 2
     with open(config_path, "w") as file:
         file.write("[jobrunner]\n" + config)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DATABASE_URL", "DOWNSTREAM", "PORT"))}
+    if "database_url" not in config:
+        env["DATABASE_URL"] = db_url
     env.update(
-        DATABASE_URL=db_url,
         JOBRUNNER_USERS=f"{API_USER}:{API_PASSWORD}",
         DOWNSTREAM_URL=downstream_url,
         DOWNSTREAM_WORKER_AUTH=DOWNSTREAM_PASSWORD,
@@ -276,3 +277,20 @@ def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, 
         assert service.process.returncode == 1
         assert len(killed) == 5
         assert "watcher died 5 times within 5 s of starting" in service.process.stderr.read()
+
+
+def test_a_reload_whose_children_cannot_reach_the_database_keeps_the_old_generation(db_url, downstream):
+    config = f"workers = 1\ndatabase_url = {db_url}\nstart_timeout = 3\n"
+    with running_service(db_url, downstream.url, config=config) as service:
+        setup_type(service, downstream)
+        before = service.children()
+        with open(service.config_path, "w") as file:
+            file.write("[jobrunner]\nworkers = 1\nstart_timeout = 3\ndatabase_url = postgresql:///nowhere?host=/nonexistent\n")
+        service.signal(signal.SIGHUP)
+        wait_until(lambda: sum(n.count("READY=1") for n in service.notifications) == 2, "the abandoned reload to end", timeout=20)
+        wait_until(lambda: service.children() == before, "only the old generation to be left")
+        enqueue(service, 2)
+        wait_until(lambda: succeeded(db_url) == 2, "the old generation to go on working")
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+        assert "the new generation did not start and reach the database; keeping the old one" in service.process.stderr.read()

@@ -279,3 +279,20 @@ def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
     outage_lines = [r.message for r in caplog.records if "worker database access failed" in r.message]
     assert len(outage_lines) == 1, outage_lines
     assert any("worker database access recovered" in r.message for r in caplog.records)
+
+
+def test_a_worker_started_before_the_schema_waits_for_it(make_database, downstream):
+    from conftest import running_server
+
+    from jobrunner.cli import schema_sql
+
+    url = make_database(template="template0")
+    with running_worker(url, downstream.url) as worker:
+        wait_until(lambda: worker._db_outage.failures >= 2, "the worker to find no schema and keep trying")
+        conn = store.connect(url)
+        store.apply_schema(conn, schema_sql())
+        conn.close()
+        with running_server(url) as api:
+            downstream.api_port = api.port
+            create_type(api)
+            wait_for_status(api, enqueue(api), "succeeded", timeout=30)
