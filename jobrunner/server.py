@@ -480,8 +480,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "invalid_request", BAD_JSON, "retryable must be true or false")
         job_id = parse_job_id(id_text)
         try:
-            with self._db() as conn:
-                job = services.handle_status_callback(conn, job_id, name, status, attempt, retryable)
+            job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable)
         except (JobAlreadyArchived, UnknownJob, JobNameMismatch) as error:
             raise HttpError(400, "duplicate_status_request", "This job has already been archived, or was never queued", str(error)) from None
         self.server.callbacks.inc(status)
@@ -575,6 +574,7 @@ class APIServer(ThreadingHTTPServer):
         self.config = config
         self.pool = pool
         self.enqueuer = services.EnqueueBatcher(pool)
+        self.callbacks_batcher = services.CallbackBatcher(pool)
         self.metrics = registry
         self.users = dict(config.users)
         self.stopping = False
@@ -633,6 +633,7 @@ class APIServer(ThreadingHTTPServer):
                     pass
         self.server_close()
         self.enqueuer.close()
+        self.callbacks_batcher.close()
 
 
 def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:

@@ -16,6 +16,7 @@ import math
 import queue
 import random
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -146,36 +147,31 @@ def enqueue(
     raise UnknownJobType(name)
 
 
-class EnqueueBatcher:
-    """Enqueue for many threads at once: concurrent enqueues share one transaction (a group commit).
+class GroupCommit:
+    """Runs one store function for the items of many threads at once: one transaction per batch.
 
     Under load the database then does one round trip and one commit per batch
-    instead of one per job, which is what bounds enqueue throughput. A job the
-    batch did not insert (a repeated or archived id, an unknown type) or a batch
-    the database refused is enqueued again alone by `enqueue`, which tells why.
+    instead of one per item, which is what bounds the throughput of enqueues and
+    callbacks. `submit` answers the function's result for its item, or None when
+    the batch did not handle it (or the database refused the batch): the caller
+    then does it alone, the slow way, which also says exactly why.
     """
 
-    def __init__(self, pool: store.Pool, max_batch: int = 200):
+    def __init__(self, pool: store.Pool, handle_batch: Callable[[Connection, list], list], name: str, max_batch: int = 200):
         self._pool = pool
+        self._handle_batch = handle_batch
         self._max_batch = max_batch
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="enqueue-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def enqueue(
-        self, job_id: UUID, name: str, data: Any, run_after: datetime | None = None, expires_at: datetime | None = None
-    ) -> QueuedJob:
-        _require_aware("run_after", run_after)
-        _require_aware("expires_at", expires_at)
-        request = _EnqueueRequest(store.NewJob(job_id, name, data, run_after, expires_at))
+    def submit(self, item: Any) -> Any:
+        request = _Request(item)
         self._requests.put(request)
         request.done.wait()
-        if request.job is not None:
-            return request.job
         if isinstance(request.error, DatabaseUnavailable):
             raise request.error
-        with self._pool.connection() as conn:
-            return enqueue(conn, job_id, name, data, run_after, expires_at)
+        return request.result
 
     def close(self) -> None:
         self._requests.put(None)
@@ -189,21 +185,19 @@ class EnqueueBatcher:
             stopping = None in batch
             batch = [request for request in batch if request is not None]
             if batch:
-                self._insert(batch)
+                self._handle(batch)
             if stopping:
                 return
 
-    def _insert(self, batch: list["_EnqueueRequest"]) -> None:
+    def _handle(self, batch: list["_Request"]) -> None:
         try:
             with self._pool.connection() as conn:
-                inserted = store.enqueue_jobs(conn, [request.new_job for request in batch])
-            for request, job in zip(batch, inserted):
-                request.job = job
-        except JobrunnerError as error:
-            for request in batch:
-                request.error = error
-        except Exception as error:  # never leave a request thread waiting forever
-            log.exception("enqueue batch failed")
+                results = self._handle_batch(conn, [request.item for request in batch])
+            for request, result in zip(batch, results):
+                request.result = result
+        except Exception as error:  # the callers go the slow way; none is left waiting
+            if not isinstance(error, JobrunnerError):
+                log.exception("%s: batch failed", self._thread.name)
             for request in batch:
                 request.error = error
         finally:
@@ -212,11 +206,54 @@ class EnqueueBatcher:
 
 
 @dataclasses.dataclass
-class _EnqueueRequest:
-    new_job: store.NewJob
-    job: QueuedJob | None = None
+class _Request:
+    item: Any
+    result: Any = None
     error: Exception | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class EnqueueBatcher:
+    """`enqueue` for many threads at once, through a GroupCommit."""
+
+    def __init__(self, pool: store.Pool):
+        self._pool = pool
+        self._group = GroupCommit(pool, store.enqueue_jobs, "enqueue-batcher")
+
+    def enqueue(
+        self, job_id: UUID, name: str, data: Any, run_after: datetime | None = None, expires_at: datetime | None = None
+    ) -> QueuedJob:
+        _require_aware("run_after", run_after)
+        _require_aware("expires_at", expires_at)
+        job = self._group.submit(store.NewJob(job_id, name, data, run_after, expires_at))
+        if job is not None:
+            return job
+        with self._pool.connection() as conn:
+            return enqueue(conn, job_id, name, data, run_after, expires_at)
+
+    def close(self) -> None:
+        self._group.close()
+
+
+class CallbackBatcher:
+    """`handle_status_callback` for many threads at once: `succeeded` callbacks share a transaction."""
+
+    def __init__(self, pool: store.Pool):
+        self._pool = pool
+        self._group = GroupCommit(pool, store.archive_succeeded_jobs, "callback-batcher")
+
+    def handle_status_callback(
+        self, job_id: UUID, name: str, status: str, attempt: int, retryable: bool = True
+    ) -> QueuedJob | ArchivedJob:
+        if status == SUCCEEDED:
+            archived = self._group.submit((job_id, name))
+            if archived is not None:
+                return archived
+        with self._pool.connection() as conn:
+            return handle_status_callback(conn, job_id, name, status, attempt, retryable)
+
+    def close(self) -> None:
+        self._group.close()
 
 
 def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJob | ArchivedJob:

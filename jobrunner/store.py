@@ -645,6 +645,43 @@ archived AS (
 SELECT *, pg_notify('jobrunner_jobs', name) AS notified FROM archived
 """
 
+# Many `succeeded` callbacks at once: ARCHIVE_JOB for a batch of (id, name),
+# with one notification per job type.
+ARCHIVE_SUCCEEDED_JOBS = """
+WITH finished AS (
+    DELETE FROM queued_jobs q
+    USING jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text)
+    WHERE q.id = r.id AND q.name = r.name
+    RETURNING q.*
+),
+archived AS (
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+    SELECT id, name, attempts, 'succeeded', now(), data, expires_at
+    FROM finished
+    ON CONFLICT (id) DO NOTHING
+    RETURNING *
+),
+notified AS (
+    SELECT pg_notify('jobrunner_jobs', name) FROM (SELECT DISTINCT name FROM archived) AS types
+)
+SELECT *, (SELECT count(*) FROM notified) AS notified FROM archived
+"""
+
+
+def archive_succeeded_jobs(conn: Connection, jobs: list[tuple[UUID, str]]) -> list[ArchivedJob | None]:
+    """Archive each (id, name) as succeeded, in one statement; None for those not queued under that name."""
+    batch = json.dumps([{"id": str(job_id), "name": name} for job_id, name in jobs])
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        archived = {row["id"]: ArchivedJob(**_without(row, "notified")) for row in cur.execute(ARCHIVE_SUCCEEDED_JOBS, {"jobs": batch})}
+    answered = set()
+    results = []
+    for job_id, name in jobs:  # a repeated id is answered once; the repeat goes the slow way
+        job = archived.get(job_id)
+        results.append(job if job is not None and job.name == name and job_id not in answered else None)
+        answered.add(job_id)
+    return results
+
+
 RETRY_JOB = """
 WITH retried AS (
     UPDATE queued_jobs

@@ -1,4 +1,4 @@
-"""Enqueue in batches (the HTTP server's path): one transaction for many concurrent PUTs, same answers as alone."""
+"""Group commit (the HTTP server's path): one transaction for many concurrent PUTs or callbacks, same answers as alone."""
 
 import threading
 import uuid
@@ -8,7 +8,7 @@ import pytest
 from conftest import make_type, new_id, wait_until
 
 from jobrunner import services, store
-from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJobType
+from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJob, UnknownJobType
 from jobrunner.models import SUCCEEDED
 
 
@@ -120,3 +120,53 @@ def _someone_waits_for_a_lock(conn):
 def test_naive_timestamps_are_refused_before_batching(batcher):
     with pytest.raises(InvalidField, match="run_after"):
         batcher.enqueue(uuid.uuid4(), "email", {}, run_after=datetime(2030, 1, 1))
+
+
+@pytest.fixture
+def callbacks(pool):
+    batcher = services.CallbackBatcher(pool)
+    yield batcher
+    batcher.close()
+
+
+def test_one_batch_archives_succeeded_jobs_and_answers_each_in_order(conn):
+    make_type(conn, "email")
+    make_type(conn, "sms")
+    jobs = [services.enqueue(conn, new_id(), "email", {"n": n}) for n in range(4)]
+    items = [(job.id, "email") for job in jobs] + [(jobs[0].id, "email"), (jobs[1].id, "sms"), (new_id(), "email")]
+
+    archived = store.archive_succeeded_jobs(conn, items)
+
+    assert [a and (a.id, a.status, a.data) for a in archived[:4]] == [(j.id, SUCCEEDED, j.data) for j in jobs]
+    assert archived[4:] == [None, None, None]  # a repeat, another type's name, an unknown job
+    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+
+
+def test_concurrent_callbacks_each_get_their_own_answer(conn, callbacks):
+    make_type(conn, concurrency=100)
+    jobs = [services.enqueue(conn, new_id(), "email", {}) for _ in range(40)]
+    claimed = services.claim(conn, "email", limit=100).jobs
+    assert len(claimed) == 40
+    cases = [(job.id, "succeeded") for job in jobs[:30]] + [(job.id, "failed") for job in jobs[30:]]
+    cases += [(jobs[0].id, "succeeded"), (new_id(), "succeeded")]
+    outcomes = [None] * len(cases)
+    barrier = threading.Barrier(len(cases))
+
+    def call_back(index, job_id, status):
+        barrier.wait()
+        try:
+            outcomes[index] = callbacks.handle_status_callback(job_id, "email", status, 3)
+        except Exception as error:  # the outcome under test
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=call_back, args=(i, *case)) for i, case in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert [o.status for o in outcomes[:30]] == [SUCCEEDED] * 30
+    assert [(o.status, o.attempts) for o in outcomes[30:40]] == [("queued", 2)] * 10
+    repeat, unknown = outcomes[40:]
+    assert isinstance(repeat, JobAlreadyArchived) and isinstance(unknown, UnknownJob)
+    assert conn.execute("SELECT count(*) FROM archived_jobs WHERE status = 'succeeded'").fetchone()[0] == 30
