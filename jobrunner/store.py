@@ -455,9 +455,9 @@ expiring AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 ),
 expired AS (
+    -- = ANY(ARRAY(...)): primary-key lookups; a join here is planned as a scan of the whole table
     DELETE FROM queued_jobs q
-    USING expiring e
-    WHERE q.id = e.id
+    WHERE q.id = ANY (ARRAY(SELECT id FROM expiring))
     RETURNING q.*
 ),
 archived AS (
@@ -469,8 +469,7 @@ archived AS (
 claimed AS (
     UPDATE queued_jobs q
     SET status = 'in-progress', updated_at = coalesce(%(now)s, now())
-    FROM candidates c
-    WHERE q.id = c.id
+    WHERE q.id = ANY (ARRAY(SELECT id FROM candidates))
     RETURNING q.*
 )
 SELECT false AS expired, * FROM claimed
@@ -500,14 +499,19 @@ class Claim:
 
 def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
     claim = Claim(jobs=[], expired=[])
-    with transaction(conn), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
-        params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
-        for row in cur.execute(CLAIM_JOBS, params):
+    params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
+    # One round trip: the transaction's statements are pipelined. They still run
+    # in order, so the claim's snapshot is taken after the lock is granted.
+    with translated_errors():
+        with conn.pipeline(), conn.transaction():
+            conn.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
+            claimed = conn.cursor(row_factory=dict_row).execute(CLAIM_JOBS, params)
+            next_due = conn.cursor().execute(NEXT_DUE, {"name": name, "now": now})
+        for row in claimed.fetchall():
             target = claim.expired if row.pop("expired") else claim.jobs
             target.append(QueuedJob(**row))
         if len(claim.jobs) < limit:
-            claim.next_due_in = conn.execute(NEXT_DUE, {"name": name, "now": now}).fetchone()[0]
+            claim.next_due_in = next_due.fetchone()[0]
     return claim
 
 
@@ -546,7 +550,7 @@ WITH expiring AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 ),
 expired AS (
-    DELETE FROM queued_jobs q USING expiring e WHERE q.id = e.id RETURNING q.*
+    DELETE FROM queued_jobs q WHERE q.id = ANY (ARRAY(SELECT id FROM expiring)) RETURNING q.*
 )
 INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
 SELECT id, name, attempts, 'expired', coalesce(%(now)s, now()), data, expires_at FROM expired
@@ -649,9 +653,9 @@ SELECT *, pg_notify('jobrunner_jobs', name) AS notified FROM archived
 # with one notification per job type.
 ARCHIVE_SUCCEEDED_JOBS = """
 WITH finished AS (
+    -- = ANY(...): primary-key lookups (a join with the batch is planned as a scan of the whole table)
     DELETE FROM queued_jobs q
-    USING jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text)
-    WHERE q.id = r.id AND q.name = r.name
+    WHERE q.id = ANY (%(ids)s::text::uuid[]) AND q.name = %(names)s::jsonb ->> q.id::text
     RETURNING q.*
 ),
 archived AS (
@@ -670,9 +674,10 @@ SELECT *, (SELECT count(*) FROM notified) AS notified FROM archived
 
 def archive_succeeded_jobs(conn: Connection, jobs: list[tuple[UUID, str]]) -> list[ArchivedJob | None]:
     """Archive each (id, name) as succeeded, in one statement; None for those not queued under that name."""
-    batch = json.dumps([{"id": str(job_id), "name": name} for job_id, name in jobs])
+    names = {str(job_id): name for job_id, name in reversed(jobs)}  # a repeated id: its first name
+    params = {"ids": "{" + ",".join(names) + "}", "names": json.dumps(names)}
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-        archived = {row["id"]: ArchivedJob(**_without(row, "notified")) for row in cur.execute(ARCHIVE_SUCCEEDED_JOBS, {"jobs": batch})}
+        archived = {row["id"]: ArchivedJob(**_without(row, "notified")) for row in cur.execute(ARCHIVE_SUCCEEDED_JOBS, params)}
     answered = set()
     results = []
     for job_id, name in jobs:  # a repeated id is answered once; the repeat goes the slow way

@@ -65,7 +65,7 @@ class Worker:
         self._starved: set[str] = set()  # types not claimed for want of a dispatch thread
         self._wakes: queue.SimpleQueue = queue.SimpleQueue()
         self._due_at: dict[str, float] = {}  # job type -> monotonic time it has (or will have) due jobs
-        self._empty_polls = 0
+        self._polls = 0  # the safety poll slows down with each one, to every ~10 s
         self._next_poll = 0.0
         self._next_stuck_check = 0.0
         self._deaf = True  # no LISTEN connection yet
@@ -109,8 +109,6 @@ class Worker:
             self._db_outage.failed(error)
             self._next_poll = now + self.processor.sleep_duration(min(self._db_outage.failures, 10))
             return 0
-        if claimed:
-            self._empty_polls = 0
         return claimed
 
     def _poll(self, now: float) -> None:
@@ -121,8 +119,8 @@ class Worker:
             for state in states
             if state.next_due_in is not None and state.concurrency > 0
         }
-        self._empty_polls += 1
-        interval = self.processor.sleep_duration(self._empty_polls)
+        self._polls += 1
+        interval = self.processor.sleep_duration(self._polls)
         self._next_poll = now + (min(interval, POLL_WHILE_DEAF) if self._deaf else interval)
 
     def _fail_overdue_jobs(self, now: float) -> None:
@@ -209,7 +207,6 @@ class Worker:
             self._next_poll = now
         else:
             self._due_at[wake] = now
-        self._empty_polls = 0
 
     def _listen(self) -> None:
         """Turn notifications into wake-ups; reconnect with back-off when the connection fails."""
