@@ -31,24 +31,21 @@ def _int(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, not {text!r}") from None
-    if not 0 < value < 10**7:
-        raise ValueError(f"must be a positive number of seconds, not {text}")
-    return value
+def _number(low: float, high: float, what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be {what}, not {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be {what} from {low:g} to {high:g}, not {text}")
+        return value
+
+    return parse
 
 
-def _factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number, not {text!r}") from None
-    if not 0 <= value <= 100:
-        raise ValueError(f"must be from 0 to 100, not {text}")
-    return value
+_seconds = _number(0.001, 10**7, "a number of seconds")
+_factor = _number(0, 100, "a number")
 
 
 def _bool(text: str) -> bool:
