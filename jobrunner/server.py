@@ -231,6 +231,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "jobrunner/0.1"
     sys_version = ""
     server: "APIServer"
+    last_status = 0  # of the response sent last, for the metrics
+    body_read = True  # False while a request body waits unread on the connection
 
     def setup(self) -> None:
         self.timeout = self.server.config.read_timeout
@@ -411,8 +413,6 @@ class Handler(BaseHTTPRequestHandler):
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head + (b"" if self.command == "HEAD" else body))  # one send()
 
-    last_status = 0
-    body_read = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors the stdlib finds while parsing (bad request line, huge headers): JSON, never a 5xx."""
