@@ -154,7 +154,7 @@ def test_a_job_enqueued_into_an_idle_system_is_dispatched_on_notification_not_by
     create_type(api)
     with running_worker(db_url, downstream.url) as worker:
         # after 9 empty polls the next is 10 ms x 2^9 = 5 s away
-        wait_until(lambda: worker._empty_polls >= 9, "the worker's safety poll to slow down")
+        wait_until(lambda: worker._polls >= 9, "the worker's safety poll to slow down")
         started = time.monotonic()
         job_id = enqueue(api)
         wait_until(lambda: downstream.posts_for(job_id), "the POST", timeout=5)
