@@ -11,6 +11,9 @@ import base64
 import enum
 import http.client
 import json
+import select
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,19 +43,64 @@ class _HTTPSConnection(http.client.HTTPSConnection):
             raise NotConnected(f"{type(error).__name__}: {error}") from error
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _KeepAliveHandler(urllib.request.BaseHandler):
+    """urllib's http and https opener, keeping one connection per thread and host alive.
+
+    urllib's own handlers open and close a connection per request; for a worker
+    that POSTs job after job that is most of the cost, on both sides. A kept
+    connection is reused only if its last answer was read whole and it has been
+    idle less than MAX_IDLE (well under a server's idle timeout). Failing to
+    connect raises NotConnected (nothing sent); any failure on a connection that
+    was reused counts, like any other after connecting, as "may have been delivered".
+    """
+
+    handler_order = 100  # before urllib's own http/https handlers, which build_opener adds too
+
+    def __init__(self):
+        self._local = threading.local()
+        self._all: set[http.client.HTTPConnection] = set()  # every thread's, to close them all at the end
+        self._lock = threading.Lock()
+
+    def close_all(self) -> None:
+        with self._lock:
+            connections, self._all = self._all, set()
+        for conn in connections:
+            conn.close()
+
     def http_open(self, req):
-        return self.do_open(_HTTPConnection, req)
+        return self._open(_HTTPConnection, req)
 
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self.do_open(_HTTPSConnection, req, context=self._context)
+        return self._open(_HTTPSConnection, req)
+
+    def _open(self, connection_class, req):
+        kept = self._local.__dict__.setdefault("connections", {})
+        key = (connection_class, req.host)
+        conn, last_response, last_used = kept.pop(key, (None, None, 0.0))
+        if conn is not None and (
+            conn.sock is None
+            or not last_response.isclosed()
+            or time.monotonic() - last_used > MAX_IDLE
+            or select.select([conn.sock], [], [], 0)[0]  # readable while idle: the server closed it
+        ):
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = connection_class(req.host, timeout=req.timeout)
+            with self._lock:
+                self._all.add(conn)
+        try:
+            conn.request(req.get_method(), req.selector, req.data, {**req.unredirected_hdrs, **req.headers})
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            conn.close()
+            raise urllib.error.URLError(error) from error
+        response.url, response.msg = req.get_full_url(), response.reason
+        kept[key] = (conn, response, time.monotonic())
+        return response
 
 
-# urllib reports errors of connecting and of sending alike (URLError); these
-# connections mark the first kind, which proves that nothing was delivered.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPHandler(), _HTTPSHandler())
+MAX_IDLE = 1.0
 
 
 class Delivery(enum.Enum):
@@ -66,6 +114,10 @@ class Downstream:
     def __init__(self, base_url: str, password: str, timeout: float):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # urllib reports errors of connecting and of sending alike (URLError); our
+        # connections mark the first kind, which proves that nothing was delivered.
+        self._connections = _KeepAliveHandler()
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), self._connections)
         token = base64.b64encode(f"{USER}:{password}".encode()).decode()
         self._headers = {
             "Authorization": f"Basic {token}",
@@ -73,6 +125,10 @@ class Downstream:
             "Accept": "application/json",
             "User-Agent": "jobrunner/0.1",
         }
+
+    def close(self) -> None:
+        """Close the kept-alive connections of every thread."""
+        self._connections.close_all()
 
     def url(self, job: QueuedJob) -> str:
         return f"{self.base_url}/v1/jobs/{urllib.parse.quote(job.name, safe='')}/{job.job_id}"
@@ -82,7 +138,7 @@ class Downstream:
         body = json.dumps({"data": job.data, "attempts": job.attempts}).encode()
         request = urllib.request.Request(self.url(job), data=body, headers=self._headers, method="POST")
         try:
-            with _opener.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 response.read()
                 return Delivery.ACCEPTED, f"HTTP {response.status}"
         except urllib.error.HTTPError as error:

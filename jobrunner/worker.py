@@ -87,6 +87,7 @@ class Worker:
         finally:
             self.stop_event.set()  # also when the loop died: the listener must end too
             self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
+            self.processor.downstream.close()
             listener.join()
             self.pool.close()
 

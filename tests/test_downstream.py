@@ -10,10 +10,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobrunner.downstream import Delivery, Downstream
+from jobrunner import downstream as downstream_module
+from jobrunner.downstream import Delivery
 from jobrunner.models import QueuedJob
 
 NOW = datetime.now(timezone.utc)
+_clients = []
+
+
+def client(*args, **kwargs):
+    """A client that the test's teardown closes (kept-alive connections included)."""
+    made = downstream_module.Downstream(*args, **kwargs)
+    _clients.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
 JOB = QueuedJob(uuid.uuid4(), "email", 3, NOW, None, NOW, NOW, "in-progress", {"to": "a@example.com"})
 
 
@@ -78,7 +94,7 @@ def read_request(connection: socket.socket) -> bytes:
 @pytest.mark.parametrize("status, body", [(200, b""), (202, b""), (202, b'{"status":"accepted"}'), (204, b""), (201, b"[1]")])
 def test_any_2xx_is_accepted_whatever_its_body(status, body):
     with http_server(status, body) as (url, received):
-        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is Delivery.ACCEPTED
+        assert client(url, "pw", timeout=5).post(JOB)[0] is Delivery.ACCEPTED
     [(path, authorization, sent)] = received
     assert path == f"/v1/jobs/email/{JOB.job_id}"
     assert authorization == "Basic am9iczpwdw=="  # jobs:pw
@@ -97,14 +113,14 @@ def test_any_2xx_is_accepted_whatever_its_body(status, body):
 )
 def test_error_answers(status, body, outcome):
     with http_server(status, body) as (url, _):
-        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is outcome
+        assert client(url, "pw", timeout=5).post(JOB)[0] is outcome
 
 
 def test_a_refused_connection_is_not_delivered():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    outcome, reason = Downstream(f"http://127.0.0.1:{port}", "pw", timeout=5).post(JOB)
+    outcome, reason = client(f"http://127.0.0.1:{port}", "pw", timeout=5).post(JOB)
     assert (outcome, reason.split(":")[0]) == (Delivery.NOT_DELIVERED, "ConnectionRefusedError")
 
 
@@ -123,7 +139,7 @@ def test_a_connect_timeout_is_not_delivered():
                 filler.connect(("127.0.0.1", port))
             except TimeoutError:
                 break
-        outcome, reason = Downstream(f"http://127.0.0.1:{port}", "pw", timeout=0.2).post(JOB)
+        outcome, reason = client(f"http://127.0.0.1:{port}", "pw", timeout=0.2).post(JOB)
     finally:
         for filler in fillers:
             filler.close()
@@ -133,7 +149,7 @@ def test_a_connect_timeout_is_not_delivered():
 
 def test_a_failed_tls_handshake_is_not_delivered():
     with raw_server(lambda connection, done: connection.sendall(b"HTTP/1.1 400 Not TLS\r\n\r\n")) as url:
-        outcome, _ = Downstream(url.replace("http://", "https://"), "pw", timeout=5).post(JOB)
+        outcome, _ = client(url.replace("http://", "https://"), "pw", timeout=5).post(JOB)
     assert outcome is Delivery.NOT_DELIVERED
 
 
@@ -143,7 +159,7 @@ def test_no_answer_after_the_request_was_sent_may_have_been_delivered():
         done.wait(10)
 
     with raw_server(read_then_hang) as url:
-        assert Downstream(url, "pw", timeout=0.3).post(JOB)[0] is Delivery.MAYBE_DELIVERED
+        assert client(url, "pw", timeout=0.3).post(JOB)[0] is Delivery.MAYBE_DELIVERED
 
 
 @pytest.mark.parametrize(
@@ -156,4 +172,64 @@ def test_a_connection_cut_mid_response_may_have_been_delivered(partial):
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset
 
     with raw_server(read_then_cut) as url:
-        assert Downstream(url, "pw", timeout=5).post(JOB)[0] is Delivery.MAYBE_DELIVERED
+        assert client(url, "pw", timeout=5).post(JOB)[0] is Delivery.MAYBE_DELIVERED
+
+
+def test_posts_from_one_thread_share_a_kept_alive_connection():
+    connections = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            connections.append(self.client_address)
+            super().setup()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        downstream = client(f"http://127.0.0.1:{server.server_address[1]}", "pw", timeout=5)
+        assert [downstream.post(JOB)[0] for _ in range(5)] == [Delivery.ACCEPTED] * 5
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert len(connections) == 1
+
+
+def test_a_kept_connection_the_server_closed_while_idle_is_not_reused():
+    """Each answer, then the server closes the connection without saying so: the next POST opens a new one."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed = threading.Event()
+    answered = []
+
+    def serve():
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                read_request(connection)
+                connection.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                answered.append(True)
+            closed.set()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        downstream = client(f"http://127.0.0.1:{listener.getsockname()[1]}", "pw", timeout=5)
+        assert downstream.post(JOB)[0] is Delivery.ACCEPTED
+        closed.wait(5)
+        assert downstream.post(JOB)[0] is Delivery.ACCEPTED
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert len(answered) == 2

@@ -197,6 +197,7 @@ def _claim_and_post(db_url, downstream, stop):
         for job in services.claim(conn, "email", limit=random.randint(1, 3)).jobs:
             client.post(job)
         stop.wait(0.002)
+    client.close()
     conn.close()
 
 
