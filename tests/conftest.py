@@ -274,3 +274,25 @@ def downstream(api):
     stub = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
     yield stub
     stub.close()
+
+
+def enqueue_while_archiving(conn, connect, job, enqueue):
+    """Re-send a job's PUT (`enqueue()`) while a succeeded callback is archiving that job; what the PUT got."""
+    callback = connect()
+    outcome = []
+
+    def resend():
+        try:
+            outcome.append(enqueue())
+        except Exception as error:  # the outcome under test
+            outcome.append(error)
+
+    with callback.transaction():
+        services.handle_status_callback(callback, job.id, job.name, "succeeded", job.attempts)
+        thread = threading.Thread(target=resend)
+        thread.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        wait_until(lambda: conn.execute(waiting).fetchone()[0] > 0, "the PUT to wait on the archiving transaction")
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    return outcome[0]

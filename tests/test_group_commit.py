@@ -5,7 +5,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import make_type, new_id, wait_until
+from conftest import enqueue_while_archiving, make_type, new_id
 
 from jobrunner import services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJob, UnknownJobType
@@ -92,29 +92,12 @@ def test_concurrent_enqueues_each_get_their_own_answer(conn, batcher):
 def test_a_batch_racing_the_archive_of_the_same_id_is_undone(conn, connect, batcher):
     make_type(conn)
     job = services.enqueue(conn, new_id(), "email", {})
-    callback = connect()
-    outcome = []
 
-    def resend_put():
-        try:
-            outcome.append(batcher.enqueue(job.id, "email", {}))
-        except Exception as error:  # the outcome under test
-            outcome.append(error)
+    outcome = enqueue_while_archiving(conn, connect, job, lambda: batcher.enqueue(job.id, "email", {}))
 
-    with callback.transaction():
-        services.handle_status_callback(callback, job.id, "email", "succeeded", 3)
-        thread = threading.Thread(target=resend_put)
-        thread.start()
-        wait_until(lambda: _someone_waits_for_a_lock(conn), "the batch to wait on the archiving transaction")
-    thread.join(timeout=10)
-
-    assert isinstance(outcome[0], JobAlreadyArchived), outcome
+    assert isinstance(outcome, JobAlreadyArchived), outcome
     assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
     assert services.get_job(conn, job.id).status == SUCCEEDED
-
-
-def _someone_waits_for_a_lock(conn):
-    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] > 0
 
 
 def test_naive_timestamps_are_refused_before_batching(batcher):

@@ -1,10 +1,9 @@
 """Enqueue (idempotent), get (queued, then archived) and replay."""
 
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import make_type, new_id, utcnow, wait_until
+from conftest import enqueue_while_archiving, make_type, new_id, utcnow
 
 from jobrunner import services
 from jobrunner.errors import (
@@ -157,29 +156,10 @@ def test_enqueue_racing_the_archive_of_the_same_id_never_leaves_it_both_queued_a
     """A client re-sends its PUT while a succeeded callback is archiving the job."""
     make_type(conn)
     job = services.enqueue(conn, new_id(), "email", {})
-    callback, client = connect(), connect()
-    client_pid = client.info.backend_pid
-    outcome = []
+    client = connect()
 
-    def resend_put():
-        try:
-            outcome.append(services.enqueue(client, job.id, "email", {}))
-        except Exception as error:  # the outcome under test
-            outcome.append(error)
+    outcome = enqueue_while_archiving(conn, connect, job, lambda: services.enqueue(client, job.id, "email", {}))
 
-    with callback.transaction():
-        services.handle_status_callback(callback, job.id, "email", "succeeded", 3)
-        thread = threading.Thread(target=resend_put)
-        thread.start()
-        wait_until(lambda: _waits_for_a_lock(conn, client_pid), "the PUT to wait on the archiving transaction")
-    thread.join(timeout=10)
-
-    assert not thread.is_alive()
-    assert isinstance(outcome[0], JobAlreadyArchived), outcome
+    assert isinstance(outcome, JobAlreadyArchived), outcome
     assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
     assert services.get_job(conn, job.id).status == SUCCEEDED
-
-
-def _waits_for_a_lock(conn, pid):
-    row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-    return row is not None and row[0] == "Lock"
