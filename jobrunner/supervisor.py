@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_for

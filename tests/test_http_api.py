@@ -327,7 +327,7 @@ def test_page_through_a_types_jobs_newest_first(email, db_url):
 
     seen, cursor = [], None
     while True:
-        page = email.get(f"/v1/jobs/email/jobs?limit=3" + (f"&cursor={cursor}" if cursor else "")).json
+        page = email.get("/v1/jobs/email/jobs?limit=3" + (f"&cursor={cursor}" if cursor else "")).json
         seen += [job["id"] for job in page["jobs"]]
         cursor = page["next_cursor"]
         if cursor is None:

@@ -108,7 +108,7 @@ def test_get_checks_the_type_name_for_queued_and_archived_jobs(conn):
     assert isinstance(services.get_job(conn, job.id, "email"), ArchivedJob)
     with pytest.raises(JobNameMismatch):
         services.get_job(conn, job.id, "sms")
-    with pytest.raises(UnknownJob, match=f"job_"):
+    with pytest.raises(UnknownJob, match="job_"):
         services.get_job(conn, new_id())
 
 
