@@ -10,9 +10,10 @@ Connections are in autocommit mode: a single statement is its own transaction,
 and services open `store.transaction(conn)` around the few that need more than one.
 """
 
-import json
 import contextlib
 import dataclasses
+import json
+import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -62,9 +64,20 @@ def _reason(error: psycopg.Error) -> str:
     return (error.diag.message_primary or str(error)).strip()
 
 
-def connect(url: str, **kwargs: Any) -> Connection:
+def connect(url: str, name: str = "", **kwargs: Any) -> Connection:
+    """An autocommit connection; `name` becomes its application_name unless the URL sets one."""
     with translated_errors():
-        return psycopg.connect(url, autocommit=True, **kwargs)
+        return psycopg.connect(url, autocommit=True, **application_name(url, name), **kwargs)
+
+
+def application_name(url: str, name: str) -> dict[str, str]:
+    """`jobrunner-<name>:<pid>` in pg_stat_activity tells an operator which process holds a connection."""
+    try:
+        if not name or "application_name" in conninfo_to_dict(url):
+            return {}
+    except psycopg.Error:
+        return {}  # a malformed URL: connecting will say what is wrong with it
+    return {"application_name": f"jobrunner-{name}:{os.getpid()}"}
 
 
 # --- connection pools ----------------------------------------------------------
@@ -73,18 +86,18 @@ def connect(url: str, **kwargs: Any) -> Connection:
 class Pool:
     """A fixed-size pool of autocommit connections that recovers by itself when the database returns."""
 
-    def __init__(self, url: str, size: int, timeout: float, name: str = "jobrunner"):
+    def __init__(self, url: str, size: int, timeout: float, name: str = ""):
         self._pool = ConnectionPool(
             url,
             min_size=size,
             max_size=size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **application_name(url, name)},
             timeout=timeout,
             # psycopg_pool doubles its reconnect delay until this timeout, then drops
             # the slot and grows back on demand: a short one keeps recovery quick
             reconnect_timeout=10,
             open=False,
-            name=name,
+            name=name or "jobrunner",
         )
         self._pool.open(wait=False)
         self._checking = threading.Lock()
@@ -589,8 +602,8 @@ LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
 class Listener:
     """One connection that LISTENs; behind PgBouncer it needs a session-pooled or direct URL."""
 
-    def __init__(self, url: str):
-        self._conn = connect(url)
+    def __init__(self, url: str, name: str = ""):
+        self._conn = connect(url, name)
         with translated_errors():
             self._conn.execute(LISTEN)
 

@@ -17,6 +17,7 @@ sleeps until something happens.
 """
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -83,6 +84,7 @@ class Supervisor:
 
     def run(self) -> int:
         set_process_title("jr-supervisor")
+        preload_children_code()
         self._install_signal_handlers()
         self.spawn_generation()
         announced = False
@@ -162,7 +164,7 @@ class Supervisor:
             self.spawn(kind, number)
 
     def spawn(self, kind: str, number: int) -> Child:
-        from .children import child_main  # the children's code is never imported by the supervisor before a fork
+        from .children import child_main
 
         ready = self.context.Event()
         name = f"{kind}-{number}" if kind == "worker" else kind
@@ -175,6 +177,7 @@ class Supervisor:
         # Signals stay pending until the child has its own handlers (it unblocks them):
         # a SIGTERM in between must not meet the supervisor's handler in the child.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        gc.freeze()  # the child's collections then never write to (and so copy) the pages of objects it inherits
         try:
             process.start()
         finally:
@@ -314,6 +317,18 @@ def _kill(child: Child, signum: int) -> None:
         os.kill(child.process.pid, signum)
     except (ProcessLookupError, TypeError):
         pass
+
+
+def preload_children_code() -> None:
+    """Import what the children run before the first fork, so that they share its memory.
+
+    Each child would otherwise import the same modules into private memory (a
+    worker: ~10 MB of its ~13 MB). The price, as with gunicorn's preload_app: a
+    SIGHUP reloads the config, not the code; a new version needs a restart.
+    """
+    from . import children, example_downstream, server, watcher, worker  # noqa: F401
+
+    gc.collect()
 
 
 def set_process_title(title: str) -> None:

@@ -6,10 +6,13 @@ past the retention. It is the safety net behind the workers' own callback
 timeout, so its own timeout is longer.
 """
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timedelta
 
 from . import services, store
@@ -31,15 +34,15 @@ class Round:
 
 
 class Watcher:
-    def __init__(self, config, pool: store.Pool):
-        self.pool = pool
+    def __init__(self, config, connection: Callable[[], ContextManager[store.Connection]]):
+        self.connection = connection
         self.interval = config.stuck_job_interval
         self.stuck_after = timedelta(seconds=config.stuck_job_timeout)
         self.retention = timedelta(days=config.archive_retention_days) if config.archive_retention_days else None
 
     def run_once(self, now: datetime | None = None) -> Round:
         """One round; what it changed."""
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             stuck = services.archive_stuck_jobs(conn, self.stuck_after, now)
             expired = _repeat(lambda: store.archive_expired_jobs(conn, BATCH, now))
             deleted = 0
@@ -73,8 +76,8 @@ def _repeat(batch) -> int:
 
 
 def run(config, stop: threading.Event) -> None:
-    pool = store.Pool(config.database_url, 1, config.db_timeout, name="watcher")
-    try:
-        Watcher(config, pool).run(stop)
-    finally:
-        pool.close()
+    def connection():
+        # one connection per round, closed after it: the watcher holds none while it waits
+        return contextlib.closing(store.connect(config.database_url, "watcher", connect_timeout=max(2, round(config.db_timeout))))
+
+    Watcher(config, connection).run(stop)

@@ -216,7 +216,7 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 if listener is None:
-                    listener = store.Listener(self.config.listen_database_url or self.config.database_url)
+                    listener = store.Listener(self.config.listen_database_url or self.config.database_url, name="worker-listen")
                     self._deaf = False
                     self._wakes.put(EVERY_TYPE)  # anything missed while deaf
                     outage.recovered()

@@ -150,6 +150,23 @@ def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, 
         assert service.notified("STOPPING=1")
 
 
+def test_each_connection_names_its_process_and_the_waiting_watcher_holds_none(db_url, downstream):
+    config = "workers = 2\nserver_pool_size = 3\nworker_pool_size = 2\n"
+    with running_service(db_url, downstream.url, config) as service:
+        children = service.children()
+        expected = {f"jobrunner-server:{children['jr-server']}": 3}
+        for worker in ("jr-worker-1", "jr-worker-2"):
+            expected[f"jobrunner-worker:{children[worker]}"] = 2
+            expected[f"jobrunner-worker-listen:{children[worker]}"] = 1
+        conn = store.connect(db_url)
+        try:
+            query = ("SELECT application_name, count(*) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND application_name LIKE 'jobrunner-%' GROUP BY 1")
+            wait_until(lambda: dict(conn.execute(query).fetchall()) == expected, f"connections {expected}")
+        finally:
+            conn.close()
+
+
 @pytest.mark.parametrize("victim", ["jr-server", "jr-worker-1", "jr-watcher"])
 def test_a_killed_child_is_replaced_and_jobs_keep_flowing(db_url, downstream, victim):
     # a job the killed worker had claimed but not sent waits out the callback timeout, then is retried

@@ -15,7 +15,7 @@ from jobrunner.watcher import Round, Watcher
 def watcher(db_url):
     pool = store.Pool(db_url, 1, timeout=5)
     config = load_config({}, overrides={"stuck_job_timeout": "420", "archive_retention_days": "30"})
-    yield Watcher(config, pool)
+    yield Watcher(config, pool.connection)
     pool.close()
 
 
@@ -69,7 +69,7 @@ def test_archived_jobs_past_the_retention_are_deleted_in_batches(conn, watcher):
 
 def test_retention_zero_keeps_everything(conn, db_url):
     pool = store.Pool(db_url, 1, timeout=5)
-    keeper = Watcher(load_config({}), pool)
+    keeper = Watcher(load_config({}), pool.connection)
     make_type(conn)
     job = services.enqueue(conn, new_id(), "email", {})
     services.handle_status_callback(conn, job.id, "email", "succeeded", 3, now=utcnow() - timedelta(days=4000))
