@@ -1,70 +1,37 @@
-"""Enqueue throughput: PUT /v1/jobs/bench/<id> with 50 keep-alive clients (wrk), jobrunner vs Rickover.
+"""Enqueue: PUT /v1/jobs/bench/<id> with 50 keep-alive clients (wrk); throughput and p99, jobrunner vs Rickover.
 
-    python bench/http_enqueue.py [--rounds 3] [--duration 10] [--connections 50] [--rickover PATH]
+    python bench/enqueue.py [--rounds 3] [--duration 10] [--connections 50] [--rickover PATH]
 
-Starts a private PostgreSQL, then runs each server in turn against the same
-database, alternating rounds so that both see the same machine noise, and
-prints the medians and their ratio. With --rickover (the path of Rickover's
-`server` binary, built from Shyp/rickover) Rickover is measured side by side;
-without it only jobrunner is. One result line is appended to bench/results.txt.
+On a private PostgreSQL (default settings, fsync on), each target in turn,
+alternating rounds so that all see the same machine noise: `jobrunner run` with
+no workers (its server child answers), and with --rickover (the path of
+Rickover's `server` binary, built from Shyp/rickover) Rickover's server, on the
+same database, queued_jobs truncated before each run. wrk (Debian's package,
+installed if missing when run as root) sends `PUT` with a random job id and a
+44-byte body from 2 threads; every answer must be 2xx. Prints each run and the
+medians [min–max]; one result line is appended to bench/results.txt.
 """
 
 import argparse
-import base64
 import os
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
+from harness import AUTH, BENCH, Service, free_port, median_spread, private_database, record, request, stop, wait_for
 
-from jobrunner import services, store  # noqa: E402
-from jobrunner.cli import migrate  # noqa: E402
-from jobrunner.localdb import LocalPostgres  # noqa: E402
+from jobrunner import services
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RICKOVER_AUTH = "Basic dGVzdDpoeW1hbnJpY2tvdmVy"  # test:hymanrickover, Rickover's development user
 
 
 def ensure_wrk() -> str:
     if not shutil.which("wrk"):
         if os.geteuid() != 0:
-            sys.exit("http_enqueue: wrk not found; install it (apt-get install wrk)")
+            sys.exit("enqueue: wrk not found; install it (apt-get install wrk)")
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=subprocess.DEVNULL)
     return shutil.which("wrk")
-
-
-class Target:
-    def __init__(self, name: str, command: list[str], env: dict, user: str, password: str):
-        self.name, self.command, self.env = name, command, env
-        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    def start(self, port: int) -> subprocess.Popen:
-        env = {**os.environ, **self.env, "PORT": str(port)}
-        process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/jobs/bench", headers={"Authorization": self.auth})
-        while True:
-            try:
-                urllib.request.urlopen(request, timeout=1).read()
-                return process
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline or process.poll() is not None:
-                    process.kill()
-                    sys.exit(f"http_enqueue: {self.name} did not start")
-                time.sleep(0.1)
 
 
 def run_wrk(wrk: str, port: int, auth: str, connections: int, duration: int) -> tuple[float, float]:
@@ -74,12 +41,11 @@ def run_wrk(wrk: str, port: int, auth: str, connections: int, duration: int) -> 
          f"http://127.0.0.1:{port}/v1/jobs/bench/", "--", auth],
         capture_output=True, text=True, check=True,
     ).stdout
-    if "Non-2xx" in output:
-        sys.exit(f"http_enqueue: some requests failed:\n{output}")
+    if "Non-2xx" in output or "Socket errors" in output:
+        sys.exit(f"enqueue: some requests failed:\n{output}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", output).groups()
-    p99_ms = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    return rps, p99_ms
+    return rps, float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
 def main() -> None:
@@ -91,52 +57,37 @@ def main() -> None:
     args = parser.parse_args()
     wrk = ensure_wrk()
 
-    workdir = tempfile.mkdtemp(prefix="jobrunner-bench-")
-    os.chmod(workdir, 0o755)
-    cluster = LocalPostgres(Path(workdir) / "data")
-    url = cluster.start()
-    try:
-        migrate(url)
-        conn = store.connect(url)
-        services.create_job_type(conn, "bench", "at_least_once", 3, 10)
-        targets = [
-            Target("jobrunner", [sys.executable, "-m", "jobrunner", "serve", "--host", "127.0.0.1"],
-                   {"DATABASE_URL": url, "JOBRUNNER_USERS": "bench:bench", "JOBRUNNER_LOG_LEVEL": "WARNING",
-                    "PYTHONPATH": str(BENCH.parent)}, "bench", "bench"),
-        ]
-        if args.rickover:
-            pq_url = f"postgres://{'jobrunner'}@/postgres?host={cluster.socket_dir}&port=5432&sslmode=disable&timezone=UTC"
-            targets.append(Target("rickover", [args.rickover], {"DATABASE_URL": pq_url}, "test", "hymanrickover"))
-        results = {target.name: [] for target in targets}
-        for round_number in range(args.rounds):
-            for target in targets:
-                conn.execute("TRUNCATE queued_jobs")
-                port = free_port()
-                process = target.start(port)
+    results: dict[str, list[tuple[float, float]]] = {"jobrunner": []} | ({"rickover": []} if args.rickover else {})
+    with private_database() as database:
+        services.create_job_type(database.conn, "bench", "at_least_once", 3, 10)
+        for round_number in range(1, args.rounds + 1):
+            for name in results:
+                database.conn.execute("TRUNCATE queued_jobs")
+                if name == "jobrunner":
+                    service = Service(database, {"JOBRUNNER_WORKERS": "0"})
+                    port, auth, stopper = service.port, AUTH, service.stop
+                else:
+                    port, auth = free_port(), RICKOVER_AUTH
+                    socket_dir = database.cluster.socket_dir
+                    url = f"postgres://jobrunner@/postgres?host={socket_dir}&port=5432&sslmode=disable&timezone=UTC"
+                    process = subprocess.Popen([args.rickover], env={**os.environ, "DATABASE_URL": url, "PORT": str(port)},
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    wait_for(lambda: request(port, "GET", "/v1/jobs/bench")[0] is not None, "Rickover's server")
+                    stopper = lambda: stop(process)  # noqa: E731
                 try:
-                    rps, p99 = run_wrk(wrk, port, target.auth, args.connections, args.duration)
+                    rps, p99 = run_wrk(wrk, port, auth, args.connections, args.duration)
                 finally:
-                    process.terminate()
-                    process.wait(timeout=30)
-                results[target.name].append((rps, p99))
-                print(f"round {round_number + 1} {target.name}: {rps:,.0f} req/s, p99 {p99:.1f} ms", flush=True)
-        conn.close()
-    finally:
-        cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+                    stopper()
+                results[name].append((rps, p99))
+                print(f"round {round_number} {name}: {rps:,.0f} req/s, p99 {p99:.1f} ms", flush=True)
 
-    summary = []
-    for name, runs in results.items():
-        rps = statistics.median(r for r, _ in runs)
-        p99 = statistics.median(p for _, p in runs)
-        summary.append(f"{name} {rps:,.0f} req/s p99 {p99:.1f} ms")
-    line = f"enqueue PUT c={args.connections}, median of {args.rounds} x {args.duration}s: " + "; ".join(summary)
+    line = f"enqueue PUT c={args.connections}, {args.rounds} x {args.duration} s: " + "; ".join(
+        f"{name} {median_spread([r for r, _ in runs])} req/s p99 {median_spread([p for _, p in runs], '{:.1f}')} ms"
+        for name, runs in results.items())
     if args.rickover:
-        ratio = statistics.median(r for r, _ in results["jobrunner"]) / statistics.median(r for r, _ in results["rickover"])
-        line += f"; jobrunner/rickover = {ratio:.2f}"
-    print(line)
-    with open(BENCH / "results.txt", "a") as results_file:
-        results_file.write(f"{time.strftime('%Y-%m-%d %H:%M')} {line}\n")
+        ratios = [j / r for (j, _), (r, _) in zip(results["jobrunner"], results["rickover"])]
+        line += f"; jobrunner/rickover {median_spread(ratios, '{:.2f}')}"
+    record(line)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--api", help="base URL of the queue's HTTP API, for callbacks")
     parser.add_argument("--user", default="")
     parser.add_argument("--password", default="")
-    parser.add_argument("--callback-connections", type=int, default=8)
+    parser.add_argument("--callback-connections", type=int, default=32)
     parser.add_argument("--arrivals", choices=["-"], help="print '<monotonic> <name> <id>' per POST to stdout")
     parser.add_argument("--selftest", action="store_true", help="measure this downstream's own ceiling (needs wrk)")
     parser.add_argument("--seconds", type=int, default=5)
