@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from .supervisor import set_process_title
+from .supervisor import child_name, set_process_title
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ PARENT_CHECK_INTERVAL = 0.5
 
 def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int) -> None:
     stop = _stop_on_sigterm()
-    set_process_title(f"jr-{kind}-{number}" if kind == "worker" else f"jr-{kind}")
+    set_process_title(f"jr-{child_name(kind, number)}")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, stop, config.graceful_timeout), daemon=True).start()
     if kind == "server":
         from . import server

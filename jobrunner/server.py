@@ -244,6 +244,8 @@ class Handler(BaseHTTPRequestHandler):
         self.server.connections.add(self)
         try:
             super().handle()
+        except ConnectionError:
+            pass  # the client reset or half-closed the connection: there is no one left to answer
         finally:
             self.server.connections.discard(self)
 
@@ -595,6 +597,10 @@ class APIServer(ThreadingHTTPServer):
     def observe(self, route: str, status: int, seconds: float) -> None:
         self._requests.inc(route, str(status))
         self._latency.observe(seconds, route)
+
+    def handle_error(self, request, client_address) -> None:
+        """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""
+        log.exception("unhandled error serving %s:%s", *client_address[:2])
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):

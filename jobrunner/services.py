@@ -168,7 +168,8 @@ class GroupCommit:
     def submit(self, item: Any) -> Any:
         request = _Request(item)
         self._requests.put(request)
-        request.done.wait()
+        with request.done:  # released by the batch thread when the request is done
+            pass
         if isinstance(request.error, DatabaseUnavailable):
             raise request.error
         return request.result
@@ -202,7 +203,7 @@ class GroupCommit:
                 request.error = error
         finally:
             for request in batch:
-                request.done.set()
+                request.done.release()
 
 
 @dataclasses.dataclass
@@ -210,7 +211,15 @@ class _Request:
     item: Any
     result: Any = None
     error: Exception | None = None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # held until the request is done: a bare lock, because an Event's set() (a
+    # Condition's notify in Python) was 15% of the server's CPU in a drain
+    done: threading.Lock = dataclasses.field(default_factory=lambda: _acquired_lock())
+
+
+def _acquired_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 class EnqueueBatcher:

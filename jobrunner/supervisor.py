@@ -61,7 +61,12 @@ class Child:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{self.number}" if self.kind == "worker" else self.kind
+        return child_name(self.kind, self.number)
+
+
+def child_name(kind: str, number: int) -> str:
+    """worker-N; server, then server-2, server-3... when there are several; watcher."""
+    return f"{kind}-{number}" if kind == "worker" or number > 1 else kind
 
 
 class Supervisor:
@@ -153,7 +158,8 @@ class Supervisor:
 
     def wanted(self) -> list[tuple[str, int]]:
         """The children the current config asks for."""
-        kinds = [("server", 1), ("watcher", 1)] + [("worker", n) for n in range(1, self.config.workers + 1)]
+        kinds = [("server", n) for n in range(1, self.config.servers + 1)] + [("watcher", 1)]
+        kinds += [("worker", n) for n in range(1, self.config.workers + 1)]
         if "downstream" in self.sockets:
             kinds.append(("downstream", 1))
         return kinds
@@ -167,7 +173,7 @@ class Supervisor:
         from .children import child_main
 
         ready = self.context.Event()
-        name = f"{kind}-{number}" if kind == "worker" else kind
+        name = child_name(kind, number)
         process = self.context.Process(
             target=child_main,
             name=name,
@@ -214,10 +220,10 @@ class Supervisor:
         running = {child.name: child for child in self.current()}
         now = time.monotonic()
         for kind, number in self.wanted():
-            name = f"{kind}-{number}" if kind == "worker" else kind
+            name = child_name(kind, number)
             if name not in running and self.restart_at.get(name, 0.0) <= now:
                 self.spawn(kind, number)
-        wanted = {f"{kind}-{number}" if kind == "worker" else kind for kind, number in self.wanted()}
+        wanted = {child_name(kind, number) for kind, number in self.wanted()}
         for child in self.current():
             if child.name not in wanted:
                 self.retire(child)
@@ -294,7 +300,7 @@ class Supervisor:
         return not all(child.ready.is_set() for child in self.current())
 
     def status(self) -> str:
-        return f"{self.config.workers} workers, generation {self.generation}, listening on {self.sockets['api'].getsockname()[1]}"
+        return f"{self.config.servers} servers, {self.config.workers} workers, generation {self.generation}, listening on {self.sockets['api'].getsockname()[1]}"
 
     def ping_watchdog(self) -> None:
         now = time.monotonic()

@@ -9,6 +9,8 @@ import contextlib
 import http.client
 import json
 import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -516,3 +518,13 @@ def test_silent_client_is_disconnected_after_read_timeout(db_url, sent):
             assert client.wait_for_close(within=5) >= 0.25
         finally:
             client.close()
+
+
+def test_a_client_that_resets_its_connection_mid_request_leaves_no_traceback(api, capfd):
+    sock = socket.create_connection(("127.0.0.1", api.port))
+    sock.sendall(b"PUT /v1/jobs/email/job_1 HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # with SO_LINGER 0: a reset, as load generators and crashing clients send
+    wait_until(lambda: not any("process_request_thread" in t.name for t in threading.enumerate()), "the handler to finish")
+    assert api.get("/healthz").status == 200
+    assert "Traceback" not in capfd.readouterr().err

@@ -282,6 +282,17 @@ def test_ttin_and_ttou_add_and_remove_a_worker(db_url, downstream):
         wait_until(lambda: set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1"}, "one worker left")
 
 
+def test_several_servers_share_the_listening_socket_and_one_serves_while_another_restarts(db_url, downstream):
+    with running_service(db_url, downstream.url, "workers = 1\nservers = 2\nserver_pool_size = 2\n") as service:
+        children = service.children()
+        assert set(children) == {"jr-server", "jr-server-2", "jr-watcher", "jr-worker-1"}
+        setup_type(service, downstream)
+        os.kill(children["jr-server"], signal.SIGKILL)
+        enqueue(service, 5)  # at once: the other server accepts on the same socket
+        wait_until(lambda: succeeded(db_url) == 5, "5 jobs to succeed")
+        wait_until(lambda: service.children().get("jr-server") not in (None, children["jr-server"]), "a new jr-server")
+
+
 def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, downstream):
     with running_service(db_url, downstream.url) as service:
         killed = set()
