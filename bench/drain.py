@@ -1,7 +1,7 @@
 """Drain: N jobs enqueued with the workers paused, then released; jobs/s against the database's own ceiling.
 
     python bench/drain.py [--jobs 30000] [--rounds 3] [--concurrency 50] [--workers 2] [--threads 16]
-                          [--rickover DIR] [--profile] [--ceiling-seconds 15]
+                          [--servers 1] [--rickover DIR] [--profile] [--ceiling-seconds 15]
 
 On a private PostgreSQL (default settings, fsync on), for each concurrency C and
 round, in turn:
@@ -11,7 +11,8 @@ round, in turn:
    archive) with 16 clients for --ceiling-seconds; lifecycles/s = rows archived
    / seconds. The figure that compares across machines is drain / ceiling.
 2. jobrunner: `jobrunner run` (--workers worker processes with --threads
-   dispatch threads each, otherwise its defaults) and bench/fast_downstream.py,
+   dispatch threads each, each number of server processes in --servers,
+   otherwise its defaults) and bench/fast_downstream.py,
    which answers each POST at once and calls back `succeeded` over kept-alive
    connections. The job type `drain` is created with concurrency 0 (paused); N
    jobs are written straight into the database (1,000 per transaction, not
@@ -129,13 +130,13 @@ class Profiler:
         return lines
 
 
-def drain_jobrunner(database: Database, args, concurrency: int) -> dict:
+def drain_jobrunner(database: Database, args, concurrency: int, servers: str) -> dict:
     database.conn.execute("TRUNCATE queued_jobs, archived_jobs")
     services.update_job_type(database.conn, JOB_TYPE, concurrency=0)
     port = free_port()
     downstream = Downstream(port)
     service = Service(database, {"JOBRUNNER_WORKERS": str(args.workers), "JOBRUNNER_DISPATCH_THREADS": str(args.threads),
-                                 **downstream_settings(downstream)}, port)
+                                 "JOBRUNNER_SERVERS": servers, **downstream_settings(downstream)}, port)
     try:
         enqueue_paused(database, args.jobs)
         processes = {name.removeprefix("jr-"): pid for name, pid in service.processes().items()}
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="50", help="job type concurrencies C, comma-separated")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="jobrunner worker processes")
     parser.add_argument("--threads", type=int, default=16, help="dispatch threads per worker")
+    parser.add_argument("--servers", default="1", help="jobrunner server processes (JOBRUNNER_SERVERS), comma-separated")
     parser.add_argument("--rickover", help="directory of Rickover's server and dequeuer binaries")
     parser.add_argument("--profile", action="store_true", help="py-spy the server and workers; top statements")
     parser.add_argument("--ceiling-seconds", type=int, default=15)
@@ -226,7 +228,10 @@ def main() -> None:
                 rate = ceiling(database, args.ceiling_seconds)
                 results[(concurrency, "ceiling")].append({"rate": rate})
                 print(f"C={concurrency} round {round_number} ceiling: {rate:,.0f} lifecycles/s", flush=True)
-                runs = [("jobrunner", drain_jobrunner)] + ([("rickover", drain_rickover)] if args.rickover else [])
+                runs = [("jobrunner" if n == "1" else f"jobrunner {n} servers",
+                         lambda database, args, concurrency, n=n: drain_jobrunner(database, args, concurrency, n))
+                        for n in args.servers.split(",")]
+                runs += [("rickover", drain_rickover)] if args.rickover else []
                 for name, drain in runs:
                     result = drain(database, args, concurrency)
                     results[(concurrency, name)].append(result)
@@ -241,7 +246,7 @@ def main() -> None:
         ceilings = [r["rate"] for r in results[(concurrency, "ceiling")]]
         line = (f"drain {args.jobs:,} jobs C={concurrency}, {args.workers}x{args.threads}, {args.rounds} rounds: "
                 f"ceiling {median_spread(ceilings)} lifecycles/s")
-        for name in ("jobrunner", "rickover"):
+        for name in [name for c, name in results if c == concurrency and name != "ceiling"]:
             runs = results.get((concurrency, name))
             if runs:
                 rates = [r["rate"] for r in runs]

@@ -1,10 +1,11 @@
 """Enqueue: PUT /v1/jobs/bench/<id> with 50 keep-alive clients (wrk); throughput and p99, jobrunner vs Rickover.
 
-    python bench/enqueue.py [--rounds 3] [--duration 10] [--connections 50] [--rickover PATH]
+    python bench/enqueue.py [--rounds 3] [--duration 10] [--connections 50] [--servers 1] [--rickover PATH]
 
 On a private PostgreSQL (default settings, fsync on), each target in turn,
 alternating rounds so that all see the same machine noise: `jobrunner run` with
-no workers (its server child answers), and with --rickover (the path of
+no workers and each number of server processes in --servers (1,2 compares one
+with two), and with --rickover (the path of
 Rickover's `server` binary, built from Shyp/rickover) Rickover's server, on the
 same database, queued_jobs truncated before each run. wrk (Debian's package,
 installed if missing when run as root) sends `PUT` with a random job id and a
@@ -53,18 +54,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--servers", default="1", help="jobrunner server processes (JOBRUNNER_SERVERS), comma-separated")
     parser.add_argument("--rickover", help="path of Rickover's server binary")
     args = parser.parse_args()
     wrk = ensure_wrk()
 
-    results: dict[str, list[tuple[float, float]]] = {"jobrunner": []} | ({"rickover": []} if args.rickover else {})
+    servers = {("jobrunner" if n == "1" else f"jobrunner {n} servers"): n for n in args.servers.split(",")}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers} | ({"rickover": []} if args.rickover else {})
     with private_database() as database:
         services.create_job_type(database.conn, "bench", "at_least_once", 3, 10)
         for round_number in range(1, args.rounds + 1):
             for name in results:
                 database.conn.execute("TRUNCATE queued_jobs")
-                if name == "jobrunner":
-                    service = Service(database, {"JOBRUNNER_WORKERS": "0"})
+                if name in servers:
+                    service = Service(database, {"JOBRUNNER_WORKERS": "0", "JOBRUNNER_SERVERS": servers[name]})
                     port, auth, stopper = service.port, AUTH, service.stop
                 else:
                     port, auth = free_port(), RICKOVER_AUTH
@@ -84,9 +87,9 @@ def main() -> None:
     line = f"enqueue PUT c={args.connections}, {args.rounds} x {args.duration} s: " + "; ".join(
         f"{name} {median_spread([r for r, _ in runs])} req/s p99 {median_spread([p for _, p in runs], '{:.1f}')} ms"
         for name, runs in results.items())
-    if args.rickover:
-        ratios = [j / r for (j, _), (r, _) in zip(results["jobrunner"], results["rickover"])]
-        line += f"; jobrunner/rickover {median_spread(ratios, '{:.2f}')}"
+    for name in servers if args.rickover else ():
+        ratios = [j / r for (j, _), (r, _) in zip(results[name], results["rickover"])]
+        line += f"; {name}/rickover {median_spread(ratios, '{:.2f}')}"
     record(line)
 
 

@@ -162,7 +162,7 @@ class Service:
         self.workers = int(settings.get("JOBRUNNER_WORKERS", os.cpu_count() or 1))
         self.process = subprocess.Popen([sys.executable, "-m", "jobrunner", "run"], env=env, cwd=database.workdir,
                                         stdout=subprocess.DEVNULL)
-        expected = 2 + self.workers  # server, watcher, workers
+        expected = int(settings.get("JOBRUNNER_SERVERS", 1)) + 1 + self.workers  # servers, watcher, workers
         wait_for(lambda: self.process.poll() is not None or len(self.processes()) == expected + 1, "jobrunner's children")
         if self.process.poll() is not None:
             sys.exit("bench: jobrunner run exited at start")
