@@ -63,9 +63,15 @@ def _stop_on_sigterm() -> threading.Event:
 
 
 def _exit_when_orphaned(parent_pid: int, stop: threading.Event, graceful_timeout: float) -> None:
+    """Stop when the supervisor is gone; once stopping, for whatever reason, exit after the graceful timeout.
+
+    The supervisor kills a child whose graceful stop hangs; with no supervisor
+    left, this daemon thread does (if the stop finishes first, so much the better).
+    """
     while not stop.wait(PARENT_CHECK_INTERVAL):
         if os.getppid() != parent_pid:
             log.warning("the supervisor (pid %d) is gone: stopping", parent_pid)
             stop.set()
-            time.sleep(graceful_timeout)  # a daemon thread: if the graceful stop finishes first, so much the better
-            os._exit(1)
+    time.sleep(graceful_timeout + PARENT_CHECK_INTERVAL)
+    log.error("the graceful stop did not finish within %.0f s: exiting", graceful_timeout)
+    os._exit(1)

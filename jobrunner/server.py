@@ -572,6 +572,10 @@ class APIServer(ThreadingHTTPServer):
     def __init__(self, sock: socket.socket, config, pool: store.Pool, registry: Registry):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
         self.socket.close()
+        # Other servers (more processes, or a reload's next generation) accept on the same
+        # socket: all wake for a connection and one takes it; the others' accept() must
+        # come back empty-handed, not block until the next connection (deaf to their stop).
+        sock.setblocking(False)
         self.socket = sock
         self.server_address = sock.getsockname()
         self.config = config

@@ -1,6 +1,7 @@
 """The v1 HTTP API over real loopback HTTP: every route's success and error paths."""
 
 import os
+import socket
 import tempfile
 import threading
 import uuid
@@ -400,3 +401,28 @@ def test_the_database_going_away_gives_503_then_recovers_by_itself():
             assert api.put(f"/v1/jobs/email/{job_id()}", {"data": {}}).status == 202
     finally:
         cluster.stop()
+
+
+
+def test_a_server_woken_for_a_connection_another_server_took_does_not_block(db_url):
+    from jobrunner import server
+    from jobrunner.config import load_config
+    from jobrunner.metrics import Registry
+
+    config = load_config({}, overrides={"database_url": db_url, "users": "u:p"})
+    sock = socket.create_server(("127.0.0.1", 0))
+    pool = store.Pool(db_url, 1, timeout=5)
+    api_server = server.APIServer(sock, config, pool, Registry())
+    # what serve_forever does when select() said the socket was readable, but no connection is left
+    handling = threading.Thread(target=api_server._handle_request_noblock, daemon=True)
+    handling.start()
+    handling.join(timeout=5)
+    blocked = handling.is_alive()
+    if blocked:
+        socket.create_connection(sock.getsockname()).close()  # let it go
+        handling.join(timeout=5)
+    api_server.server_close()  # never served (stop() would wait for serve_forever)
+    api_server.enqueuer.close()
+    api_server.callbacks_batcher.close()
+    pool.close()
+    assert not blocked, "the server blocked in accept()"

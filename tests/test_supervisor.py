@@ -1,6 +1,7 @@
 """`jobrunner run` as a real process tree: children, signals, reloads, crash loops, systemd notifications."""
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -291,6 +292,29 @@ def test_several_servers_share_the_listening_socket_and_one_serves_while_another
         enqueue(service, 5)  # at once: the other server accepts on the same socket
         wait_until(lambda: succeeded(db_url) == 5, "5 jobs to succeed")
         wait_until(lambda: service.children().get("jr-server") not in (None, children["jr-server"]), "a new jr-server")
+
+        # a burst of connections that then stay open, as a client with a pool of kept-alive ones makes: each
+        # wakes both servers and one accepts it; the other must not be left blocked in accept(), deaf to its stop
+        burst = threading.Barrier(32)
+        kept = []
+
+        def connect():
+            conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+            burst.wait()
+            assert service.api.request("GET", "/healthz", auth=None, conn=conn).status == 200
+            kept.append(conn)
+
+        clients = [threading.Thread(target=connect) for _ in range(32)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        started = time.monotonic()
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+        assert time.monotonic() - started < 5, "a server hung until the graceful timeout"
+        for conn in kept:
+            conn.close()
 
 
 def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, downstream):
