@@ -71,11 +71,17 @@ def database(config: Config) -> Iterator[Config]:
 def _development_password(data_dir: str) -> str:
     """Generated once, then kept beside the private database, so that it survives restarts."""
     path = os.path.join(data_dir, "api-password")
-    if not os.path.exists(path):
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-            file.write(secrets.token_urlsafe(16))
-    with open(path) as file:
-        return file.read().strip()
+    with contextlib.suppress(FileNotFoundError), open(path) as file:
+        password = file.read().strip()
+        if password:
+            return password
+    # none yet, or an empty file (a crash before it was written): an empty password must never work
+    password = secrets.token_urlsafe(16)
+    partial = f"{path}.{os.getpid()}"
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(password)
+    os.replace(partial, path)  # whole or not at all
+    return password
 
 
 def listening_socket(config: Config) -> socket.socket:
@@ -156,9 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
     run_cmd.add_argument("--workers", help="worker processes (default: $JOBRUNNER_WORKERS or the number of CPUs)")
     commands.add_parser("work", help="run one worker process alone (needs DATABASE_URL and DOWNSTREAM_URL)")
-    commands.add_parser(
+    check_cmd = commands.add_parser(
         "check-config", help="validate the configuration and exit", epilog=describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check_cmd.add_argument(
+        "--production", action="store_true",
+        help="also require what `run` needs in production: DATABASE_URL (no private development database), users, a downstream",
     )
     return parser
 
@@ -184,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             return run(config, lambda: load_config(environ, config_file, flags))
         elif args.command == "check-config":
+            if args.production:
+                if not config.database_url:
+                    raise ConfigError("DATABASE_URL (database_url): not set; without it jobrunner would start a private development database")
+                check_runnable(config)
             print(effective_settings(config))
             print("jobrunner: configuration is valid")
     except ConfigError as error:

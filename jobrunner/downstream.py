@@ -101,6 +101,7 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
 
 
 MAX_IDLE = 1.0
+MAX_ANSWER = 65536  # bytes of the downstream's answer read, at most
 
 
 class Delivery(enum.Enum):
@@ -117,7 +118,7 @@ class Downstream:
         # urllib reports errors of connecting and of sending alike (URLError); our
         # connections mark the first kind, which proves that nothing was delivered.
         self._connections = _KeepAliveHandler()
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), self._connections)
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects(), self._connections)
         token = base64.b64encode(f"{USER}:{password}".encode()).decode()
         self._headers = {
             "Authorization": f"Basic {token}",
@@ -139,7 +140,7 @@ class Downstream:
         request = urllib.request.Request(self.url(job), data=body, headers=self._headers, method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                response.read()
+                response.read(MAX_ANSWER)  # what is left unread closes the connection instead of keeping it
                 return Delivery.ACCEPTED, f"HTTP {response.status}"
         except urllib.error.HTTPError as error:
             answer = _read_quietly(error)
@@ -156,9 +157,17 @@ class Downstream:
             return Delivery.MAYBE_DELIVERED, type(error).__name__
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx is an answer like any other non-2xx: following it would send the job, and the
+    downstream's credentials, wherever the Location header points."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
 def _read_quietly(error: urllib.error.HTTPError) -> bytes:
     try:
-        return error.read(65536)
+        return error.read(MAX_ANSWER)
     except (OSError, http.client.HTTPException):
         return b""
 

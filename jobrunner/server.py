@@ -4,6 +4,7 @@ A handler decodes and validates the request, calls one service, and turns the
 result or the error into JSON. Jobs change state only through the services.
 """
 
+import contextlib
 import hmac
 import html
 import json
@@ -234,6 +235,7 @@ class Handler(BaseHTTPRequestHandler):
     server: "APIServer"
     last_status = 0  # of the response sent last, for the metrics
     idle_since: float | None = None  # while waiting for the next request on a kept-alive connection
+    reading_since: float | None = None  # from then until the request (its body included) has been read
     body_read = True  # False while a request body waits unread on the connection
 
     def setup(self) -> None:
@@ -250,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.connections.discard(self)
 
     def handle_one_request(self) -> None:
-        self.idle_since = time.monotonic()
+        self.idle_since = self.reading_since = time.monotonic()
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -283,6 +285,8 @@ class Handler(BaseHTTPRequestHandler):
         connection = headers.get("Connection", "").lower()
         self.close_connection = connection == "close" if self.request_version == "HTTP/1.1" else connection != "keep-alive"
         self.body_read = "Content-Length" not in headers and "Transfer-Encoding" not in headers
+        if self.body_read:
+            self.reading_since = None
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
@@ -366,6 +370,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise HttpError(413, "entity_too_large", "Request body too large", f"The limit is {self.server.config.max_body_bytes} bytes")
         body = self.rfile.read(length)
+        self.reading_since = None
         self.body_read = len(body) == length
         if len(body) < length:
             self.close_connection = True
@@ -551,8 +556,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             with self._db(timeout=1.0) as conn:
                 store.ping(conn)
-        except DatabaseUnavailable as error:
-            raise HttpError(503, "service_unavailable", "The database is unavailable", str(error)) from None
+        except DatabaseUnavailable:
+            # no detail: this route needs no credentials, and the driver's message names hosts and users
+            raise HttpError(503, "service_unavailable", "The database is unavailable") from None
         self._send_json(200, {"status": "ok"})
 
     def handle_metrics(self) -> None:
@@ -586,6 +592,7 @@ class APIServer(ThreadingHTTPServer):
         self.users = dict(config.users)
         self.stopping = False
         self.connections: set[Handler] = set()
+        self._next_slow_check = 0.0
         self._slots = threading.BoundedSemaphore(config.max_request_threads)
         self._requests = registry.counter("jobrunner_http_requests_total", "HTTP requests answered, by route and status", ("route", "status"))
         self._latency = registry.histogram("jobrunner_http_request_duration_seconds", "HTTP request latency, by route", ("route",))
@@ -601,6 +608,24 @@ class APIServer(ThreadingHTTPServer):
     def observe(self, route: str, status: int, seconds: float) -> None:
         self._requests.inc(route, str(status))
         self._latency.observe(seconds, route)
+
+    def service_actions(self) -> None:
+        """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
+
+        The read timeout bounds each silence, so a client that sends a byte now and
+        then would otherwise hold its thread for ever (slowloris). A request, from
+        the start of the wait for it to its last byte, gets twice the read timeout.
+        """
+        now = time.monotonic()
+        if now < self._next_slow_check:
+            return
+        self._next_slow_check = now + 1.0
+        for handler in list(self.connections):
+            since = handler.reading_since
+            if since is not None and now - since > 2 * self.config.read_timeout:
+                handler.reading_since = None
+                with contextlib.suppress(OSError):
+                    handler.connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request, client_address) -> None:
         """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""

@@ -9,7 +9,7 @@ import tempfile
 
 from conftest import Api
 
-from jobrunner import store
+from jobrunner import cli, store
 
 
 def run_cli(*args, env=None):
@@ -100,3 +100,23 @@ def test_check_config_prints_the_effective_settings_with_secrets_masked(tmp_path
     result = run_cli("--config", str(bad), "check-config")
     assert result.returncode == 2
     assert "JOBRUNNER_WORKERS (workers, from" in result.stderr
+
+
+def test_check_config_production_refuses_to_run_without_a_database_url():
+    result = run_cli("check-config", "--production", env={"JOBRUNNER_USERS": "ops:hunter2", "DOWNSTREAM_URL": "http://127.0.0.1:1"})
+    assert result.returncode == 2
+    assert "DATABASE_URL (database_url): not set" in result.stderr
+    result = run_cli("check-config", "--production", env={"JOBRUNNER_USERS": "ops:hunter2", "DATABASE_URL": "postgresql:///x"})
+    assert result.returncode == 2
+    assert "DOWNSTREAM_URL (downstream_url)" in result.stderr
+    complete = {"JOBRUNNER_USERS": "ops:hunter2", "DATABASE_URL": "postgresql:///x", "DOWNSTREAM_URL": "http://127.0.0.1:1"}
+    assert run_cli("check-config", "--production", env=complete).returncode == 0
+
+
+def test_an_empty_development_password_file_gets_a_new_password(tmp_path):
+    (tmp_path / "api-password").write_text("")  # a crash between creating the file and writing it
+    password = cli._development_password(str(tmp_path))
+    assert len(password) >= 16
+    assert (tmp_path / "api-password").read_text() == password
+    assert oct((tmp_path / "api-password").stat().st_mode & 0o777) == "0o600"
+    assert cli._development_password(str(tmp_path)) == password  # kept from then on

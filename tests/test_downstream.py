@@ -233,3 +233,27 @@ def test_a_kept_connection_the_server_closed_while_idle_is_not_reused():
         thread.join(timeout=10)
         listener.close()
     assert len(answered) == 2
+
+
+def test_a_redirect_is_not_followed_so_the_credentials_go_nowhere_else():
+    with http_server(202) as (elsewhere, received_elsewhere):
+
+        def redirect(connection, done):
+            read_request(connection)
+            connection.sendall(f"HTTP/1.1 302 Found\r\nLocation: {elsewhere}/steal\r\nContent-Length: 0\r\n\r\n".encode())
+            done.wait(10)
+
+        with raw_server(redirect) as url:
+            outcome, reason = client(url, "pw", timeout=5).post(JOB)
+    assert (outcome, reason) == (Delivery.NOT_DELIVERED, "HTTP 302")
+    assert received_elsewhere == []
+
+
+def test_a_2xx_answer_is_read_only_up_to_a_limit():
+    def huge_answer(connection, done):
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 200_000)
+        done.wait(10)  # the rest never comes: a client that reads it all waits out its timeout
+
+    with raw_server(huge_answer) as url:
+        assert client(url, "pw", timeout=2).post(JOB)[0] is Delivery.ACCEPTED

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import http.client
 import json
+import select
 import socket
 import struct
 import threading
@@ -528,3 +529,26 @@ def test_a_client_that_resets_its_connection_mid_request_leaves_no_traceback(api
     wait_until(lambda: not any("process_request_thread" in t.name for t in threading.enumerate()), "the handler to finish")
     assert api.get("/healthz").status == 200
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_that_sends_a_byte_now_and_then_is_dropped_within_twice_the_read_timeout(db_url):
+    # each byte comes well within the read timeout: only a bound on the whole request stops it (slowloris)
+    with running_server(db_url, read_timeout="1") as api:
+        sock = socket.create_connection(("127.0.0.1", api.port))
+        trickle = b"PUT /v1/jobs/email/job_1 HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 1000
+        started = time.monotonic()
+        dropped_after = None
+        for byte in trickle:
+            if time.monotonic() - started > 6:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                dropped_after = time.monotonic() - started
+                break
+            if select.select([sock], [], [], 0.2)[0]:  # the server answered or hung up
+                dropped_after = time.monotonic() - started
+                break
+        sock.close()
+        assert dropped_after is not None and dropped_after < 2 * 1 + 1.5, dropped_after
+        assert api.get("/healthz").status == 200

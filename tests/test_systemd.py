@@ -28,6 +28,8 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
 
 def test_the_unit_has_what_the_supervisor_relies_on():
     text = UNIT.read_text()
+    # a missing env file must not start a private development database in production
+    assert "check-config --production" in text.split("ExecStartPre=")[1].splitlines()[0]
     for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=mixed", "WatchdogSec=30"):
         assert line in text
     timeout_stop = int(text.split("TimeoutStopSec=")[1].split()[0])
