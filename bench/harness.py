@@ -54,6 +54,14 @@ class Database:
         postmaster = int((self.cluster.datadir / "postmaster.pid").read_text().split()[0])
         return [postmaster, *children(postmaster)]
 
+    def reconnect(self) -> None:
+        """A new connection for the bench (after the database was restarted under it)."""
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        self.conn = store.connect(self.url, application_name="bench")
+
     def scalar(self, query: str, params: tuple = ()):
         return self.conn.execute(query, params).fetchone()[0]
 

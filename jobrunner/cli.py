@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import queue
@@ -11,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 
@@ -84,8 +86,24 @@ def _development_password(data_dir: str) -> str:
     return password
 
 
+PARENT_GONE_NOTICED = 1.0  # seconds: orphaned children check for their parent twice a second
+
+
 def listening_socket(config: Config) -> socket.socket:
-    return socket.create_server((config.host, config.port), backlog=1024)
+    """Bind the API's socket. A port still in use may be held by the children of a supervisor
+    that was killed: they stop by themselves within the graceful timeout, so wait that long."""
+    deadline = time.monotonic() + config.graceful_timeout + PARENT_GONE_NOTICED
+    waiting = False
+    while True:
+        try:
+            return socket.create_server((config.host, config.port), backlog=1024)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise ConfigError(f"PORT (port) / JOBRUNNER_HOST (host): cannot listen on {config.host}:{config.port}: {error.strerror}") from None
+            if not waiting:
+                log.warning("%s:%d is in use; waiting up to %.0f s for it to be released", config.host, config.port, deadline - time.monotonic())
+                waiting = True
+            time.sleep(0.2)
 
 
 def stop_on_signals() -> threading.Event:

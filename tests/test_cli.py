@@ -3,11 +3,12 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 
-from conftest import Api
+from conftest import Api, wait_until
 
 from jobrunner import cli, store
 
@@ -120,3 +121,45 @@ def test_an_empty_development_password_file_gets_a_new_password(tmp_path):
     assert (tmp_path / "api-password").read_text() == password
     assert oct((tmp_path / "api-password").stat().st_mode & 0o777) == "0o600"
     assert cli._development_password(str(tmp_path)) == password  # kept from then on
+
+
+def _run_on_a_held_port(db_url, graceful_timeout):
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DOWNSTREAM", "PORT"))}
+    env.update(DATABASE_URL=db_url, JOBRUNNER_USERS="ops:hunter2", JOBRUNNER_WORKERS="0", JOBRUNNER_HOST="127.0.0.1",
+               PORT=str(port), JOBRUNNER_GRACEFUL_TIMEOUT=str(graceful_timeout))
+    process = subprocess.Popen([sys.executable, "-m", "jobrunner", "run"], env=env, stderr=subprocess.PIPE, text=True)
+    return holder, port, process
+
+
+def test_run_waits_for_a_port_that_a_killed_supervisors_children_still_hold(db_url):
+    holder, port, process = _run_on_a_held_port(db_url, graceful_timeout=20)
+    try:
+        assert "in use; waiting" in process.stderr.readline()
+        holder.close()  # the old server child exits
+        def serving():
+            try:
+                return Api(port).get("/healthz", auth=None).status == 200
+            except ConnectionRefusedError:
+                return False  # not bound yet
+
+        wait_until(serving, "the server on the freed port")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        holder.close()
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def test_run_on_a_port_held_for_good_names_the_setting_without_a_traceback(db_url):
+    holder, port, process = _run_on_a_held_port(db_url, graceful_timeout=1)
+    try:
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 2
+        assert f"PORT (port) / JOBRUNNER_HOST (host): cannot listen on 127.0.0.1:{port}" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        holder.close()
