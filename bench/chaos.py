@@ -8,7 +8,7 @@ at random: succeeds (202, then calls back `succeeded`), fails (202, then calls
 back `failed`), answers 503, hangs past the workers' timeout and hangs up, or
 drops the connection at once; it records every delivery and counts the jobs
 in flight per type. Four job types (both delivery strategies, concurrency 2 to
-10); a tenth of the jobs expire 3 s after they are enqueued. Enqueuers PUT
+10), each given jobs in proportion to its concurrency; a tenth of the jobs expire 3 s after they are enqueued. Enqueuers PUT
 --jobs jobs over --duration seconds to the hosts in turn, retrying a PUT that
 failed (an enqueue is idempotent).
 
@@ -16,7 +16,8 @@ Meanwhile the faults, spread over the run: kill -9 of a random child every 3 s;
 kill -9 of a supervisor, then a fresh start of it; a storm of SIGHUPs; a
 PostgreSQL restart (stop -m fast, start); PostgreSQL stopped for --outage
 seconds; the downstream gone (connections refused, callbacks held) for
---outage seconds. Then no more faults, and the queue is left to settle.
+--outage seconds. Then no more faults, and the queue is left to settle: until
+nothing is queued, or nothing has changed for 30 s.
 
 Promises checked (from the database and the downstream's records):
   lost        a job whose PUT was answered 202, neither queued nor archived
@@ -249,7 +250,10 @@ class Load:
         self.accepted: dict[str, tuple[str, float | None]] = {}  # job id -> (type, expires_at epoch)
         self.refused: list[tuple[int, object]] = []
         self.lock = threading.Lock()
-        self.plan = [(f"job_{uuid.uuid4()}", self.random.choice(list(TYPES)), self.random.random() < 0.1) for _ in range(jobs)]
+        # each type gets jobs in proportion to its concurrency, so that none is offered more than it can do
+        weights = [concurrency for _, _, concurrency in TYPES.values()]
+        self.plan = [(f"job_{uuid.uuid4()}", self.random.choices(list(TYPES), weights)[0], self.random.random() < 0.1)
+                     for _ in range(jobs)]
 
     def run(self) -> None:
         started = time.monotonic()
@@ -358,15 +362,20 @@ class Faults:
 # --- the verdict ------------------------------------------------------------------------------------
 
 
-def settle(database: Database, timeout: float) -> None:
-    """Until nothing is queued or in progress (retries wait out their back-off), or the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def settle(database: Database, quiet: float) -> None:
+    """Until nothing is queued or in progress (retries wait out their back-off), or nothing has
+    changed for `quiet` seconds: what is left then is stuck."""
+    last, changed = None, time.monotonic()
+    while time.monotonic() - changed < quiet:
         try:
-            if database.scalar("SELECT count(*) FROM queued_jobs") == 0:
-                return
+            left = database.scalar("SELECT count(*) FROM queued_jobs")
         except Exception:  # the bench's own connection died in an outage: a new one
             database.reconnect()
+            continue
+        if left == 0:
+            return
+        if left != last:
+            last, changed = left, time.monotonic()
         time.sleep(0.5)
 
 
@@ -412,7 +421,7 @@ def verdict(database: Database, load: Load, downstream: ChaosDownstream) -> tupl
     return rows, sum(1 for _, _, ok in rows if not ok)
 
 
-def run(jobs: int, duration: float, hosts: int, outage: float, seed: int, settle_timeout: float = 120) -> tuple[list, dict, int]:
+def run(jobs: int, duration: float, hosts: int, outage: float, seed: int, settle_quiet: float = 30) -> tuple[list, dict, int]:
     """The whole chaos run; (the table's rows, the faults injected, the number of broken promises)."""
     with private_database() as database:
         downstream = ChaosDownstream(seed)
@@ -433,7 +442,7 @@ def run(jobs: int, duration: float, hosts: int, outage: float, seed: int, settle
             for host in running:  # the service recovers by itself: every host still serves
                 if request(host.port, "GET", "/healthz")[0] != 200:
                     time.sleep(5)
-            settle(database, settle_timeout)
+            settle(database, settle_quiet)
             rows, broken = verdict(database, load, downstream)
             answers = {host.number: request(host.port, "GET", "/healthz") for host in running}
             serving = all(status == 200 for status, _ in answers.values())

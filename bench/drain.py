@@ -96,7 +96,7 @@ def archive_rate(database: Database, jobs: int) -> float:
 
 
 class Profiler:
-    """py-spy record --gil on some processes, folded stacks; `report` names the functions that used their CPU."""
+    """py-spy record --gil on some processes (a sample goes to the thread that last held the GIL); folded stacks."""
 
     def __init__(self, pids: dict[str, int]):
         py_spy = shutil.which("py-spy") or sys.exit("drain: --profile needs py-spy (pip install py-spy)")

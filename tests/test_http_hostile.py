@@ -552,3 +552,36 @@ def test_a_client_that_sends_a_byte_now_and_then_is_dropped_within_twice_the_rea
         sock.close()
         assert dropped_after is not None and dropped_after < 2 * 1 + 1.5, dropped_after
         assert api.get("/healthz").status == 200
+
+
+def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsive(api):
+    idle = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(100)]  # connected, never a byte
+    statuses = []
+    hammering = threading.Event()
+
+    def bad_credentials():
+        conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+        while not hammering.is_set():
+            conn.request("GET", "/v1/jobs", headers={"Authorization": "Basic " + base64.b64encode(b"mallory:guess").decode()})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        conn.close()
+
+    attackers = [threading.Thread(target=bad_credentials) for _ in range(4)]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        for _ in range(20):  # meanwhile, a client with the right credentials
+            started = time.monotonic()
+            assert api.get("/v1/jobs").status == 200
+            assert time.monotonic() - started < 1.0
+    finally:
+        hammering.set()
+        for attacker in attackers:
+            attacker.join(timeout=10)
+        for sock in idle:
+            sock.close()
+    assert len(statuses) > 100 and set(statuses) == {401}
+    # every connection's thread ends with its connection: nothing accumulates
+    wait_until(lambda: not any("process_request_thread" in t.name for t in threading.enumerate()), "the connections' threads to end")
