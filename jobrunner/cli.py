@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 
-from . import store
+from . import client_cli, store
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config
 from .errors import JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
@@ -188,11 +188,14 @@ def _parser() -> argparse.ArgumentParser:
         "--production", action="store_true",
         help="also require what `run` needs in production: DATABASE_URL (no private development database), users, a downstream",
     )
+    client_cli.add_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in client_cli.COMMANDS:
+        return client_cli.run(args)
     flags = {name: value for name in ("database_url", "host", "port", "workers") if (value := getattr(args, name, None)) is not None}
     config_file = args.config or os.environ.get("JOBRUNNER_CONFIG")
     environ = dict(os.environ)

@@ -1,0 +1,155 @@
+"""A Python client for jobrunner's HTTP API: stdlib only, one import.
+
+    from jobrunner.client import Client
+
+    jobs = Client("http://127.0.0.1:9090", "admin", "secret")
+    jobs.create_type("email", "at_least_once", attempts=3, concurrency=5)
+    job = jobs.enqueue("email", {"to": "someone@example.com"})
+    jobs.get(job["id"])["status"]              # "queued", later "succeeded"
+    jobs.replay(job["id"])                     # a new job with the same data
+    for job in jobs.jobs("email", status="failed"):
+        print(job["id"])
+
+Requests that are safe to repeat are retried on network errors and 503s, with
+a short back-off: reads, and enqueues. An enqueue carries its id (the client
+makes one), so sending it again cannot enqueue twice. Every other error is an
+`ApiError` with the server's status, error id and message.
+"""
+
+import base64
+import http.client
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a request that is safe to repeat
+
+
+class ApiError(Exception):
+    """The API refused a request: `status` (HTTP), `id` (e.g. "job_type_not_found"), `title`, `detail`."""
+
+    def __init__(self, status: int, body: dict):
+        self.status = status
+        self.id = body.get("id", "")
+        self.title = body.get("title", "")
+        self.detail = body.get("detail", "")
+        super().__init__(f"{status} {self.id}: {self.title}" + (f" ({self.detail})" if self.detail else ""))
+
+
+class Unreachable(Exception):
+    """The API could not be reached (or kept answering 503) after every retry."""
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:9090", user: str = "", password: str = "", timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json", "Accept": "application/json"}
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    # --- job types ---
+
+    def types(self) -> list[dict]:
+        return self._request("GET", "/v1/jobs", retry=True)["job_types"]
+
+    def type(self, name: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{_quote(name)}", retry=True)
+
+    def create_type(self, name: str, delivery_strategy: str, attempts: int, concurrency: int) -> dict:
+        body = {"name": name, "delivery_strategy": delivery_strategy, "attempts": attempts, "concurrency": concurrency}
+        return self._request("POST", "/v1/jobs", body)
+
+    def update_type(self, name: str, attempts: int | None = None, concurrency: int | None = None) -> dict:
+        body = {key: value for key, value in (("attempts", attempts), ("concurrency", concurrency)) if value is not None}
+        return self._request("POST", f"/v1/jobs/{_quote(name)}", body)
+
+    # --- jobs ---
+
+    def enqueue(self, name: str, data: Any, id: str | None = None, run_after: datetime | str | None = None,
+                expires_at: datetime | str | None = None) -> dict:
+        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id."""
+        job_id = id or f"job_{uuid.uuid4()}"
+        body: dict[str, Any] = {"data": data}
+        for key, value in (("run_after", run_after), ("expires_at", expires_at)):
+            if value is not None:
+                body[key] = value.isoformat() if isinstance(value, datetime) else value
+        try:
+            return self._request("PUT", f"/v1/jobs/{_quote(name)}/{job_id}", body, retry=True)
+        except ApiError as error:
+            # a retry after a lost answer to an enqueue that was done, and whose job has already run
+            if error.id == "job_already_archived" and getattr(error, "after_retry", False):
+                return self.get(job_id)
+            raise
+
+    def get(self, job_id: str) -> dict:
+        return self._request("GET", f"/v1/jobs/{job_id}", retry=True)
+
+    def replay(self, job_id: str) -> dict:
+        """A new job with the archived job's type and data."""
+        return self._request("POST", f"/v1/jobs/{job_id}/replay", {})
+
+    def cancel(self, job_id: str, name: str | None = None) -> dict:
+        """Archive a queued job as cancelled (before it is sent)."""
+        name = name or self.get(job_id)["name"]
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/cancel", {})
+
+    def jobs(self, name: str, status: str | None = None, limit: int | None = None, page_size: int = 100) -> Iterator[dict]:
+        """A type's jobs, newest first, page after page; at most `limit`."""
+        cursor, given = None, 0
+        while limit is None or given < limit:
+            query = {"limit": min(page_size, limit - given) if limit else page_size}
+            if status:
+                query["status"] = status
+            if cursor:
+                query["cursor"] = cursor
+            page = self._request("GET", f"/v1/jobs/{_quote(name)}/jobs?{urllib.parse.urlencode(query)}", retry=True)
+            for job in page["jobs"]:
+                yield job
+                given += 1
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    # --- the wire ---
+
+    def _request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        delays = RETRY_DELAYS if retry else ()
+        for attempt in range(len(delays) + 1):
+            request = urllib.request.Request(self.url + path, data=data, headers=self._headers, method=method)
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    answer = response.read()
+                    return json.loads(answer) if answer else None
+            except urllib.error.HTTPError as error:
+                answer = _json(error.read(65536))
+                if error.code != 503 or attempt == len(delays):
+                    api_error = ApiError(error.code, answer)
+                    api_error.after_retry = attempt > 0
+                    raise api_error from None
+                problem: Exception = ApiError(error.code, answer)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+                problem = error
+            if attempt == len(delays):
+                raise Unreachable(f"{method} {self.url}{path}: {problem}") from None
+            time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _json(answer: bytes) -> dict:
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        return {"title": answer.decode("utf-8", "replace")[:200]}
+    return value if isinstance(value, dict) else {"title": str(value)[:200]}

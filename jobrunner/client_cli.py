@@ -1,0 +1,198 @@
+"""The command line's client commands: job types, enqueue, jobs, replay, over the HTTP API (`jobrunner.client`).
+
+Where the API is, and who asks: --url, --user, --password, or $JOBRUNNER_URL,
+$JOBRUNNER_API_USER, $JOBRUNNER_API_PASSWORD. By default the development
+service of `make run`: http://127.0.0.1:9090, user admin, the password kept in
+.jobrunner/api-password. Output is for people; --json prints the API's answer.
+
+Exit codes: 0 done; 1 the API refused (the reason is printed); 2 bad usage;
+3 the API could not be reached.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+
+from .client import ApiError, Client, Unreachable
+
+COMMANDS = ("types", "enqueue", "job", "jobs", "replay")
+DEV_PASSWORD_FILE = os.path.join(".jobrunner", "api-password")
+
+
+def add_parsers(commands) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("JOBRUNNER_URL", "http://127.0.0.1:9090"), help="the API (default: $JOBRUNNER_URL or http://127.0.0.1:9090)")
+    common.add_argument("--user", default=os.environ.get("JOBRUNNER_API_USER", "admin"), help="API user (default: $JOBRUNNER_API_USER or admin)")
+    common.add_argument("--password", default=os.environ.get("JOBRUNNER_API_PASSWORD"), help="(default: $JOBRUNNER_API_PASSWORD, else .jobrunner/api-password)")
+    common.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+
+    types = commands.add_parser("types", help="list, create or change job types").add_subparsers(dest="action", required=True)
+    types.add_parser("list", parents=[common], help="every job type with its counts")
+    create = types.add_parser("create", parents=[common], help="a new job type")
+    create.add_argument("name")
+    create.add_argument("--strategy", choices=["at_least_once", "at_most_once"], default="at_least_once")
+    create.add_argument("--attempts", type=int, default=3)
+    create.add_argument("--concurrency", type=int, default=5)
+    update = types.add_parser("update", parents=[common], help="change attempts or concurrency (0 pauses the type)")
+    update.add_argument("name")
+    update.add_argument("--attempts", type=int)
+    update.add_argument("--concurrency", type=int)
+
+    enqueue = commands.add_parser("enqueue", parents=[common], help="enqueue one job")
+    enqueue.add_argument("name")
+    enqueue.add_argument("--data", required=True, help="the job's data, JSON")
+    enqueue.add_argument("--id", help="job_<uuid> (default: a new one)")
+    enqueue.add_argument("--run-after", help="RFC 3339 time, e.g. 2030-01-01T00:00:00Z")
+    enqueue.add_argument("--expires-at", help="RFC 3339 time")
+
+    job = commands.add_parser("job", help="one job: get, replay or cancel").add_subparsers(dest="action", required=True)
+    for action, doc in (("get", "the job, queued or archived"), ("replay", "a new job with an archived job's data"),
+                        ("cancel", "archive a queued job as cancelled")):
+        job.add_parser(action, parents=[common], help=doc).add_argument("id")
+
+    jobs = commands.add_parser("jobs", help="a type's jobs").add_subparsers(dest="action", required=True)
+    listing = jobs.add_parser("list", parents=[common], help="newest first")
+    listing.add_argument("name")
+    listing.add_argument("--status", help="queued, in-progress, succeeded, failed, expired or cancelled")
+    listing.add_argument("--limit", type=int, default=50)
+
+    replay = commands.add_parser("replay", parents=[common], help="replay many archived jobs of a type, with progress")
+    replay.add_argument("name")
+    replay.add_argument("--status", required=True, choices=["failed", "expired", "succeeded", "cancelled"])
+    replay.add_argument("--since", default="1h", help="how far back, by archive time: 30m, 6h, 2d (default 1h)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        password = args.password if args.password is not None else _development_password()
+        client = Client(args.url, args.user, password)
+        return _COMMANDS[(args.command, getattr(args, "action", None))](client, args)
+    except ApiError as error:
+        print(f"jobrunner {args.command}: {error}", file=sys.stderr)
+        return 1
+    except Unreachable as error:
+        print(f"jobrunner {args.command}: cannot reach the API: {error}", file=sys.stderr)
+        return 3
+    except UsageError as error:
+        print(f"jobrunner {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _development_password() -> str:
+    try:
+        with open(DEV_PASSWORD_FILE) as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+def _types_list(client: Client, args) -> int:
+    types = client.types()
+    if args.json:
+        return _print_json(types)
+    columns = ("name", "delivery_strategy", "attempts", "concurrency")
+    _table([[str(t.get(c, "")) for c in columns] for t in types], ["NAME", "STRATEGY", "ATTEMPTS", "CONCURRENCY"])
+    return 0
+
+
+def _types_create(client: Client, args) -> int:
+    created = client.create_type(args.name, args.strategy, args.attempts, args.concurrency)
+    return _print_json(created) if args.json else _say(f"created {created['name']}: {created['delivery_strategy']}, "
+                                                          f"{created['attempts']} attempts, concurrency {created['concurrency']}")
+
+
+def _types_update(client: Client, args) -> int:
+    if args.attempts is None and args.concurrency is None:
+        raise UsageError("give --attempts or --concurrency")
+    updated = client.update_type(args.name, args.attempts, args.concurrency)
+    return _print_json(updated) if args.json else _say(f"{updated['name']}: {updated['attempts']} attempts, concurrency {updated['concurrency']}")
+
+
+def _enqueue(client: Client, args) -> int:
+    try:
+        data = json.loads(args.data)
+    except ValueError as error:
+        raise UsageError(f"--data is not JSON: {error}") from None
+    job = client.enqueue(args.name, data, args.id, args.run_after, args.expires_at)
+    return _print_json(job) if args.json else _say(f"{job['id']} {job['status']}, runs after {job.get('run_after', '-')}")
+
+
+def _job(action):
+    def command(client: Client, args) -> int:
+        job = {"get": client.get, "replay": client.replay, "cancel": client.cancel}[action](args.id)
+        if args.json:
+            return _print_json(job)
+        return _say(f"{job['id']} {job['name']} {job['status']}, attempts left {job['attempts']}\n"
+                    f"data: {json.dumps(job.get('data'))}")
+    return command
+
+
+def _jobs_list(client: Client, args) -> int:
+    jobs = list(client.jobs(args.name, args.status, args.limit))
+    if args.json:
+        return _print_json(jobs)
+    _table([[j["id"], j["status"], str(j["attempts"]), j.get("created_at", "")] for j in jobs],
+           ["ID", "STATUS", "ATTEMPTS LEFT", "CREATED (ARCHIVED)"])
+    return 0
+
+
+def _replay_many(client: Client, args) -> int:
+    since = datetime.now(timezone.utc) - _duration(args.since)
+    chosen = []
+    for job in client.jobs(args.name, args.status):
+        if datetime.fromisoformat(job["created_at"].replace("Z", "+00:00")) < since:
+            break  # newest first: the rest are older
+        chosen.append(job["id"])
+    replayed = []
+    for number, job_id in enumerate(chosen, 1):
+        replayed.append(client.replay(job_id)["id"])
+        if not args.json and sys.stderr.isatty():
+            print(f"\rreplayed {number}/{len(chosen)}", end="", file=sys.stderr, flush=True)
+    if args.json:
+        return _print_json([{"replayed": old, "as": new} for old, new in zip(chosen, replayed)])
+    if sys.stderr.isatty() and chosen:
+        print(file=sys.stderr)
+    return _say(f"replayed {len(replayed)} {args.status} {args.name} jobs archived since {since:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise UsageError(f"--since {text!r}: give a number and s, m, h or d, e.g. 30m")
+    return timedelta(seconds=int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)])
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_json(value) -> int:
+    print(json.dumps(value, indent=2))
+    return 0
+
+
+def _say(text: str) -> int:
+    print(text)
+    return 0
+
+
+_COMMANDS = {
+    ("types", "list"): _types_list,
+    ("types", "create"): _types_create,
+    ("types", "update"): _types_update,
+    ("enqueue", None): _enqueue,
+    ("job", "get"): _job("get"),
+    ("job", "replay"): _job("replay"),
+    ("job", "cancel"): _job("cancel"),
+    ("jobs", "list"): _jobs_list,
+    ("replay", None): _replay_many,
+}

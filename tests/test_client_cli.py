@@ -1,0 +1,67 @@
+"""The command line's client commands against the real server, as a person and a script would run them."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import API_PASSWORD, API_USER
+
+
+@pytest.fixture
+def jr(api):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    env.update(JOBRUNNER_URL=f"http://127.0.0.1:{api.port}", JOBRUNNER_API_USER=API_USER, JOBRUNNER_API_PASSWORD=API_PASSWORD)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobrunner", *args], capture_output=True, text=True, env=env, timeout=60)
+
+    return run
+
+
+def test_types_are_created_listed_and_paused(jr):
+    created = jr("types", "create", "email", "--attempts", "4", "--concurrency", "2")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip() == "created email: at_least_once, 4 attempts, concurrency 2"
+    listing = jr("types", "list")
+    assert listing.stdout.split("\n")[1].split() == ["email", "at_least_once", "4", "2"]
+    assert jr("types", "update", "email", "--concurrency", "0").stdout.strip() == "email: 4 attempts, concurrency 0"
+    assert json.loads(jr("types", "list", "--json").stdout)[0]["concurrency"] == 0
+
+
+def test_a_job_is_enqueued_read_cancelled_and_replayed(jr):
+    jr("types", "create", "email", "--concurrency", "0")
+    job = json.loads(jr("enqueue", "email", "--data", '{"to": "a@example.com"}', "--json").stdout)
+    assert job["status"] == "queued"
+    shown = jr("job", "get", job["id"])
+    assert shown.stdout.startswith(f"{job['id']} email queued") and '"to": "a@example.com"' in shown.stdout
+    assert jr("job", "cancel", job["id"]).stdout.startswith(f"{job['id']} email cancelled")
+    replayed = json.loads(jr("job", "replay", job["id"], "--json").stdout)
+    assert replayed["id"] != job["id"] and replayed["data"] == {"to": "a@example.com"}
+    listed = jr("jobs", "list", "email").stdout.splitlines()
+    assert [line.split()[:2] for line in listed[1:]] == [[replayed["id"], "queued"], [job["id"], "cancelled"]]
+
+
+def test_a_bulk_replay_replays_every_matching_job_and_says_how_many(jr):
+    jr("types", "create", "email", "--concurrency", "0")
+    ids = [json.loads(jr("enqueue", "email", "--data", f'{{"n": {n}}}', "--json").stdout)["id"] for n in range(3)]
+    for job_id in ids:
+        jr("job", "cancel", job_id)
+    result = jr("replay", "email", "--status", "cancelled", "--since", "1h", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(pair["replayed"] for pair in json.loads(result.stdout)) == sorted(ids)
+    assert len(json.loads(jr("jobs", "list", "email", "--status", "queued", "--json").stdout)) == 3
+
+
+def test_exit_codes_say_what_went_wrong(jr):
+    refused = jr("enqueue", "nosuchtype", "--data", "{}")
+    assert refused.returncode == 1 and "404 job_type_not_found" in refused.stderr
+    assert jr("enqueue", "email", "--data", "{not json").returncode == 2
+    assert jr("replay", "email", "--status", "failed", "--since", "soon").returncode == 2
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = jr("types", "list", "--url", f"http://127.0.0.1:{port}")
+    assert unreachable.returncode == 3 and "cannot reach the API" in unreachable.stderr
