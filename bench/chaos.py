@@ -32,6 +32,7 @@ Prints one table and exits 1 if a promise is broken.
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -370,7 +371,9 @@ def settle(database: Database, quiet: float) -> None:
         try:
             left = database.scalar("SELECT count(*) FROM queued_jobs")
         except Exception:  # the bench's own connection died in an outage: a new one
-            database.reconnect()
+            time.sleep(0.5)
+            with contextlib.suppress(Exception):
+                database.reconnect()
             continue
         if left == 0:
             return
@@ -381,14 +384,21 @@ def settle(database: Database, quiet: float) -> None:
 
 def verdict(database: Database, load: Load, downstream: ChaosDownstream) -> tuple[list[tuple[str, str, bool]], int]:
     database.reconnect()
-    queued = {f"job_{row[0]}": row[1] for row in database.conn.execute("SELECT id, status::text FROM queued_jobs")}
-    archived = {f"job_{row[0]}": (row[1], row[2], row[3].timestamp() if row[3] else None, row[4].timestamp())
-                for row in database.conn.execute("SELECT id, status::text, attempts, expires_at, created_at FROM archived_jobs")}
-    known = set(load.accepted)
+    rows = database.conn.execute("SELECT id, name, status::text FROM queued_jobs").fetchall()
+    queued = {f"job_{job_id}": status for job_id, _, status in rows}
+    names = {f"job_{job_id}": name for job_id, name, _ in rows}
+    archived = {}
+    for job_id, name, status, attempts, expires_at, created_at in database.conn.execute(
+            "SELECT id, name, status::text, attempts, expires_at, created_at FROM archived_jobs"):
+        archived[f"job_{job_id}"] = (status, attempts, expires_at.timestamp() if expires_at else None, created_at.timestamp())
+        names[f"job_{job_id}"] = name
+    # every job the queue took: answered 202, or committed by a server killed before it could answer
+    known = set(load.accepted) | set(names)
     lost = [job_id for job_id in known if job_id not in queued and job_id not in archived]
     both = [job_id for job_id in queued if job_id in archived]
     deliveries = collections.Counter(d.job_id for d in downstream.deliveries)
-    strategy = {job_id: TYPES[name][0] for job_id, (name, _) in load.accepted.items()}
+    strategy = {job_id: TYPES[name][0] for job_id, name in names.items()}
+    strategy.update({job_id: TYPES[name][0] for job_id, (name, _) in load.accepted.items()})
     duplicates = collections.Counter()
     for job_id, count in deliveries.items():
         if count > 1 and job_id in strategy:
@@ -403,7 +413,7 @@ def verdict(database: Database, load: Load, downstream: ChaosDownstream) -> tupl
             wrong.append((job_id, "expired before its expiry"))
     statuses = collections.Counter(archived[j][0] for j in known if j in archived)
     rows = [
-        ("jobs enqueued (PUT answered 202)", f"{len(known):,}", True),
+        ("jobs enqueued (answered 202, or found in the database)", f"{len(known):,}", True),
         ("archived: " + ", ".join(f"{s} {n:,}" for s, n in sorted(statuses.items())), f"{sum(statuses.values()):,}", True),
         ("deliveries (POSTs taken on)", f"{len(downstream.deliveries):,}", True),
         ("lost", str(len(lost)), not lost),

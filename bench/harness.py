@@ -231,7 +231,7 @@ def request(port: int, method: str, path: str, body: dict | None = None, conn: h
         response = conn.getresponse()
         answer = response.read()
         return response.status, json.loads(answer) if answer else None
-    except OSError:
+    except (OSError, http.client.HTTPException, ValueError):  # down, cut off mid-answer, or not JSON
         return None, None
     finally:
         if own:

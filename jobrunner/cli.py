@@ -11,12 +11,14 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 
 from . import client_cli, store
+from .children import PARENT_CHECK_INTERVAL
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config
 from .errors import JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
@@ -79,14 +81,19 @@ def _development_password(data_dir: str) -> str:
             return password
     # none yet, or an empty file (a crash before it was written): an empty password must never work
     password = secrets.token_urlsafe(16)
-    partial = f"{path}.{os.getpid()}"
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-        file.write(password)
-    os.replace(partial, path)  # whole or not at all
+    fd, partial = tempfile.mkstemp(dir=data_dir, prefix=".api-password.")  # a new file, mode 0600
+    try:
+        with open(fd, "w") as file:
+            file.write(password)
+        os.replace(partial, path)  # whole or not at all
+    except BaseException:
+        os.unlink(partial)
+        raise
     return password
 
 
-PARENT_GONE_NOTICED = 1.0  # seconds: orphaned children check for their parent twice a second
+# an orphaned child stops within the graceful timeout of noticing its parent is gone, or exits anyway
+PARENT_GONE_NOTICED = 2 * PARENT_CHECK_INTERVAL + 2.0
 
 
 def listening_socket(config: Config) -> socket.socket:

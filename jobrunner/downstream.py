@@ -61,6 +61,12 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
         self._all: set[http.client.HTTPConnection] = set()  # every thread's, to close them all at the end
         self._lock = threading.Lock()
 
+    def forget(self, host: str) -> None:
+        """Close this thread's kept connections to `host`."""
+        kept = self._local.__dict__.get("connections", {})
+        for key in [key for key in kept if key[1] == host]:
+            kept.pop(key)[0].close()
+
     def close_all(self) -> None:
         with self._lock:
             connections, self._all = self._all, set()
@@ -140,7 +146,9 @@ class Downstream:
         request = urllib.request.Request(self.url(job), data=body, headers=self._headers, method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                response.read(MAX_ANSWER)  # what is left unread closes the connection instead of keeping it
+                response.read(MAX_ANSWER)
+                if not response.isclosed():  # an answer longer than we read: its connection cannot carry another
+                    self._connections.forget(request.host)
                 return Delivery.ACCEPTED, f"HTTP {response.status}"
         except urllib.error.HTTPError as error:
             answer = _read_quietly(error)

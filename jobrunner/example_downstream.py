@@ -46,6 +46,7 @@ def serve(sock: socket.socket, api_url: str, user: str, password: str, stop: thr
 
     server = ThreadingHTTPServer(sock.getsockname()[:2], Handler, bind_and_activate=False)
     server.socket.close()
+    sock.setblocking(False)  # each reload's generation accepts on it too: see server.APIServer
     server.socket = sock
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()

@@ -272,7 +272,10 @@ class Handler(BaseHTTPRequestHandler):
             if len(line) > MAX_LINE:
                 self.send_error(431, "Header line too long")
                 return False
-            if line in (b"\r\n", b"\n", b""):
+            if not line:  # the connection ended inside the headers: nothing to answer, nothing to do
+                self.close_connection = True
+                return False
+            if line in (b"\r\n", b"\n"):
                 break
             name, colon, value = line.decode("iso-8859-1").partition(":")
             if not colon or not name.strip() or not headers.add(name, value):
@@ -285,8 +288,7 @@ class Handler(BaseHTTPRequestHandler):
         connection = headers.get("Connection", "").lower()
         self.close_connection = connection == "close" if self.request_version == "HTTP/1.1" else connection != "keep-alive"
         self.body_read = "Content-Length" not in headers and "Transfer-Encoding" not in headers
-        if self.body_read:
-            self.reading_since = None
+        self.reading_since = None  # the head has arrived; _read_body times the body's read
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
@@ -369,6 +371,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.server.config.max_body_bytes:
             self.close_connection = True
             raise HttpError(413, "entity_too_large", "Request body too large", f"The limit is {self.server.config.max_body_bytes} bytes")
+        self.reading_since = time.monotonic()
         body = self.rfile.read(length)
         self.reading_since = None
         self.body_read = len(body) == length
@@ -622,10 +625,8 @@ class APIServer(ThreadingHTTPServer):
         self._next_slow_check = now + 1.0
         for handler in list(self.connections):
             since = handler.reading_since
-            if since is not None and now - since > 2 * self.config.read_timeout:
-                handler.reading_since = None
-                with contextlib.suppress(OSError):
-                    handler.connection.shutdown(socket.SHUT_RDWR)
+            if since is not None and now - since > 2 * self.config.read_timeout and handler.reading_since is since:
+                _hang_up(handler)
 
     def handle_error(self, request, client_address) -> None:
         """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""
@@ -672,14 +673,19 @@ class APIServer(ThreadingHTTPServer):
             for handler in list(self.connections):
                 idle_since = handler.idle_since
                 if idle_since is not None and time.monotonic() - idle_since >= QUIET_BEFORE_CLOSE:
-                    try:
-                        handler.connection.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    _hang_up(handler)
             time.sleep(QUIET_BEFORE_CLOSE / 4)  # a bounded wait for connections to finish, not a test
+        for handler in list(self.connections):
+            if handler.reading_since is not None:
+                _hang_up(handler)  # still sending its request (slowly): it must not hold the stop up
         self.server_close()
         self.enqueuer.close()
         self.callbacks_batcher.close()
+
+
+def _hang_up(handler: "Handler") -> None:
+    with contextlib.suppress(OSError):
+        handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:

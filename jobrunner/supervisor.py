@@ -1,7 +1,7 @@
 """The supervisor: the parent process that owns the config, the listening socket and the children.
 
-It binds the socket, forks (multiprocessing, fork context) one server, N
-workers and one watcher, replaces children that die, reloads on SIGHUP and
+It binds the socket, forks (multiprocessing, fork context) the servers
+(JOBRUNNER_SERVERS, all accepting on that socket), N workers and one watcher, replaces children that die, reloads on SIGHUP and
 stops gracefully on SIGTERM. Signal handlers only record the signal; the loop
 acts. The loop waits on the children's sentinels and a wake-up pipe, so it
 sleeps until something happens.
@@ -183,6 +183,7 @@ class Supervisor:
         # Signals stay pending until the child has its own handlers (it unblocks them):
         # a SIGTERM in between must not meet the supervisor's handler in the child.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        gc.collect()  # what is garbage now must not be frozen for ever
         gc.freeze()  # the child's collections then never write to (and so copy) the pages of objects it inherits
         try:
             process.start()

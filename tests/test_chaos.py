@@ -14,4 +14,4 @@ def test_a_short_chaos_run_on_two_hosts_keeps_every_promise():
     table = "\n".join(f"{'ok    ' if ok else 'BROKEN'} {label}: {value}" for label, value, ok in rows)
     assert broken == 0, table
     assert len(faults) == 6, faults  # every kind of fault was injected
-    assert faults["kill -9 child"] >= 5, faults
+    assert faults["kill -9 child"] >= 3, faults  # one every 3 s, between the other faults

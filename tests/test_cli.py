@@ -1,12 +1,14 @@
 """The `jobrunner` command line, run as a real process."""
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from conftest import Api, wait_until
 
@@ -14,7 +16,7 @@ from jobrunner import cli, store
 
 
 def run_cli(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "JOBRUNNER_", "DOWNSTREAM", "PORT"))}
     environment.update(env or {})
     return subprocess.run([sys.executable, "-m", "jobrunner", *args], capture_output=True, text=True, env=environment, timeout=60)
 
@@ -136,7 +138,12 @@ def _run_on_a_held_port(db_url, graceful_timeout):
 def test_run_waits_for_a_port_that_a_killed_supervisors_children_still_hold(db_url):
     holder, port, process = _run_on_a_held_port(db_url, graceful_timeout=20)
     try:
-        assert "in use; waiting" in process.stderr.readline()
+        waiting = ""
+        deadline = time.monotonic() + 30
+        while "in use; waiting" not in waiting and time.monotonic() < deadline:
+            if select.select([process.stderr], [], [], 1)[0]:
+                waiting = process.stderr.readline()
+        assert "in use; waiting" in waiting
         holder.close()  # the old server child exits
         def serving():
             try:

@@ -257,3 +257,32 @@ def test_a_2xx_answer_is_read_only_up_to_a_limit():
 
     with raw_server(huge_answer) as url:
         assert client(url, "pw", timeout=2).post(JOB)[0] is Delivery.ACCEPTED
+
+
+def test_a_connection_whose_answer_was_not_read_whole_is_not_reused():
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def serve():
+        first, _ = listener.accept()  # an answer far longer than the client reads, left hanging
+        connections.append(first)
+        read_request(first)
+        # exactly what the client reads, so that nothing unread shows on the socket: only the length tells
+        first.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * downstream_module.MAX_ANSWER)
+        second, _ = listener.accept()  # the next POST must come on a new connection
+        connections.append(second)
+        read_request(second)
+        second.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    poster = client(f"http://127.0.0.1:{listener.getsockname()[1]}", "pw", timeout=3)
+    try:
+        assert poster.post(JOB)[0] is Delivery.ACCEPTED
+        assert poster.post(JOB)[0] is Delivery.ACCEPTED
+    finally:
+        thread.join(timeout=10)
+        for conn in connections:
+            conn.close()
+        listener.close()
+    assert len(connections) == 2

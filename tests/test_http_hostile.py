@@ -521,13 +521,19 @@ def test_silent_client_is_disconnected_after_read_timeout(db_url, sent):
             client.close()
 
 
-def test_a_client_that_resets_its_connection_mid_request_leaves_no_traceback(api, capfd):
+def handlers() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_a_client_that_resets_its_connection_mid_request_leaves_no_traceback(api, caplog, capfd):
     sock = socket.create_connection(("127.0.0.1", api.port))
     sock.sendall(b"PUT /v1/jobs/email/job_1 HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+    wait_until(lambda: handlers() == 1, "the server to take the connection")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # with SO_LINGER 0: a reset, as load generators and crashing clients send
-    wait_until(lambda: not any("process_request_thread" in t.name for t in threading.enumerate()), "the handler to finish")
+    wait_until(lambda: handlers() == 0, "the handler to finish")
     assert api.get("/healthz").status == 200
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -539,7 +545,7 @@ def test_a_client_that_sends_a_byte_now_and_then_is_dropped_within_twice_the_rea
         started = time.monotonic()
         dropped_after = None
         for byte in trickle:
-            if time.monotonic() - started > 6:
+            if time.monotonic() - started > 8:
                 break
             try:
                 sock.sendall(bytes([byte]))
@@ -550,7 +556,8 @@ def test_a_client_that_sends_a_byte_now_and_then_is_dropped_within_twice_the_rea
                 dropped_after = time.monotonic() - started
                 break
         sock.close()
-        assert dropped_after is not None and dropped_after < 2 * 1 + 1.5, dropped_after
+        # twice the read timeout, then up to a second for the next check, and slack for a busy machine
+        assert dropped_after is not None and dropped_after < 2 * 1 + 1 + 2, dropped_after
         assert api.get("/healthz").status == 200
 
 
@@ -575,13 +582,14 @@ def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsiv
         for _ in range(20):  # meanwhile, a client with the right credentials
             started = time.monotonic()
             assert api.get("/v1/jobs").status == 200
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.0  # the attackers share this process's GIL with the server
+        wait_until(lambda: len(statuses) > 100, "100 requests with bad credentials")
     finally:
         hammering.set()
         for attacker in attackers:
             attacker.join(timeout=10)
         for sock in idle:
             sock.close()
-    assert len(statuses) > 100 and set(statuses) == {401}
+    assert set(statuses) == {401}
     # every connection's thread ends with its connection: nothing accumulates
-    wait_until(lambda: not any("process_request_thread" in t.name for t in threading.enumerate()), "the connections' threads to end")
+    wait_until(lambda: handlers() == 0, "the connections' threads to end")
