@@ -616,8 +616,9 @@ class APIServer(ThreadingHTTPServer):
         """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
 
         The read timeout bounds each silence, so a client that sends a byte now and
-        then would otherwise hold its thread for ever (slowloris). A request, from
-        the start of the wait for it to its last byte, gets twice the read timeout.
+        then would otherwise hold its thread for ever (slowloris). The wait for a
+        request and its head get twice the read timeout, and so does its body's
+        read; a handler at work is never timed.
         """
         now = time.monotonic()
         if now < self._next_slow_check:
