@@ -68,6 +68,12 @@ class Histogram:
         return lines
 
 
+def render_gauges(name: str, doc: str, label: str, values: dict[str, float]) -> list[str]:
+    """One gauge, a value per label value, read at scrape time (from the database: the same for every process)."""
+    lines = [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
+    return lines + [f"{name}{_labels((label,), (key,))} {value:g}" for key, value in sorted(values.items())]
+
+
 class Registry:
     def __init__(self):
         self._metrics: list[Counter | Histogram] = []

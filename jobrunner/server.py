@@ -37,7 +37,7 @@ from .errors import (
     UnknownJob,
     UnknownJobType,
 )
-from .metrics import Registry
+from .metrics import Registry, render_gauges
 from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
 
 log = logging.getLogger(__name__)
@@ -565,7 +565,26 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def handle_metrics(self) -> None:
-        self._send(200, self.server.metrics.render().encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        text = self.server.metrics.render() + "\n".join(self._queue_gauges()) + "\n"
+        self._send(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def _queue_gauges(self) -> list[str]:
+        """What every host shares, from the database at scrape time; without it, only that it is down."""
+        up = ["# HELP jobrunner_database_up 1 if this server reached the database for this scrape", "# TYPE jobrunner_database_up gauge"]
+        try:
+            with self._db(timeout=1.0) as conn:
+                counts = services.list_job_types_with_counts(conn)
+        except DatabaseUnavailable:
+            return up + ["jobrunner_database_up 0"]
+        lines = up + ["jobrunner_database_up 1"]
+        for metric, doc, value in (
+            ("jobrunner_jobs_queued", "jobs waiting, due or not, by job type", lambda c: c.queued),
+            ("jobrunner_jobs_due", "jobs waiting whose time has come, by job type", lambda c: c.due),
+            ("jobrunner_jobs_in_progress", "jobs sent and awaiting their callback, by job type", lambda c: c.in_progress),
+            ("jobrunner_job_type_concurrency", "the job type's concurrency (0: paused)", lambda c: c.job_type.concurrency),
+        ):
+            lines += render_gauges(metric, doc, "name", {c.job_type.name: value(c) for c in counts})
+        return lines
 
 
 # --- the server ----------------------------------------------------------------

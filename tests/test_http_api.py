@@ -378,6 +378,19 @@ def test_metrics_count_requests_enqueues_and_callbacks(email):
     assert 'jobrunner_http_request_duration_seconds_count{route="enqueue"} 1' in text
 
 
+def test_metrics_show_each_types_queue_from_the_database(email):
+    assert email.post("/v1/jobs/email", {"concurrency": 0}).status == 200  # paused: the jobs stay queued
+    for _ in range(2):
+        email.put(f"/v1/jobs/email/{job_id()}", {"data": {}})
+    email.put(f"/v1/jobs/email/{job_id()}", {"data": {}, "run_after": "2099-01-01T00:00:00Z"})
+
+    lines = set(email.get("/metrics").body.decode().splitlines())
+
+    assert {"jobrunner_database_up 1", 'jobrunner_jobs_queued{name="email"} 3',
+            'jobrunner_jobs_due{name="email"} 2', 'jobrunner_jobs_in_progress{name="email"} 0',
+            'jobrunner_job_type_concurrency{name="email"} 0', "# TYPE jobrunner_jobs_queued gauge"} <= lines
+
+
 def test_the_database_going_away_gives_503_then_recovers_by_itself():
     """A private cluster, so that stopping it disturbs no other test."""
     workdir = tempfile.mkdtemp(prefix="jobrunner-outage-")
@@ -397,6 +410,8 @@ def test_the_database_going_away_gives_503_then_recovers_by_itself():
             health = api.get("/healthz", auth=None)
             assert_error(health, 503, "service_unavailable")
             assert "detail" not in health.json  # no credentials needed here: the driver's message stays inside
+            metrics = api.get("/metrics")  # still answered, from the process's own counters
+            assert metrics.status == 200 and "jobrunner_database_up 0" in metrics.body.decode().splitlines()
 
             cluster.start()
             wait_until(lambda: api.get("/v1/jobs/email").status == 200, "the server to recover", timeout=30)
