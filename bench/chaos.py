@@ -34,7 +34,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import http.client
 import json
 import os
 import queue
@@ -50,7 +49,7 @@ import uuid
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness import AUTH, DOWNSTREAM_PASSWORD, ROOT, Database, children, comm, free_port, private_database, request
+from harness import DOWNSTREAM_PASSWORD, ROOT, Database, children, comm, free_port, private_database, request
 
 TYPES = {  # name: (strategy, attempts, concurrency)
     "mail": ("at_least_once", 4, 5),

@@ -34,8 +34,9 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a request th
 class ApiError(Exception):
     """The API refused a request: `status` (HTTP), `id` (e.g. "job_type_not_found"), `title`, `detail`."""
 
-    def __init__(self, status: int, body: dict):
+    def __init__(self, status: int, body: dict, retried: bool = False):
         self.status = status
+        self.retried = retried  # the request had been sent before: its first answer was lost
         self.id = body.get("id", "")
         self.title = body.get("title", "")
         self.detail = body.get("detail", "")
@@ -84,7 +85,7 @@ class Client:
             return self._request("PUT", f"/v1/jobs/{_quote(name)}/{job_id}", body, retry=True)
         except ApiError as error:
             # a retry after a lost answer to an enqueue that was done, and whose job has already run
-            if error.id == "job_already_archived" and getattr(error, "after_retry", False):
+            if error.id == "job_already_archived" and error.retried:
                 return self.get(job_id)
             raise
 
@@ -121,26 +122,19 @@ class Client:
 
     def _request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        delays = RETRY_DELAYS if retry else ()
-        for attempt in range(len(delays) + 1):
+        for attempt, delay in enumerate((*(RETRY_DELAYS if retry else ()), None)):  # None: the last try
             request = urllib.request.Request(self.url + path, data=data, headers=self._headers, method=method)
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
                     answer = response.read()
                     return json.loads(answer) if answer else None
             except urllib.error.HTTPError as error:
-                answer = _json(error.read(65536))
-                if error.code != 503 or attempt == len(delays):
-                    api_error = ApiError(error.code, answer)
-                    api_error.after_retry = attempt > 0
-                    raise api_error from None
-                problem: Exception = ApiError(error.code, answer)
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-                problem = error
-            if attempt == len(delays):
-                raise Unreachable(f"{method} {self.url}{path}: {problem}") from None
-            time.sleep(delays[attempt])
-        raise AssertionError("unreachable")
+                if error.code != 503 or delay is None:
+                    raise ApiError(error.code, _json(error.read(65536)), retried=attempt > 0) from None
+            except (http.client.HTTPException, OSError) as error:
+                if delay is None:
+                    raise Unreachable(f"{method} {self.url}{path}: {error}") from None
+            time.sleep(delay)
 
 
 def _quote(name: str) -> str:

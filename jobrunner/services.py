@@ -206,6 +206,12 @@ class GroupCommit:
                 request.done.release()
 
 
+def _acquired_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclasses.dataclass
 class _Request:
     item: Any
@@ -213,13 +219,7 @@ class _Request:
     error: Exception | None = None
     # held until the request is done: a bare lock, because an Event's set() (a
     # Condition's notify in Python) was 15% of the server's CPU in a drain
-    done: threading.Lock = dataclasses.field(default_factory=lambda: _acquired_lock())
-
-
-def _acquired_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
+    done: threading.Lock = dataclasses.field(default_factory=_acquired_lock)
 
 
 class EnqueueBatcher:
