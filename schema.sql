@@ -70,3 +70,12 @@ CREATE INDEX IF NOT EXISTS archived_jobs_name_created_at ON archived_jobs (name,
 -- jobrunner: in-progress jobs, counted per type at every claim and scanned by
 -- updated_at for stuck jobs. Only in-flight rows are in it, so it stays small.
 CREATE INDEX IF NOT EXISTS queued_jobs_in_progress ON queued_jobs (name, updated_at) WHERE status = 'in-progress';
+
+-- jobrunner: the concurrency a paused job type goes back to on resume
+-- (POST /v1/jobs/<name>/pause sets it to 0). A table of its own, so that
+-- Rickover's code, which reads every column of `jobs`, never sees a new one.
+CREATE TABLE IF NOT EXISTS jobrunner_paused_job_types (
+    name text PRIMARY KEY REFERENCES jobs (name),
+    concurrency smallint NOT NULL CHECK (concurrency > 0),
+    paused_at timestamp with time zone NOT NULL DEFAULT now()
+);

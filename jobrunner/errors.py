@@ -94,6 +94,12 @@ class NotCancellable(JobrunnerError):
         self.status = status
 
 
+class NotPaused(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"Job type {name!r} has concurrency 0 but was not paused: give the concurrency to resume with")
+        self.name = name
+
+
 class DatabaseUnavailable(JobrunnerError):
     """PostgreSQL did not answer; the caller may retry later (HTTP 503)."""
 

@@ -6,7 +6,6 @@ result or the error into JSON. Jobs change state only through the services.
 
 import contextlib
 import hmac
-import html
 import json
 import logging
 import re
@@ -21,7 +20,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from . import services, store
+from . import dashboard, services, store
 from .errors import (
     DatabaseUnavailable,
     InvalidField,
@@ -32,6 +31,7 @@ from .errors import (
     JobrunnerError,
     JobTypeExists,
     NotCancellable,
+    NotPaused,
     NotReplayable,
     StaleCallback,
     UnknownJob,
@@ -55,6 +55,8 @@ ROUTES = (
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+|random_id)"), {"GET": "get_job", "POST": "record_status", "PUT": "enqueue"}),
     (re.compile(r"/v1/jobs(?:/([^\s/]+))?/(job_[^\s/]+)/replay"), {"POST": "replay"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+)/cancel"), {"POST": "cancel"}),
+    (re.compile(r"/v1/jobs/([^\s/]+)/pause"), {"POST": "pause"}),
+    (re.compile(r"/v1/jobs/([^\s/]+)/resume"), {"POST": "resume"}),
     (re.compile(r"/"), {"GET": "homepage"}),
     (re.compile(r"/healthz"), {"GET": "healthz"}),
     (re.compile(r"/metrics"), {"GET": "metrics"}),
@@ -118,6 +120,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(409, "job_id_in_use", message)
     if isinstance(error, NotReplayable):
         return HttpError(400, "invalid_replay_attempt", message)
+    if isinstance(error, NotPaused):
+        return HttpError(409, "not_paused", message)
     if isinstance(error, NotCancellable):
         return HttpError(409, "invalid_cancel_attempt", message)
     if isinstance(error, StaleCallback):
@@ -309,6 +313,7 @@ class Handler(BaseHTTPRequestHandler):
             match, methods = self._route(path)
             route = methods.get(self.command, "none") if match else "none"
             self._check_proxy()
+            self._check_origin()
             if route not in ("healthz",) and not (route == "metrics" and self.server.config.metrics_open):
                 self._authenticate()
             if match is None:
@@ -342,6 +347,19 @@ class Handler(BaseHTTPRequestHandler):
     def _check_proxy(self) -> None:
         if self.headers.get("X-Forwarded-Proto") == "http" and not self.server.config.allow_unencrypted_proxy_traffic:
             raise HttpError(403, "insecure_request", "Connection not sent over TLS", "Please use https")
+
+    def _check_origin(self) -> None:
+        """A browser holding an operator's credentials must not change jobs for another site's page (CSRF).
+
+        Browsers say where a request comes from; API clients (curl, the Python
+        client, downstreams) send neither header and are not affected.
+        """
+        if self.command in ("GET", "HEAD", "OPTIONS"):
+            return
+        site = self.headers.get("Sec-Fetch-Site", "").lower()
+        origin = self.headers.get("Origin")
+        if site in ("cross-site", "same-site") or (origin and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host")):
+            raise HttpError(403, "cross_origin_request", "Requests from another site's page are refused", "Use the API directly, or this server's own dashboard")
 
     def _authenticate(self) -> None:
         challenge = {"WWW-Authenticate": 'Basic realm="jobrunner"'}
@@ -515,9 +533,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_homepage(self) -> None:
         config = self.server.config
-        iframe = f'<iframe src="{html.escape(config.homepage_iframe_url)}"></iframe>' if config.homepage_iframe_url else ""
-        page = f"<!doctype html><html><head><title>{html.escape(config.homepage_title)}</title></head><body><h1>{html.escape(config.homepage_title)}</h1>{iframe}</body></html>"
-        self._send(200, page.encode(), {"Content-Type": "text/html; charset=utf-8"})
+        with self._db() as conn:
+            overview = services.overview(conn)
+        page = dashboard.render(overview, config.homepage_title, config.homepage_iframe_url)
+        self._send(200, page, {"Content-Type": "text/html; charset=utf-8", **dashboard.HEADERS})
 
     # --- jobrunner's additions ---
 
@@ -554,6 +573,19 @@ class Handler(BaseHTTPRequestHandler):
         with self._db() as conn:
             job = services.cancel(conn, job_id, name)
         self._send_json(200, job_json(job))
+
+    def handle_pause(self, name: str) -> None:
+        self._read_body()
+        with self._db() as conn:
+            job_type = services.pause_job_type(conn, name)
+        self._send_json(200, job_type_json(job_type))
+
+    def handle_resume(self, name: str) -> None:
+        body = self._read_json() if self.headers.get("Content-Length", "0") != "0" else {}  # the body is optional
+        concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
+        with self._db() as conn:
+            job_type = services.resume_job_type(conn, name, concurrency)
+        self._send_json(200, job_type_json(job_type))
 
     def handle_healthz(self) -> None:
         try:

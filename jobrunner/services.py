@@ -31,6 +31,7 @@ from .errors import (
     JobNameMismatch,
     JobrunnerError,
     NotCancellable,
+    NotPaused,
     NotReplayable,
     StaleCallback,
     UnknownJob,
@@ -108,10 +109,71 @@ def update_job_type(conn: Connection, name: str, attempts: Any = None, concurren
         validate_attempts(attempts)
     if concurrency is not None:
         validate_concurrency(concurrency)
-    updated = store.update_job_type(conn, name, attempts, concurrency)
-    if updated is None:
-        raise UnknownJobType(name)
+    with store.transaction(conn):
+        updated = store.update_job_type(conn, name, attempts, concurrency)
+        if updated is None:
+            raise UnknownJobType(name)
+        if concurrency is not None:
+            store.forget_concurrency(conn, name)  # set by hand: a later resume must not undo it
     return updated
+
+
+def pause_job_type(conn: Connection, name: str) -> JobType:
+    """Concurrency 0: nothing more is sent (jobs in flight finish); the old concurrency is kept for resume."""
+    with store.transaction(conn):
+        store.remember_concurrency(conn, name)
+        paused = store.update_job_type(conn, name, None, 0)
+        if paused is None:
+            raise UnknownJobType(name)
+    return paused
+
+
+def resume_job_type(conn: Connection, name: str, concurrency: Any = None) -> JobType:
+    """Give a paused type back its concurrency (or `concurrency`); a type that is not paused is left as it is."""
+    if concurrency is not None:
+        validate_concurrency(concurrency)
+        if concurrency == 0:
+            raise InvalidField("concurrency", "must be at least 1 to resume")
+    with store.transaction(conn):
+        job_type = get_job_type(conn, name)
+        remembered = store.forget_concurrency(conn, name)
+        concurrency = concurrency or remembered
+        if concurrency is None:
+            if job_type.concurrency == 0:
+                raise NotPaused(name)
+            return job_type
+        return store.update_job_type(conn, name, None, concurrency)
+
+
+@dataclasses.dataclass(frozen=True)
+class Overview:
+    """What the dashboard shows, read in one go."""
+
+    now: datetime  # the database's
+    types: list[store.JobTypeCounts]
+    paused: dict[str, int]  # paused type -> the concurrency a resume gives back
+    archived: dict[tuple[str, str], tuple[int, int]]  # (type, status) -> (last hour, last day)
+    per_minute: list[tuple[datetime, str, int]]  # last hour, all types: (minute, status, jobs archived)
+    recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
+    waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
+
+
+def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
+    hour: dict[tuple[str, str], int] = {}
+    minutes: dict[tuple[datetime, str], int] = {}
+    for name, minute, status, count in store.archived_per_minute(conn, now):
+        hour[name, status] = hour.get((name, status), 0) + count
+        minutes[minute, status] = minutes.get((minute, status), 0) + count
+    day = {(name, status): count for name, status, count in store.archived_last_day(conn, now)}
+    return Overview(
+        now=store.database_now(conn, now),
+        types=store.list_job_types_with_counts(conn, now),
+        paused=store.paused_job_types(conn),
+        archived={key: (hour.get(key, 0), count) for key, count in day.items()},
+        per_minute=sorted((minute, status, count) for (minute, status), count in minutes.items()),
+        recent_failures=store.recent_failures(conn, limit, now),
+        waiting=store.waiting_jobs(conn, limit),
+    )
 
 
 # --- jobs --------------------------------------------------------------------

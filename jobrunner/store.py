@@ -231,6 +231,36 @@ def update_job_type(conn: Connection, name: str, attempts: int | None, concurren
     return None if row is None else JobType(**_without(row, "notified"))
 
 
+# Pausing remembers the concurrency to go back to; a second pause keeps the first one's.
+REMEMBER_CONCURRENCY = """
+INSERT INTO jobrunner_paused_job_types (name, concurrency)
+SELECT name, concurrency FROM jobs WHERE name = %(name)s AND concurrency > 0
+ON CONFLICT (name) DO NOTHING
+"""
+
+FORGET_CONCURRENCY = "DELETE FROM jobrunner_paused_job_types WHERE name = %(name)s RETURNING concurrency"
+
+PAUSED_JOB_TYPES = "SELECT name, concurrency FROM jobrunner_paused_job_types"
+
+
+def remember_concurrency(conn: Connection, name: str) -> None:
+    with translated_errors():
+        conn.execute(REMEMBER_CONCURRENCY, {"name": name})
+
+
+def forget_concurrency(conn: Connection, name: str) -> int | None:
+    """The concurrency the type had when it was paused (None if it was not), no longer remembered."""
+    with translated_errors():
+        row = conn.execute(FORGET_CONCURRENCY, {"name": name}).fetchone()
+    return None if row is None else row[0]
+
+
+def paused_job_types(conn: Connection) -> dict[str, int]:
+    """Paused job types and the concurrency each goes back to on resume."""
+    with translated_errors():
+        return dict(conn.execute(PAUSED_JOB_TYPES).fetchall())
+
+
 # --- enqueue and lookup --------------------------------------------------------
 
 ENQUEUE_JOB = """
@@ -567,6 +597,7 @@ expired AS (
 INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
 SELECT id, name, attempts, 'expired', coalesce(%(now)s, now()), data, expires_at FROM expired
 ON CONFLICT (id) DO NOTHING
+RETURNING name
 """
 
 # Archived jobs older than the retention, one type and one small batch at a time
@@ -581,14 +612,93 @@ WHERE id IN (
 """
 
 
-def archive_expired_jobs(conn: Connection, limit: int, now: datetime | None = None) -> int:
+def archive_expired_jobs(conn: Connection, limit: int, now: datetime | None = None) -> list[str]:
+    """The job type of each job archived as expired (at most `limit`)."""
     with translated_errors():
-        return conn.execute(ARCHIVE_EXPIRED_JOBS, {"limit": limit, "now": now}).rowcount
+        return [name for (name,) in conn.execute(ARCHIVE_EXPIRED_JOBS, {"limit": limit, "now": now})]
 
 
 def delete_old_archived_jobs(conn: Connection, name: str, older_than: timedelta, limit: int, now: datetime | None = None) -> int:
     with translated_errors():
         return conn.execute(DELETE_OLD_ARCHIVED_JOBS, {"name": name, "older_than": older_than, "limit": limit, "now": now}).rowcount
+
+
+# --- the dashboard ---------------------------------------------------------------
+# Each reads the archive one type at a time through (name, created_at), so that a
+# refresh costs what the last day archived, however large the archive has grown.
+
+# Jobs archived in the last hour, per type, minute and status.
+ARCHIVED_PER_MINUTE = """
+SELECT j.name, date_trunc('minute', a.created_at) AS minute, a.status::text, count(*)
+FROM jobs j
+CROSS JOIN LATERAL (
+    SELECT created_at, status FROM archived_jobs
+    WHERE name = j.name AND created_at > coalesce(%(now)s, now()) - interval '1 hour'
+) a
+GROUP BY 1, 2, 3
+ORDER BY 2
+"""
+
+# Jobs archived in the last day, per type and status.
+ARCHIVED_LAST_DAY = """
+SELECT j.name, a.status::text, count(*)
+FROM jobs j
+CROSS JOIN LATERAL (
+    SELECT status FROM archived_jobs
+    WHERE name = j.name AND created_at > coalesce(%(now)s, now()) - interval '1 day'
+) a
+GROUP BY 1, 2
+"""
+
+# Failed and expired jobs of the last day, newest first.
+RECENT_FAILURES = """
+SELECT a.* FROM jobs j
+CROSS JOIN LATERAL (
+    SELECT * FROM archived_jobs
+    WHERE name = j.name AND status IN ('failed', 'expired') AND created_at > coalesce(%(now)s, now()) - interval '1 day'
+    ORDER BY created_at DESC
+    LIMIT %(limit)s
+) a
+ORDER BY a.created_at DESC
+LIMIT %(limit)s
+"""
+
+# Jobs waiting to be sent (cancellable), soonest first.
+WAITING_JOBS = """
+SELECT q.* FROM jobs j
+CROSS JOIN LATERAL (
+    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after LIMIT %(limit)s
+) q
+ORDER BY q.run_after, q.created_at
+LIMIT %(limit)s
+"""
+
+DATABASE_NOW = "SELECT coalesce(%(now)s, now())"
+
+
+def archived_per_minute(conn: Connection, now: datetime | None = None) -> list[tuple[str, datetime, str, int]]:
+    with translated_errors():
+        return conn.execute(ARCHIVED_PER_MINUTE, {"now": now}).fetchall()
+
+
+def archived_last_day(conn: Connection, now: datetime | None = None) -> list[tuple[str, str, int]]:
+    with translated_errors():
+        return conn.execute(ARCHIVED_LAST_DAY, {"now": now}).fetchall()
+
+
+def recent_failures(conn: Connection, limit: int, now: datetime | None = None) -> list[ArchivedJob]:
+    with translated_errors(), conn.cursor(row_factory=class_row(ArchivedJob)) as cur:
+        return cur.execute(RECENT_FAILURES, {"limit": limit, "now": now}).fetchall()
+
+
+def waiting_jobs(conn: Connection, limit: int) -> list[QueuedJob]:
+    with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+        return cur.execute(WAITING_JOBS, {"limit": limit}).fetchall()
+
+
+def database_now(conn: Connection, now: datetime | None = None) -> datetime:
+    with translated_errors():
+        return conn.execute(DATABASE_NOW, {"now": now}).fetchone()[0]
 
 
 # --- notifications -------------------------------------------------------------

@@ -358,6 +358,33 @@ def test_homepage(api):
     assert b"<title>jobrunner</title>" in response.body
 
 
+def test_pause_and_resume(email):
+    paused = email.post("/v1/jobs/email/pause")
+    assert (paused.status, paused.json["concurrency"]) == (200, 0)
+    resumed = email.post("/v1/jobs/email/resume")
+    assert (resumed.status, resumed.json["concurrency"]) == (200, EMAIL["concurrency"])
+    assert email.post("/v1/jobs/email/resume", {"concurrency": 9}).json["concurrency"] == 9
+    assert_error(email.post("/v1/jobs/nope/pause"), 404, "not_found")
+    assert_error(email.post("/v1/jobs/email/resume", {"concurrency": "x"}), 400, "invalid_request")
+    email.post("/v1/jobs/email", {"concurrency": 0})
+    assert_error(email.post("/v1/jobs/email/resume"), 409, "not_paused")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}],
+)
+def test_a_change_sent_by_another_sites_page_is_refused(email, headers):
+    assert_error(email.post("/v1/jobs/email/pause", headers=headers), 403, "cross_origin_request")
+    assert email.get("/v1/jobs/email").json["concurrency"] == EMAIL["concurrency"]
+    assert email.get("/v1/jobs/email", headers=headers).status == 200  # reading is harmless
+
+
+def test_a_change_from_the_servers_own_page_is_accepted(email):
+    own = {"Origin": f"http://127.0.0.1:{email.port}", "Sec-Fetch-Site": "same-origin"}
+    assert email.post("/v1/jobs/email/pause", headers=own).status == 200
+
+
 def test_healthz_needs_no_auth(api):
     response = api.get("/healthz", auth=None)
     assert (response.status, response.json) == (200, {"status": "ok"})

@@ -4,7 +4,7 @@ import pytest
 from conftest import make_type
 
 from jobrunner import services
-from jobrunner.errors import InvalidField, JobTypeExists, UnknownJobType
+from jobrunner.errors import InvalidField, JobTypeExists, NotPaused, UnknownJobType
 
 
 def test_create_get_and_list(conn):
@@ -98,3 +98,28 @@ def test_new_attempts_apply_to_jobs_enqueued_afterwards(conn):
     services.update_job_type(conn, "email", attempts=6)
     after = services.enqueue(conn, new_id(), "email", {})
     assert (services.get_job(conn, before.id).attempts, after.attempts) == (3, 6)
+
+
+def test_pause_keeps_the_concurrency_and_resume_gives_it_back(conn):
+    make_type(conn, "email", concurrency=7)
+
+    assert services.pause_job_type(conn, "email").concurrency == 0
+    assert services.pause_job_type(conn, "email").concurrency == 0  # a second pause keeps the first's memory
+    assert services.resume_job_type(conn, "email").concurrency == 7
+    assert services.resume_job_type(conn, "email").concurrency == 7  # not paused: left as it is
+
+
+def test_resume_with_a_concurrency_and_a_type_stopped_by_hand(conn):
+    make_type(conn, "email", concurrency=7)
+    services.update_job_type(conn, "email", concurrency=0)  # stopped by hand: nothing to go back to
+    with pytest.raises(NotPaused):
+        services.resume_job_type(conn, "email")
+    assert services.resume_job_type(conn, "email", concurrency=3).concurrency == 3
+
+    services.pause_job_type(conn, "email")
+    services.update_job_type(conn, "email", concurrency=2)  # set by hand while paused: it wins
+    assert services.resume_job_type(conn, "email").concurrency == 2
+    with pytest.raises(InvalidField, match="concurrency"):
+        services.resume_job_type(conn, "email", concurrency=0)
+    with pytest.raises(UnknownJobType):
+        services.pause_job_type(conn, "nope")
