@@ -20,23 +20,23 @@ log = logging.getLogger(__name__)
 PARENT_CHECK_INTERVAL = 0.5
 
 
-def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int) -> None:
+def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int, metrics_dir: str) -> None:
     stop = _stop_on_sigterm()
     set_process_title(f"jr-{child_name(kind, number)}")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, stop, config.graceful_timeout), daemon=True).start()
     if kind == "server":
         from . import server
 
-        server.serve(config, sockets["api"], stop, ready=ready.set)
+        server.serve(config, sockets["api"], stop, ready=ready.set, metrics_dir=metrics_dir)
     elif kind == "worker":
         from . import worker
 
-        worker.run(config, stop, ready=ready.set)
+        worker.run(config, stop, ready=ready.set, metrics_dir=metrics_dir)
     elif kind == "watcher":
         from . import watcher
 
         ready.set()
-        watcher.run(config, stop)
+        watcher.run(config, stop, metrics_dir)
     elif kind == "downstream":
         from . import example_downstream
 

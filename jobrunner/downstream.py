@@ -165,6 +165,17 @@ class Downstream:
             return Delivery.MAYBE_DELIVERED, type(error).__name__
 
 
+def error_kind(outcome: Delivery, reason: str) -> str:
+    """What kind of failure a POST's outcome and reason (from `post`) tell, for the metrics."""
+    if outcome is Delivery.UNAVAILABLE:
+        return "unavailable"
+    if reason.startswith("HTTP "):
+        return f"http_{reason[5]}xx"
+    if outcome is Delivery.NOT_DELIVERED:
+        return "connect"
+    return "timeout" if "timeout" in reason.lower() else "cut_off"
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """A 3xx is an answer like any other non-2xx: following it would send the job, and the
     downstream's credentials, wherever the Location header points."""

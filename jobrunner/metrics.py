@@ -1,8 +1,20 @@
-"""Counters and histograms of one process, rendered in the Prometheus text format."""
+"""Counters and histograms in the Prometheus text format, summed across every process of one supervisor.
+
+Each process counts in its own `ServiceMetrics` and a `Publisher` writes them,
+at most a second late, to `<directory>/<pid>.json`. When a child dies, the
+supervisor folds its file into `retired.json` (`retire`), so totals never go
+down when a child is replaced. A server answering /metrics adds them all up
+(`collect`). A child killed with SIGKILL loses what it counted in its last second.
+"""
 
 import bisect
+import json
+import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
+
+from .models import ArchivedJob, QueuedJob
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -12,6 +24,11 @@ def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") ->
     if extra:
         pairs.append(extra)
     return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _number(value: float) -> str:
+    """Whole numbers in full (`:g` would print 1234567 as 1.23457e+06), others as Python's shortest repr."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _escape(value: str) -> str:
@@ -31,11 +48,19 @@ class Counter:
     def value(self, *label_values: str) -> float:
         return self._values.get(label_values, 0)
 
+    def snapshot(self) -> list:
+        with self._lock:
+            return [[list(key), value] for key, value in self._values.items()]
+
+    def add(self, snapshot: list) -> None:
+        for key, value in snapshot:
+            self.inc(*key, amount=value)
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} counter"]
         with self._lock:
             items = sorted(self._values.items())
-        lines += [f"{self.name}{_labels(self.label_names, key)} {value:g}" for key, value in items]
+        lines += [f"{self.name}{_labels(self.label_names, key)} {_number(value)}" for key, value in items]
         return lines
 
 
@@ -52,6 +77,20 @@ class Histogram:
             series[index] += 1
             series[-1] += value
 
+    def count(self, *label_values: str) -> int:
+        return sum(self._series.get(label_values, [0])[:-1])
+
+    def snapshot(self) -> list:
+        with self._lock:
+            return [[list(key), list(series)] for key, series in self._series.items()]
+
+    def add(self, snapshot: list) -> None:
+        with self._lock:
+            for key, values in snapshot:
+                series = self._series.setdefault(tuple(key), [0] * (len(self.buckets) + 1) + [0.0])
+                for index, value in enumerate(values):
+                    series[index] += value
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
         with self._lock:
@@ -64,14 +103,14 @@ class Histogram:
                 bucket_labels = _labels(self.label_names, key, 'le="' + le + '"')
                 lines.append(f"{self.name}_bucket{bucket_labels} {cumulative}")
             lines.append(f"{self.name}_count{_labels(self.label_names, key)} {cumulative}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {series[-1]:g}")
+            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_number(series[-1])}")
         return lines
 
 
 def render_gauges(name: str, doc: str, label: str, values: dict[str, float]) -> list[str]:
     """One gauge, a value per label value, read at scrape time (from the database: the same for every process)."""
     lines = [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
-    return lines + [f"{name}{_labels((label,), (key,))} {value:g}" for key, value in sorted(values.items())]
+    return lines + [f"{name}{_labels((label,), (key,))} {_number(value)}" for key, value in sorted(values.items())]
 
 
 class Registry:
@@ -90,3 +129,138 @@ class Registry:
 
     def render(self) -> str:
         return "\n".join(line for metric in self._metrics for line in metric.render()) + "\n"
+
+    def snapshot(self) -> dict[str, list]:
+        """Every value, by metric name, as JSON can carry it."""
+        return {metric.name: metric.snapshot() for metric in self._metrics}
+
+    def add(self, snapshot: dict[str, list]) -> None:
+        """Add another process's values (metrics this registry does not have are ignored)."""
+        by_name = {metric.name: metric for metric in self._metrics}
+        for name, values in snapshot.items():
+            if name in by_name:
+                by_name[name].add(values)
+
+
+class ServiceMetrics(Registry):
+    """Every metric jobrunner has; each process counts the events it sees."""
+
+    def __init__(self):
+        super().__init__()
+        by_type = ("name",)
+        self.http_requests = self.counter("jobrunner_http_requests_total", "HTTP requests answered, by route and status", ("route", "status"))
+        self.http_latency = self.histogram("jobrunner_http_request_duration_seconds", "HTTP request latency, by route", ("route",))
+        self.enqueued = self.counter("jobrunner_jobs_enqueued_total", "jobs enqueued (PUTs, repeated ones included, and replays), by job type", by_type)
+        self.claimed = self.counter("jobrunner_jobs_claimed_total", "jobs claimed by a worker to be sent, by job type", by_type)
+        self.dispatched = self.counter("jobrunner_jobs_dispatched_total", "jobs the downstream accepted (2xx), by job type", by_type)
+        self.succeeded = self.counter("jobrunner_jobs_succeeded_total", "jobs archived succeeded, by job type", by_type)
+        self.failed = self.counter("jobrunner_jobs_failed_total", "jobs archived failed (no attempt left, or not retryable), by job type", by_type)
+        self.retried = self.counter("jobrunner_jobs_retried_total", "failed attempts queued again with back-off, by job type", by_type)
+        self.expired = self.counter("jobrunner_jobs_expired_total", "jobs archived expired before they were sent, by job type", by_type)
+        self.cancelled = self.counter("jobrunner_jobs_cancelled_total", "queued jobs cancelled, by job type", by_type)
+        self.timed_out = self.counter("jobrunner_jobs_timed_out_total", "sent jobs with no callback within job_timeout, failed by a worker, by job type", by_type)
+        self.stuck = self.counter("jobrunner_jobs_stuck_archived_total", "in-progress jobs failed by the watcher after stuck_job_timeout, by job type", by_type)
+        self.claim_latency = self.histogram("jobrunner_claim_duration_seconds", "time to claim a batch of one type's jobs, by job type", by_type)
+        self.downstream_latency = self.histogram("jobrunner_downstream_request_duration_seconds", "downstream POST latency, whatever its outcome, by job type", by_type)
+        self.downstream_errors = self.counter(
+            "jobrunner_downstream_errors_total",
+            "downstream POSTs not accepted, by job type and kind: unavailable (503), http_4xx, http_5xx, http_3xx, connect, timeout, cut_off",
+            ("name", "kind"),
+        )
+        self.restarts = self.counter("jobrunner_child_restarts_total", "children that died and were started again, by kind", ("kind",))
+        self.reloads = self.counter("jobrunner_reloads_total", "SIGHUP reloads, by result: ok, rejected (bad config), failed (the new children did not start)", ("result",))
+
+    def outcome(self, job: QueuedJob | ArchivedJob) -> None:
+        """Count what a callback, a failure or a cancel made of a job: queued again, or archived."""
+        if isinstance(job, QueuedJob):
+            self.retried.inc(job.name)
+        else:
+            counter = {"succeeded": self.succeeded, "failed": self.failed, "expired": self.expired, "cancelled": self.cancelled}
+            counter[job.status].inc(job.name)
+
+
+# --- across processes ---
+
+RETIRED = "retired.json"
+PUBLISH_INTERVAL = 1.0  # seconds
+
+
+class Publisher:
+    """Write one process's metrics to `<directory>/<pid>.json` while they change, and once more on close."""
+
+    def __init__(self, registry: Registry, directory: str, interval: float = PUBLISH_INTERVAL):
+        self.registry, self.path, self.interval = registry, Path(directory) / f"{os.getpid()}.json", interval
+        self._written: dict | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()
+
+    def publish(self) -> None:
+        snapshot = self.registry.snapshot()
+        if snapshot != self._written:
+            _write_json(self.path, snapshot)
+            self._written = snapshot
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.publish()
+
+
+def write_snapshot(directory: str, registry: Registry) -> None:
+    """Publish this process's metrics now, without a Publisher's thread."""
+    _write_json(Path(directory) / f"{os.getpid()}.json", registry.snapshot())
+
+
+def collect(directory: str, own: Registry) -> ServiceMetrics:
+    """Every process's metrics summed: the live ones' files, the retired ones, and `own` (this process's, fresh).
+
+    The live files are read before retired.json: a child retired in between is
+    then in retired.json's pids, and its file is skipped, so nothing counts twice.
+    """
+    files = {}
+    for path in Path(directory).glob("[0-9]*.json"):
+        snapshot = _read_json(path)
+        if snapshot is not None:
+            files[int(path.stem)] = snapshot
+    retired = _read_json(Path(directory) / RETIRED) or {"pids": [], "metrics": {}}
+    total = ServiceMetrics()
+    total.add(retired["metrics"])
+    skip = set(retired["pids"]) | {os.getpid()}
+    for pid, snapshot in files.items():
+        if pid not in skip:
+            total.add(snapshot)
+    total.add(own.snapshot())
+    return total
+
+
+def retire(directory: str, pid: int) -> None:
+    """Fold a dead process's file into retired.json (only the supervisor calls this, after reaping `pid`)."""
+    path = Path(directory) / f"{pid}.json"
+    snapshot = _read_json(path)
+    if snapshot is None:
+        return
+    retired_path = Path(directory) / RETIRED
+    retired = _read_json(retired_path) or {"pids": [], "metrics": {}}
+    total = ServiceMetrics()
+    total.add(retired["metrics"])
+    total.add(snapshot)
+    _write_json(retired_path, {"pids": [*retired["pids"], pid], "metrics": total.snapshot()})
+    path.unlink()
+
+
+def _write_json(path: Path, value) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, separators=(",", ":")))
+    os.replace(temporary, path)  # readers see the old file or the new one, never half of one
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None

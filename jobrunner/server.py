@@ -37,7 +37,8 @@ from .errors import (
     UnknownJob,
     UnknownJobType,
 )
-from .metrics import Registry, render_gauges
+from . import metrics
+from .metrics import ServiceMetrics, render_gauges
 from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
 
 log = logging.getLogger(__name__)
@@ -489,7 +490,7 @@ class Handler(BaseHTTPRequestHandler):
             job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at)
         except UnknownJobType:
             raise HttpError(404, "job_type_not_found", f"Job type {name!r} not found", instance=f"/v1/jobs/{name}") from None
-        self.server.enqueued.inc(name)
+        self.server.metrics.enqueued.inc(name)
         self._send_json(202, job_json(job))
 
     def _data_too_large(self, data: Any) -> bool:
@@ -512,7 +513,7 @@ class Handler(BaseHTTPRequestHandler):
             job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable)
         except (JobAlreadyArchived, UnknownJob, JobNameMismatch) as error:
             raise HttpError(400, "duplicate_status_request", "This job has already been archived, or was never queued", str(error)) from None
-        self.server.callbacks.inc(status)
+        self.server.metrics.outcome(job)
         self._send_json(200, job_json(job))
 
     def handle_get_job(self, *groups: str) -> None:
@@ -529,6 +530,7 @@ class Handler(BaseHTTPRequestHandler):
         job_id = parse_job_id(id_text)
         with self._db() as conn:
             job = services.replay(conn, job_id, name)
+        self.server.metrics.enqueued.inc(job.name)
         self._send_json(201, job_json(job))
 
     def handle_homepage(self) -> None:
@@ -572,6 +574,7 @@ class Handler(BaseHTTPRequestHandler):
         job_id = parse_job_id(id_text)
         with self._db() as conn:
             job = services.cancel(conn, job_id, name)
+        self.server.metrics.outcome(job)
         self._send_json(200, job_json(job))
 
     def handle_pause(self, name: str) -> None:
@@ -597,7 +600,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def handle_metrics(self) -> None:
-        text = self.server.metrics.render() + "\n".join(self._queue_gauges()) + "\n"
+        server = self.server
+        counted = metrics.collect(server.metrics_dir, server.metrics) if server.metrics_dir else server.metrics
+        text = counted.render() + "\n".join(self._queue_gauges()) + "\n"
         self._send(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _queue_gauges(self) -> list[str]:
@@ -629,7 +634,7 @@ class APIServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, sock: socket.socket, config, pool: store.Pool, registry: Registry):
+    def __init__(self, sock: socket.socket, config, pool: store.Pool, counted: ServiceMetrics, metrics_dir: str | None = None):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
         self.socket.close()
         # Other servers (more processes, or a reload's next generation) accept on the same
@@ -642,16 +647,13 @@ class APIServer(ThreadingHTTPServer):
         self.pool = pool
         self.enqueuer = services.EnqueueBatcher(pool)
         self.callbacks_batcher = services.CallbackBatcher(pool)
-        self.metrics = registry
+        self.metrics = counted  # this process's
+        self.metrics_dir = metrics_dir  # where every process of this supervisor publishes its own (None: this one alone)
         self.users = dict(config.users)
         self.stopping = False
         self.connections: set[Handler] = set()
         self._next_slow_check = 0.0
         self._slots = threading.BoundedSemaphore(config.max_request_threads)
-        self._requests = registry.counter("jobrunner_http_requests_total", "HTTP requests answered, by route and status", ("route", "status"))
-        self._latency = registry.histogram("jobrunner_http_request_duration_seconds", "HTTP request latency, by route", ("route",))
-        self.enqueued = registry.counter("jobrunner_jobs_enqueued_total", "jobs enqueued over HTTP (new or repeated PUTs), by job type", ("name",))
-        self.callbacks = registry.counter("jobrunner_callbacks_total", "status callbacks that took effect, by status", ("status",))
 
     def authorize(self, user: str, password: str) -> bool:
         expected = self.users.get(user)
@@ -660,8 +662,8 @@ class APIServer(ThreadingHTTPServer):
         return expected is not None and matches
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        self._requests.inc(route, str(status))
-        self._latency.observe(seconds, route)
+        self.metrics.http_requests.inc(route, str(status))
+        self.metrics.http_latency.observe(seconds, route)
 
     def service_actions(self) -> None:
         """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
@@ -708,7 +710,7 @@ class APIServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
-        self._requests.inc("busy", "503")
+        self.metrics.http_requests.inc("busy", "503")
 
     def stop(self) -> None:
         """Stop accepting, close kept-alive connections once quiet, and wait for in-flight requests.
@@ -740,13 +742,18 @@ def _hang_up(handler: "Handler") -> None:
         handler.connection.shutdown(socket.SHUT_RDWR)
 
 
-def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
+def serve(
+    config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None, metrics_dir: str | None = None
+) -> None:
     """Answer HTTP on `sock` until `stop` is set, then stop gracefully; the caller owns `sock`'s binding.
 
     `ready` is called once requests are being served and the database has answered.
+    /metrics adds up what every process publishes in `metrics_dir` (see metrics.py).
     """
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
-    server = APIServer(sock, config, pool, Registry())
+    counted = ServiceMetrics()
+    publisher = metrics.Publisher(counted, metrics_dir) if metrics_dir else None
+    server = APIServer(sock, config, pool, counted, metrics_dir)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
     thread.start()
     if ready and _database_answers(pool, stop):
@@ -757,6 +764,8 @@ def serve(config, sock: socket.socket, stop: threading.Event, ready: Callable[[]
         server.stop()
         thread.join()
         pool.close()
+        if publisher:
+            publisher.close()
 
 
 def _database_answers(pool: store.Pool, stop: threading.Event) -> bool:

@@ -16,13 +16,14 @@ import math
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 from . import store
-from .downstream import Delivery, Downstream
+from .downstream import Delivery, Downstream, error_kind
 from .errors import (
     DatabaseUnavailable,
     InvalidField,
@@ -57,6 +58,7 @@ from .models import (
     validate_delivery_strategy,
     validate_job_type_name,
 )
+from .metrics import ServiceMetrics
 from .store import Claim, Connection
 
 # How long a dispatched job may wait for its callback before it counts as failed.
@@ -429,34 +431,33 @@ def handle_status_callback(
         return _fail(conn, locked, attempt, retryable, now)
 
 
-def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | None = None) -> int:
+def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | None = None) -> list[QueuedJob | ArchivedJob]:
     """Fail every in-progress job not updated within `older_than`, as a failed retryable callback would.
 
-    Returns how many jobs it failed. Jobs are locked first, so a real callback
+    Returns what became of each job it failed. Jobs are locked first, so a real callback
     racing with this either waits and then finds the job moved on (stale), or
     wins and the job is no longer stuck. A job that cannot be failed is logged
     and skipped (its own savepoint), so it never holds up the others.
     """
-    failed = 0
+    failed: list[QueuedJob | ArchivedJob] = []
     while True:
         with store.transaction(conn):
             stuck = store.lock_stuck_jobs(conn, older_than, STUCK_JOBS_BATCH, now)
-            handled = sum(_fail_stuck(conn, locked, now) for locked in stuck)
+            handled = [result for locked in stuck if (result := _fail_stuck(conn, locked, now)) is not None]
         failed += handled
-        if len(stuck) < STUCK_JOBS_BATCH or handled == 0:
+        if len(stuck) < STUCK_JOBS_BATCH or not handled:
             return failed
 
 
-def _fail_stuck(conn: Connection, locked: store.LockedJob, now: datetime | None) -> bool:
+def _fail_stuck(conn: Connection, locked: store.LockedJob, now: datetime | None) -> QueuedJob | ArchivedJob | None:
     try:
         with store.transaction(conn):
-            _fail(conn, locked, locked.job.attempts, retryable=True, now=now)
-        return True
+            return _fail(conn, locked, locked.job.attempts, retryable=True, now=now)
     except JobrunnerError as error:
         if isinstance(error, DatabaseUnavailable):
             raise
         log.error("could not fail stuck job %s: %s", locked.job.job_id, error)
-        return False
+        return None
 
 
 def record_not_delivered(conn: Connection, job: QueuedJob, now: datetime | None = None) -> QueuedJob | ArchivedJob:
@@ -539,13 +540,15 @@ class JobProcessor:
         stop: threading.Event,
         timeout: timedelta = DEFAULT_TIMEOUT,
         sleep_factor: float = 2.0,
+        counted: ServiceMetrics | None = None,
     ):
         self.pool, self.downstream, self.stop = pool, downstream, stop
         self.timeout, self.sleep_factor = timeout, sleep_factor
+        self.metrics = counted or ServiceMetrics()
 
     def do_work(self, job: QueuedJob) -> Delivery | None:
         """Send one attempt and record what is certain; None when the job expired before it could be resent."""
-        outcome, reason = self.downstream.post(job)
+        outcome, reason = self._post(job)
         for resend in range(UNAVAILABLE_RESENDS):
             # 503: the downstream is busy; try again soon without using an attempt
             if outcome is not Delivery.UNAVAILABLE:
@@ -554,20 +557,32 @@ class JobProcessor:
                 break
             if job.expires_at is not None and job.expires_at <= datetime.now(timezone.utc):
                 with self.pool.connection() as conn:
-                    if expire_in_progress(conn, job) is not None:
-                        return None
-            outcome, reason = self.downstream.post(job)
+                    expired = expire_in_progress(conn, job)
+                if expired is not None:
+                    self.metrics.outcome(expired)
+                    return None
+            outcome, reason = self._post(job)
         if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE):
             log.info("job %s (%s) not delivered: %s", job.job_id, job.name, reason)
             try:
                 with self.pool.connection() as conn:
-                    record_not_delivered(conn, job)
+                    self.metrics.outcome(record_not_delivered(conn, job))
             except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
                 pass  # a callback came first after all
             return Delivery.NOT_DELIVERED
         if outcome is Delivery.MAYBE_DELIVERED:
             log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
         return outcome
+
+    def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
+        started = time.perf_counter()
+        outcome, reason = self.downstream.post(job)
+        self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
+        if outcome is Delivery.ACCEPTED:
+            self.metrics.dispatched.inc(job.name)
+        else:
+            self.metrics.downstream_errors.inc(job.name, error_kind(outcome, reason))
+        return outcome, reason
 
     def sleep_duration(self, failed_attempts: int) -> float:
         return get_sleep_duration(self.sleep_factor, failed_attempts).total_seconds()

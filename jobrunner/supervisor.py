@@ -21,12 +21,15 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_for
 
+from . import metrics
 from .config import Config, ConfigError, changes_needing_restart
 from .systemd import Notifier
 
@@ -84,10 +87,19 @@ class Supervisor:
         self.signals: list[int] = []
         self._wake_read, self._wake_write = os.pipe()
         self._last_watchdog = 0.0
+        self.metrics = metrics.ServiceMetrics()  # restarts and reloads; the children count the rest
+        self.metrics_dir = ""  # where every process publishes its metrics, for the servers to add up
 
     # --- the main loop ---
 
     def run(self) -> int:
+        self.metrics_dir = tempfile.mkdtemp(prefix="jobrunner-metrics-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         set_process_title("jr-supervisor")
         preload_children_code()
         self._install_signal_handlers()
@@ -177,7 +189,7 @@ class Supervisor:
         process = self.context.Process(
             target=child_main,
             name=name,
-            args=(kind, number, self.config, self.sockets, ready, os.getpid()),
+            args=(kind, number, self.config, self.sockets, ready, os.getpid(), self.metrics_dir),
             daemon=False,
         )
         # Signals stay pending until the child has its own handlers (it unblocks them):
@@ -202,6 +214,7 @@ class Supervisor:
             self.children.remove(child)
             pid = child.process.pid
             child.process.close()
+            metrics.retire(self.metrics_dir, pid)  # its counts stay in the totals
             if child.retiring_since is not None or self.stopping:
                 continue
             lived = time.monotonic() - child.started
@@ -215,6 +228,7 @@ class Supervisor:
                 delay = 0.0
             log.warning("%s (pid %d) exited with code %s; restarting it in %.1f s", child.name, pid, code, delay)
             self.restart_at[child.name] = time.monotonic() + delay
+            self._count(self.metrics.restarts, child.kind)
 
     def manage_children(self) -> None:
         """Start what is missing (when its restart is due) and retire workers beyond the count."""
@@ -246,6 +260,7 @@ class Supervisor:
             new = self.reload_config()
         except ConfigError as error:
             log.error("SIGHUP: the new configuration is invalid, keeping the running one: %s", error)
+            self._count(self.metrics.reloads, "rejected")
             return
         kept = changes_needing_restart(self.config, new)
         if kept:
@@ -261,10 +276,12 @@ class Supervisor:
                 if child.generation == self.generation:
                     self.retire(child)
             self.config = old_config
+            self._count(self.metrics.reloads, "failed")
         else:
             for child in old:
                 self.retire(child)
             log.info("SIGHUP: reloaded (generation %d)", self.generation)
+            self._count(self.metrics.reloads, "ok")
         self.notifier.ready(self.status())
 
     def stop(self, graceful: bool) -> None:
@@ -296,6 +313,11 @@ class Supervisor:
                 if child.process.exitcode is not None or time.monotonic() > deadline:
                     return False
         return True
+
+    def _count(self, counter: metrics.Counter, label: str) -> None:
+        """Count a supervisor event and publish at once: these are rare, and no thread of ours runs across a fork."""
+        counter.inc(label)
+        metrics.write_snapshot(self.metrics_dir, self.metrics)
 
     def _starting(self) -> bool:
         return not all(child.ready.is_set() for child in self.current())

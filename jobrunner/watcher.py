@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from . import services, store
 from .errors import DatabaseUnavailable
+from .metrics import Publisher, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class Round:
 
 
 class Watcher:
-    def __init__(self, config, connection: Callable[[], ContextManager[store.Connection]]):
+    def __init__(self, config, connection: Callable[[], ContextManager[store.Connection]], counted: ServiceMetrics | None = None):
         self.connection = connection
+        self.metrics = counted or ServiceMetrics()
         self.interval = config.stuck_job_interval
         self.stuck_after = timedelta(seconds=config.stuck_job_timeout)
         self.retention = timedelta(days=config.archive_retention_days) if config.archive_retention_days else None
@@ -44,12 +46,21 @@ class Watcher:
         """One round; what it changed."""
         with self.connection() as conn:
             stuck = services.archive_stuck_jobs(conn, self.stuck_after, now)
-            expired = _repeat(lambda: store.archive_expired_jobs(conn, BATCH, now))
+            for job in stuck:
+                self.metrics.stuck.inc(job.name)
+                self.metrics.outcome(job)
+            expired = _repeat(lambda: self._archive_expired(conn, now))
             deleted = 0
             if self.retention is not None:
                 for job_type in store.list_job_types(conn):
                     deleted += _repeat(lambda: store.delete_old_archived_jobs(conn, job_type.name, self.retention, BATCH, now))
-        return Round(stuck, expired, deleted)
+        return Round(len(stuck), expired, deleted)
+
+    def _archive_expired(self, conn: store.Connection, now: datetime | None) -> int:
+        names = store.archive_expired_jobs(conn, BATCH, now)
+        for name in names:
+            self.metrics.expired.inc(name)
+        return len(names)
 
     def run(self, stop: threading.Event) -> None:
         """`run_once` every interval, anchored to the start so that the rounds never drift."""
@@ -75,9 +86,15 @@ def _repeat(batch) -> int:
             return total
 
 
-def run(config, stop: threading.Event) -> None:
+def run(config, stop: threading.Event, metrics_dir: str | None = None) -> None:
     def connection():
         # one connection per round, closed after it: the watcher holds none while it waits
         return contextlib.closing(store.connect(config.database_url, "watcher", connect_timeout=max(2, round(config.db_timeout))))
 
-    Watcher(config, connection).run(stop)
+    counted = ServiceMetrics()
+    publisher = Publisher(counted, metrics_dir) if metrics_dir else None
+    try:
+        Watcher(config, connection, counted).run(stop)
+    finally:
+        if publisher:
+            publisher.close()

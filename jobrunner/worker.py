@@ -22,6 +22,7 @@ from datetime import timedelta
 from . import services, store
 from .downstream import Downstream
 from .errors import JobrunnerError
+from .metrics import Publisher, ServiceMetrics
 from .models import QueuedJob
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,14 @@ class OutageLog:
 
 
 class Worker:
-    def __init__(self, config, stop: threading.Event | None = None):
+    def __init__(self, config, stop: threading.Event | None = None, counted: ServiceMetrics | None = None):
         self.config = config
         self.stop_event = stop or threading.Event()
+        self.metrics = counted or ServiceMetrics()
         self.pool = store.Pool(config.database_url, config.worker_pool_size, config.db_timeout, name="worker")
         downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
         self.processor = services.JobProcessor(
-            self.pool, downstream, self.stop_event, timedelta(seconds=config.job_timeout), config.sleep_factor
+            self.pool, downstream, self.stop_event, timedelta(seconds=config.job_timeout), config.sleep_factor, self.metrics
         )
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
@@ -129,8 +131,11 @@ class Worker:
         self._next_stuck_check = now + min(max(timeout / 10, 0.05), 10.0)
         with self.pool.connection() as conn:
             failed = services.archive_stuck_jobs(conn, self.processor.timeout)
+        for job in failed:
+            self.metrics.timed_out.inc(job.name)
+            self.metrics.outcome(job)
         if failed:
-            log.info("%d jobs not called back within %.0f s counted as failed", failed, timeout)
+            log.info("%d jobs not called back within %.0f s counted as failed", len(failed), timeout)
 
     def _claim(self, name: str, now: float) -> int:
         limit = self._take_threads(MAX_CLAIM, name)
@@ -138,12 +143,18 @@ class Worker:
             self._due_at.pop(name, None)  # the next free dispatch thread wakes it (no spinning till then)
             return 0
         claimed = 0
+        started = time.perf_counter()
         try:
             with self.pool.connection() as conn:
                 claim = services.claim(conn, name, limit)
             claimed = len(claim.jobs)
         finally:
             self._give_back_threads(limit - claimed)
+        self.metrics.claim_latency.observe(time.perf_counter() - started, name)
+        if claim.jobs:
+            self.metrics.claimed.inc(name, amount=len(claim.jobs))
+        if claim.expired:
+            self.metrics.expired.inc(name, amount=len(claim.expired))
         for job in claim.jobs:
             self.dispatch.submit(self._dispatch, job)
         if len(claim.jobs) == limit:
@@ -233,9 +244,15 @@ class Worker:
             listener.close()
 
 
-def run(config, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
+def run(config, stop: threading.Event, ready: Callable[[], None] | None = None, metrics_dir: str | None = None) -> None:
     """The worker process's body: run until `stop` is set; `ready` is called once it has reached the database."""
-    worker = Worker(config, stop)
+    counted = ServiceMetrics()
+    publisher = Publisher(counted, metrics_dir) if metrics_dir else None
+    worker = Worker(config, stop, counted)
     stopper = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     stopper.start()
-    worker.run(ready)
+    try:
+        worker.run(ready)
+    finally:
+        if publisher:
+            publisher.close()

@@ -28,7 +28,7 @@ def test_migrate_applies_the_schema_to_database_url(make_database):
     conn = store.connect(url)
     tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     conn.close()
-    assert tables == {"jobs", "queued_jobs", "archived_jobs"}
+    assert tables == {"jobs", "queued_jobs", "archived_jobs", "jobrunner_paused_job_types"}
 
 
 def test_migrate_without_a_database_names_the_setting():

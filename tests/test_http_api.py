@@ -401,7 +401,7 @@ def test_metrics_count_requests_enqueues_and_callbacks(email):
     assert 'jobrunner_http_requests_total{route="enqueue",status="202"} 1' in text
     assert 'jobrunner_http_requests_total{route="get_job_type",status="404"} 1' in text
     assert 'jobrunner_jobs_enqueued_total{name="email"} 1' in text
-    assert 'jobrunner_callbacks_total{status="succeeded"} 1' in text
+    assert 'jobrunner_jobs_succeeded_total{name="email"} 1' in text
     assert 'jobrunner_http_request_duration_seconds_count{route="enqueue"} 1' in text
 
 

@@ -28,7 +28,7 @@ def test_only_jobs_in_progress_longer_than_the_timeout_are_failed(conn):
         never_claimed = services.enqueue(conn, new_id(), "email", {}, run_after=now() - timedelta(hours=1))
         clock.tick(timedelta(minutes=2, seconds=1))
 
-        assert services.archive_stuck_jobs(conn, TIMEOUT, now=now()) == 2
+        assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=now())) == 2
 
         retried = services.get_job(conn, stuck_email.id)
         assert (retried.status, retried.attempts, retried.run_after) == (QUEUED, 2, now() + timedelta(seconds=2))
@@ -36,7 +36,7 @@ def test_only_jobs_in_progress_longer_than_the_timeout_are_failed(conn):
         assert (archived.status, archived.attempts) == (FAILED, 0)
         assert services.get_job(conn, recent.id).status == IN_PROGRESS
         assert services.get_job(conn, never_claimed.id).status == QUEUED
-        assert services.archive_stuck_jobs(conn, TIMEOUT, now=now()) == 0
+        assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=now())) == 0
 
 
 def enqueue_and_now(conn):
@@ -50,7 +50,7 @@ def test_more_stuck_jobs_than_one_batch_are_all_failed(conn):
     claimed_at = now()
     assert len(services.claim(conn, "email", limit=250, now=claimed_at).jobs) == 250
 
-    assert services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT + timedelta(seconds=1)) == 250
+    assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT + timedelta(seconds=1))) == 250
     assert conn.execute("SELECT count(*) FROM queued_jobs WHERE status = 'queued' AND attempts = 2").fetchone()[0] == 250
 
 
@@ -64,10 +64,10 @@ def test_a_callback_in_flight_is_not_clobbered(conn, connect):
     callback = connect()
     with callback.transaction():
         assert store.lock_job(callback, job.id) is not None  # the callback holds the job...
-        assert services.archive_stuck_jobs(conn, TIMEOUT, now=late) == 0  # ...so the watcher skips it
+        assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=late)) == 0  # ...so the watcher skips it
         services.handle_status_callback(callback, job.id, "email", "succeeded", 3)
 
-    assert services.archive_stuck_jobs(conn, TIMEOUT, now=late) == 0
+    assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=late)) == 0
     assert services.get_job(conn, job.id).status == SUCCEEDED
 
 
@@ -76,7 +76,7 @@ def test_a_late_callback_after_the_watcher_failed_the_job_is_stale(conn):
     job = services.enqueue(conn, new_id(), "email", {})
     claimed_at = now()
     services.claim(conn, "email", limit=1, now=claimed_at)
-    assert services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT * 2) == 1
+    assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT * 2)) == 1
 
     try:
         services.handle_status_callback(conn, job.id, "email", "failed", 3)
@@ -98,7 +98,7 @@ def test_a_job_left_both_queued_and_archived_by_rickover_is_cleaned_up_without_h
         (jobs[0].id,),
     )
 
-    assert services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT * 2) == 2
+    assert len(services.archive_stuck_jobs(conn, TIMEOUT, now=claimed_at + TIMEOUT * 2)) == 2
 
     assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
     assert services.get_job(conn, jobs[0].id).status == SUCCEEDED  # the first outcome stands

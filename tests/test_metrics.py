@@ -1,0 +1,173 @@
+"""/metrics covers the whole service: every process's counts, added up, surviving restarts and reloads."""
+
+import json
+import os
+import re
+import signal
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import downstream_stub as stub
+import pytest
+from conftest import wait_until
+from test_supervisor import Service, downstream, running_service  # noqa: F401 (downstream is a fixture)
+
+from jobrunner import metrics
+
+SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, labels, value = SAMPLE.match(line).groups()
+            pairs = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels or ""))
+            samples[name, pairs] = float(value)
+    return samples
+
+
+def sample(samples: dict, metric: str, **labels: str) -> float:
+    return samples.get((metric, frozenset(labels.items())), 0.0)
+
+
+# --- one registry, and several processes' files ---------------------------------
+
+
+def test_counts_from_live_and_retired_processes_add_up_and_never_go_down(tmp_path):
+    own, worker, dead = metrics.ServiceMetrics(), metrics.ServiceMetrics(), metrics.ServiceMetrics()
+    own.enqueued.inc("email", amount=3)
+    worker.claimed.inc("email", amount=2_000_000)
+    worker.claim_latency.observe(0.003, "email")
+    dead.claimed.inc("email", amount=5)
+    dead.claim_latency.observe(20.0, "email")
+    for pid, registry in ((1001, worker), (1002, dead)):
+        (tmp_path / f"{pid}.json").write_text(json.dumps(registry.snapshot()))
+
+    before = parse(metrics.collect(str(tmp_path), own).render())
+    metrics.retire(str(tmp_path), 1002)
+    after = parse(metrics.collect(str(tmp_path), own).render())
+
+    assert not (tmp_path / "1002.json").exists()
+    for samples in (before, after):
+        assert sample(samples, "jobrunner_jobs_enqueued_total", name="email") == 3
+        assert sample(samples, "jobrunner_jobs_claimed_total", name="email") == 2_000_005
+        assert sample(samples, "jobrunner_claim_duration_seconds_count", name="email") == 2
+        assert sample(samples, "jobrunner_claim_duration_seconds_bucket", name="email", le="0.005") == 1
+        assert sample(samples, "jobrunner_claim_duration_seconds_bucket", name="email", le="+Inf") == 2
+    assert "jobrunner_jobs_claimed_total{name=\"email\"} 2000005\n" in metrics.collect(str(tmp_path), own).render()
+
+
+def test_a_file_both_retired_and_still_present_counts_once(tmp_path):
+    # the supervisor is killed between writing retired.json and removing the file
+    dead = metrics.ServiceMetrics()
+    dead.claimed.inc("email")
+    (tmp_path / "1002.json").write_text(json.dumps(dead.snapshot()))
+    metrics.retire(str(tmp_path), 1002)
+    (tmp_path / "1002.json").write_text(json.dumps(dead.snapshot()))
+
+    samples = parse(metrics.collect(str(tmp_path), metrics.ServiceMetrics()).render())
+
+    assert sample(samples, "jobrunner_jobs_claimed_total", name="email") == 1
+
+
+def test_the_publisher_writes_what_changed_and_once_more_on_close(tmp_path):
+    registry = metrics.ServiceMetrics()
+    publisher = metrics.Publisher(registry, str(tmp_path), interval=0.01)
+    registry.dispatched.inc("email")
+    path = tmp_path / f"{os.getpid()}.json"
+    wait_until(lambda: path.exists() and "dispatched" in path.read_text(), "the first snapshot")
+    registry.dispatched.inc("email")
+    publisher.close()
+
+    other = metrics.ServiceMetrics()
+    other.add(json.loads(path.read_text()))
+    assert other.dispatched.value("email") == 2
+
+
+# --- the real service -------------------------------------------------------------
+
+
+def scrape(service: Service) -> dict:
+    response = service.api.get("/metrics")
+    assert response.status == 200, response.body
+    return parse(response.body.decode())
+
+
+def put(service: Service, name: str, data: dict, **fields) -> None:
+    response = service.api.put(f"/v1/jobs/{name}/job_{uuid.uuid4()}", {"data": data, **fields})
+    assert response.status == 202, response.body
+
+
+EXPECTED = {
+    ("jobrunner_jobs_enqueued_total", "email"): 6,
+    ("jobrunner_jobs_enqueued_total", "sms"): 1,
+    ("jobrunner_jobs_claimed_total", "email"): 6,  # the flaky job twice, the expired one never
+    ("jobrunner_jobs_claimed_total", "sms"): 1,
+    ("jobrunner_jobs_dispatched_total", "email"): 5,
+    ("jobrunner_jobs_dispatched_total", "sms"): 1,
+    ("jobrunner_jobs_succeeded_total", "email"): 5,
+    ("jobrunner_jobs_retried_total", "email"): 1,
+    ("jobrunner_jobs_failed_total", "sms"): 1,
+    ("jobrunner_jobs_expired_total", "email"): 1,
+    ("jobrunner_downstream_request_duration_seconds_count", "email"): 6,
+}
+
+
+def differences(samples: dict) -> dict:
+    """Expected counts not (or not yet) reached: {(metric, type): (expected, seen)}."""
+    seen = {key: sample(samples, key[0], name=key[1]) for key in EXPECTED}
+    return {key: (value, seen[key]) for key, value in EXPECTED.items() if seen[key] != value}
+
+
+def wait_for_expected(service: Service) -> None:
+    try:
+        wait_until(lambda: not differences(scrape(service)), "every count", timeout=20)
+    except AssertionError:
+        raise AssertionError(f"counts differ (expected, seen): {differences(scrape(service))}") from None
+
+
+@pytest.mark.parametrize("servers", [2])
+def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, downstream, servers):  # noqa: F811
+    posts_of_flaky = []
+
+    def policy(post):
+        if post.body["data"].get("flaky"):
+            posts_of_flaky.append(post)
+            return stub.ERROR_500 if len(posts_of_flaky) == 1 else stub.ACCEPT
+        return stub.ACCEPT_AND_FAIL if post.name == "sms" else stub.ACCEPT
+
+    downstream.policy = policy
+    with running_service(db_url, downstream.url, JOBRUNNER_SERVERS=str(servers)) as service:
+        downstream.api_port = service.port
+        api = service.api
+        for name, attempts in (("email", 2), ("sms", 1)):
+            assert api.post("/v1/jobs", {"name": name, "delivery_strategy": "at_least_once", "attempts": attempts, "concurrency": 5}).status == 201
+        for n in range(4):
+            put(service, "email", {"n": n})
+        put(service, "email", {"flaky": True})  # a 500, then retried after 2 s
+        put(service, "sms", {})  # the downstream calls back failed; no attempt left
+        past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+        put(service, "email", {}, expires_at=past)
+
+        wait_for_expected(service)
+        samples = scrape(service)
+        assert sample(samples, "jobrunner_downstream_errors_total", name="email", kind="http_5xx") == 1
+        assert sample(samples, "jobrunner_http_requests_total", route="record_status", status="200") == 6
+        assert sample(samples, "jobrunner_claim_duration_seconds_count", name="sms") >= 1  # empty claims count too
+
+        worker = service.children()["jr-worker-1"]
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: service.children().get("jr-worker-1") not in (None, worker), "worker-1 to be replaced")
+        wait_until(lambda: sample(scrape(service), "jobrunner_child_restarts_total", kind="worker") == 1, "the restart counted")
+
+        service.signal(signal.SIGHUP)
+        wait_until(lambda: sample(scrape(service), "jobrunner_reloads_total", result="ok") == 1, "the reload counted")
+        with open(service.config_path, "a") as file:
+            file.write("log_level = LOUD\n")
+        service.signal(signal.SIGHUP)
+        wait_until(lambda: sample(scrape(service), "jobrunner_reloads_total", result="rejected") == 1, "the bad reload counted")
+
+        # whichever server answers, nothing counted before the kill and the reload went missing
+        for _ in range(6):
+            assert differences(scrape(service)) == {}
