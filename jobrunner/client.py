@@ -71,6 +71,15 @@ class Client:
         body = {key: value for key, value in (("attempts", attempts), ("concurrency", concurrency)) if value is not None}
         return self._request("POST", f"/v1/jobs/{_quote(name)}", body)
 
+    def pause(self, name: str) -> dict:
+        """Concurrency 0 (jobs in flight finish); the old concurrency is kept for `resume`."""
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/pause")
+
+    def resume(self, name: str, concurrency: int | None = None) -> dict:
+        """Back to the concurrency it had when paused, or `concurrency`."""
+        body = {} if concurrency is None else {"concurrency": concurrency}
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/resume", body)
+
     # --- jobs ---
 
     def enqueue(self, name: str, data: Any, id: str | None = None, run_after: datetime | str | None = None,

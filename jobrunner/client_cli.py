@@ -29,7 +29,7 @@ def add_parsers(commands) -> None:
     common.add_argument("--password", default=os.environ.get("JOBRUNNER_API_PASSWORD"), help="(default: $JOBRUNNER_API_PASSWORD, else .jobrunner/api-password)")
     common.add_argument("--json", action="store_true", help="print the API's answer as JSON")
 
-    types = commands.add_parser("types", help="list, create or change job types").add_subparsers(dest="action", required=True)
+    types = commands.add_parser("types", help="list, create, change, pause or resume job types").add_subparsers(dest="action", required=True)
     types.add_parser("list", parents=[common], help="every job type with its counts")
     create = types.add_parser("create", parents=[common], help="a new job type")
     create.add_argument("name")
@@ -40,6 +40,10 @@ def add_parsers(commands) -> None:
     update.add_argument("name")
     update.add_argument("--attempts", type=int)
     update.add_argument("--concurrency", type=int)
+    types.add_parser("pause", parents=[common], help="concurrency 0, the old one kept for resume").add_argument("name")
+    resume = types.add_parser("resume", parents=[common], help="back to the concurrency it had when paused")
+    resume.add_argument("name")
+    resume.add_argument("--concurrency", type=int, help="this concurrency instead")
 
     enqueue = commands.add_parser("enqueue", parents=[common], help="enqueue one job")
     enqueue.add_argument("name")
@@ -97,8 +101,8 @@ def _types_list(client: Client, args) -> int:
     types = client.types()
     if args.json:
         return _print_json(types)
-    columns = ("name", "delivery_strategy", "attempts", "concurrency")
-    _table([[str(t.get(c, "")) for c in columns] for t in types], ["NAME", "STRATEGY", "ATTEMPTS", "CONCURRENCY"])
+    columns = ("name", "delivery_strategy", "attempts", "concurrency", "queued", "due", "in_progress")
+    _table([[str(t.get(c, "")) for c in columns] for t in types], ["NAME", "STRATEGY", "ATTEMPTS", "CONCURRENCY", "QUEUED", "DUE", "IN PROGRESS"])
     return 0
 
 
@@ -113,6 +117,16 @@ def _types_update(client: Client, args) -> int:
         raise UsageError("give --attempts or --concurrency")
     updated = client.update_type(args.name, args.attempts, args.concurrency)
     return _print_json(updated) if args.json else _say(f"{updated['name']}: {updated['attempts']} attempts, concurrency {updated['concurrency']}")
+
+
+def _types_pause(client: Client, args) -> int:
+    paused = client.pause(args.name)
+    return _print_json(paused) if args.json else _say(f"{paused['name']} paused (concurrency 0)")
+
+
+def _types_resume(client: Client, args) -> int:
+    resumed = client.resume(args.name, args.concurrency)
+    return _print_json(resumed) if args.json else _say(f"{resumed['name']} resumed: concurrency {resumed['concurrency']}")
 
 
 def _enqueue(client: Client, args) -> int:
@@ -189,6 +203,8 @@ _COMMANDS = {
     ("types", "list"): _types_list,
     ("types", "create"): _types_create,
     ("types", "update"): _types_update,
+    ("types", "pause"): _types_pause,
+    ("types", "resume"): _types_resume,
     ("enqueue", None): _enqueue,
     ("job", "get"): _job("get"),
     ("job", "replay"): _job("replay"),

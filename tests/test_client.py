@@ -29,6 +29,10 @@ def test_job_types_are_created_listed_read_and_updated(client):
     assert [t["name"] for t in client.types()] == ["email"]
     assert client.update_type("email", concurrency=0)["concurrency"] == 0
     assert client.type("email")["concurrency"] == 0
+    assert client.update_type("email", concurrency=4)["concurrency"] == 4
+    assert client.pause("email")["concurrency"] == 0
+    assert client.resume("email")["concurrency"] == 4
+    assert client.resume("email", concurrency=6)["concurrency"] == 6
 
 
 def test_enqueue_makes_an_id_and_is_idempotent_under_a_given_one(client):

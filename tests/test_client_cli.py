@@ -21,14 +21,19 @@ def jr(api):
     return run
 
 
-def test_types_are_created_listed_and_paused(jr):
+def test_types_are_created_listed_paused_and_resumed(jr):
     created = jr("types", "create", "email", "--attempts", "4", "--concurrency", "2")
     assert created.returncode == 0, created.stderr
     assert created.stdout.strip() == "created email: at_least_once, 4 attempts, concurrency 2"
     listing = jr("types", "list")
-    assert listing.stdout.split("\n")[1].split() == ["email", "at_least_once", "4", "2"]
-    assert jr("types", "update", "email", "--concurrency", "0").stdout.strip() == "email: 4 attempts, concurrency 0"
+    assert listing.stdout.split("\n")[1].split() == ["email", "at_least_once", "4", "2", "0", "0", "0"]
+    assert jr("types", "pause", "email").stdout.strip() == "email paused (concurrency 0)"
     assert json.loads(jr("types", "list", "--json").stdout)[0]["concurrency"] == 0
+    assert jr("types", "resume", "email").stdout.strip() == "email resumed: concurrency 2"
+    assert jr("types", "update", "email", "--concurrency", "0").stdout.strip() == "email: 4 attempts, concurrency 0"
+    not_paused = jr("types", "resume", "email")
+    assert not_paused.returncode == 1 and "409 not_paused" in not_paused.stderr
+    assert jr("types", "resume", "email", "--concurrency", "3").stdout.strip() == "email resumed: concurrency 3"
 
 
 def test_a_job_is_enqueued_read_cancelled_and_replayed(jr):
