@@ -55,7 +55,7 @@ def migrate(database_url: str) -> None:
 def database(config: Config) -> Iterator[Config]:
     """The config to run with: as given, or with a private cluster (and a generated user) when DATABASE_URL is unset."""
     if config.database_url:
-        if not config.users:
+        if not config.users and not config.authorizer:
             raise ConfigError("JOBRUNNER_USERS (users): no API users configured; set name:password pairs")
         yield config
         return
@@ -142,15 +142,21 @@ def work(config: Config) -> None:
 
     if not config.database_url:
         raise ConfigError("DATABASE_URL (database_url): a worker needs the database the server uses")
-    if not config.downstream_url:
+    if not config.downstream_url and not config.default_worker:
         raise ConfigError("DOWNSTREAM_URL (downstream_url): where should jobs be sent?")
     stop = stop_on_signals()
     log.info("worker sending jobs to %s", config.downstream_url)
     worker.run(config, stop)
 
 
-def run(config: Config, reread: Callable[[], Config]) -> int:
-    """The service: a supervisor with a server, workers and a watcher (and, in development, an example downstream)."""
+def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """The service: a supervisor with a server, workers and a watcher (and, in development, an example downstream).
+
+    Until SIGTERM or SIGINT; the exit status. On SIGHUP the children restart with
+    `reread()`'s config (default: `config` again). `jobrunner run` and
+    `jobrunner.run(config)` from an application's own entry point both come here.
+    """
+    reread = reread or (lambda: config)
     from .supervisor import Supervisor
     from .systemd import Notifier
 

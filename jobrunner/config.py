@@ -13,6 +13,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .plugins import import_factory
+
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the setting and where it is set."""
@@ -76,6 +78,25 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _import_path(text: str) -> str:
+    """`package.module:factory`, importable now (so that a typo fails at start, not in a child); empty for the built-in."""
+    if text.strip():
+        import_factory(text)
+    return text.strip()
+
+
+def _job_workers(text: str) -> tuple[tuple[str, str], ...]:
+    """`type=package.module:factory,type2=...`: the job types served by their own worker."""
+    chosen = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, path = entry.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"must be job_type=package.module:factory pairs separated by commas, not {entry!r}")
+        import_factory(path)
+        chosen.append((name.strip(), path.strip()))
+    return tuple(chosen)
+
+
 def _log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -100,6 +121,7 @@ SETTINGS = (
     Setting("host", "JOBRUNNER_HOST", str, "0.0.0.0", "address the HTTP server listens on", True),
     Setting("port", "PORT", _int(0, 65535), "9090", "port the HTTP server listens on", True),
     Setting("users", "JOBRUNNER_USERS", _users, "", "API users for HTTP Basic auth: name:password,name2:password2", secret=True),
+    Setting("authorizer", "JOBRUNNER_AUTHORIZER", _import_path, "", "package.module:factory of the Authorizer for the API (default: check users)"),
     Setting("metrics_open", "JOBRUNNER_METRICS_OPEN", _bool, "false", "serve /metrics without authentication"),
     Setting("server_pool_size", "PG_SERVER_POOL_SIZE", _int(1, 1000), "10", "database connections of the HTTP server"),
     Setting("worker_pool_size", "PG_WORKER_POOL_SIZE", _int(1, 1000), "4", "database connections of each worker process"),
@@ -113,6 +135,8 @@ SETTINGS = (
     Setting("downstream_url", "DOWNSTREAM_URL", _http_url, "", "base URL of the service jobs are POSTed to"),
     Setting("downstream_password", "DOWNSTREAM_WORKER_AUTH", str, "", "Basic auth password (user 'jobs') for the downstream", secret=True),
     Setting("listen_database_url", "JOBRUNNER_LISTEN_DATABASE_URL", str, "", "URL for the workers' LISTEN connection when DATABASE_URL goes through a transaction pooler (default: DATABASE_URL)", secret=True),
+    Setting("default_worker", "JOBRUNNER_DEFAULT_WORKER", _import_path, "", "package.module:factory of the Worker for job types without their own (default: POST to the downstream)"),
+    Setting("job_workers", "JOBRUNNER_JOB_WORKERS", _job_workers, "", "job types served by their own Worker in the worker process: type=package.module:factory,..."),
     Setting("dispatch_threads", "JOBRUNNER_DISPATCH_THREADS", _int(1, 1000), "16", "POSTs to the downstream each worker process makes at once"),
     Setting("downstream_timeout", "JOBRUNNER_DOWNSTREAM_TIMEOUT", _seconds, "6.5", "seconds to wait for the downstream to answer a POST (then: may have been delivered)"),
     Setting("job_timeout", "JOBRUNNER_JOB_TIMEOUT", _seconds, "300", "seconds a sent job may wait for its callback before it counts as failed"),
@@ -200,7 +224,7 @@ def effective_settings(config: "Config") -> str:
 
 def check_runnable(config: "Config") -> None:
     """What `jobrunner run` needs beyond valid values: users for the API, a downstream for workers."""
-    if not config.users:
+    if not config.users and not config.authorizer:
         raise ConfigError("JOBRUNNER_USERS (users): no API users configured; set name:password pairs")
-    if config.workers and not config.downstream_url:
+    if config.workers and not config.downstream_url and not config.default_worker:
         raise ConfigError("DOWNSTREAM_URL (downstream_url): workers need the URL of the service that runs the jobs")

@@ -100,6 +100,14 @@ class NotPaused(JobrunnerError):
         self.name = name
 
 
+class Unauthorized(JobrunnerError):
+    """Who is asking is not known (401): raised by an Authorizer."""
+
+
+class Forbidden(JobrunnerError):
+    """Who is asking is known, and may not do this (403): raised by an Authorizer."""
+
+
 class DatabaseUnavailable(JobrunnerError):
     """PostgreSQL did not answer; the caller may retry later (HTTP 503)."""
 

@@ -5,7 +5,6 @@ result or the error into JSON. Jobs change state only through the services.
 """
 
 import contextlib
-import hmac
 import json
 import logging
 import re
@@ -20,9 +19,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from . import dashboard, services, store
+from . import dashboard, metrics, plugins, services, store
 from .errors import (
     DatabaseUnavailable,
+    Forbidden,
     InvalidField,
     InvalidJobId,
     JobAlreadyArchived,
@@ -36,10 +36,11 @@ from .errors import (
     StaleCallback,
     UnknownJob,
     UnknownJobType,
+    Unauthorized,
 )
-from . import metrics
 from .metrics import ServiceMetrics, render_gauges
 from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
+from .plugins import Authorizer
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +374,12 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(401, "unauthorized", "Unauthorized", "Malformed Basic credentials", challenge) from None
         if not user:
             raise HttpError(401, "missing_authentication", "Missing authentication", "Basic auth needs a user name", challenge)
-        if not self.server.authorize(user, password):
-            raise HttpError(401, "unauthorized", "Incorrect user name or password", headers=challenge)
+        try:
+            self.server.authorizer.authorize(user, password)
+        except Unauthorized as error:
+            raise HttpError(401, "unauthorized", str(error) or "Unauthorized", headers=challenge) from None
+        except Forbidden as error:
+            raise HttpError(403, "forbidden", str(error) or "Forbidden") from None
 
     # --- bodies and answers ---
 
@@ -634,7 +639,15 @@ class APIServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, sock: socket.socket, config, pool: store.Pool, counted: ServiceMetrics, metrics_dir: str | None = None):
+    def __init__(
+        self,
+        sock: socket.socket,
+        config,
+        pool: store.Pool,
+        authorizer: Authorizer,
+        counted: ServiceMetrics | None = None,
+        metrics_dir: str | None = None,
+    ):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
         self.socket.close()
         # Other servers (more processes, or a reload's next generation) accept on the same
@@ -647,19 +660,13 @@ class APIServer(ThreadingHTTPServer):
         self.pool = pool
         self.enqueuer = services.EnqueueBatcher(pool)
         self.callbacks_batcher = services.CallbackBatcher(pool)
-        self.metrics = counted  # this process's
+        self.metrics = counted or ServiceMetrics()  # this process's
         self.metrics_dir = metrics_dir  # where every process of this supervisor publishes its own (None: this one alone)
-        self.users = dict(config.users)
+        self.authorizer = authorizer
         self.stopping = False
         self.connections: set[Handler] = set()
         self._next_slow_check = 0.0
         self._slots = threading.BoundedSemaphore(config.max_request_threads)
-
-    def authorize(self, user: str, password: str) -> bool:
-        expected = self.users.get(user)
-        # compare even for an unknown user, so the time taken does not tell which users exist
-        matches = hmac.compare_digest(password.encode(), (expected or "\0").encode())
-        return expected is not None and matches
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.metrics.http_requests.inc(route, str(status))
@@ -735,6 +742,7 @@ class APIServer(ThreadingHTTPServer):
         self.server_close()
         self.enqueuer.close()
         self.callbacks_batcher.close()
+        self.pool.close()
 
 
 def _hang_up(handler: "Handler") -> None:
@@ -750,22 +758,40 @@ def serve(
     `ready` is called once requests are being served and the database has answered.
     /metrics adds up what every process publishes in `metrics_dir` (see metrics.py).
     """
-    pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
     counted = ServiceMetrics()
     publisher = metrics.Publisher(counted, metrics_dir) if metrics_dir else None
-    server = APIServer(sock, config, pool, counted, metrics_dir)
+    server = build(config, sock=sock, counted=counted, metrics_dir=metrics_dir)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
     thread.start()
-    if ready and _database_answers(pool, stop):
+    if ready and _database_answers(server.pool, stop):
         ready()
     try:
         stop.wait()
     finally:
         server.stop()
         thread.join()
-        pool.close()
         if publisher:
             publisher.close()
+
+
+def build(
+    config,
+    authorizer: Authorizer | None = None,
+    sock: socket.socket | None = None,
+    counted: ServiceMetrics | None = None,
+    metrics_dir: str | None = None,
+) -> APIServer:
+    """The API server, for an application's own process (Rickover's `server.Get(authorizer)`).
+
+    `authorizer` defaults to the one the config names (or its users); `sock`, to
+    one bound to the config's host and port. Call `serve_forever()` in a thread,
+    then `shutdown()`, or `stop()` for a graceful stop that also closes its
+    database connections.
+    """
+    if sock is None:
+        sock = socket.create_server((config.host, config.port), backlog=1024)
+    pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
+    return APIServer(sock, config, pool, authorizer or plugins.build_authorizer(config), counted, metrics_dir)
 
 
 def _database_answers(pool: store.Pool, stop: threading.Event) -> bool:

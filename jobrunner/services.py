@@ -527,7 +527,7 @@ UNAVAILABLE_RESENDS = 3
 
 
 class JobProcessor:
-    """The default Worker: POST each claimed job to the downstream; its callback, or the timeout, decides.
+    """The default Worker (plugins.Worker): POST each claimed job to the downstream; its callback, or the timeout, decides.
 
     `timeout` is how long a sent job may wait for its callback; `sleep_factor`
     how fast an idle worker's safety poll slows down (`get_sleep_duration`).
@@ -546,8 +546,8 @@ class JobProcessor:
         self.timeout, self.sleep_factor = timeout, sleep_factor
         self.metrics = counted or ServiceMetrics()
 
-    def do_work(self, job: QueuedJob) -> Delivery | None:
-        """Send one attempt and record what is certain; None when the job expired before it could be resent."""
+    def do_work(self, job: QueuedJob) -> None:
+        """Send one attempt and record what is certain; the callback (or the timeout) reports the outcome."""
         outcome, reason = self._post(job)
         for resend in range(UNAVAILABLE_RESENDS):
             # 503: the downstream is busy; try again soon without using an attempt
@@ -560,7 +560,7 @@ class JobProcessor:
                     expired = expire_in_progress(conn, job)
                 if expired is not None:
                     self.metrics.outcome(expired)
-                    return None
+                    return
             outcome, reason = self._post(job)
         if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE):
             log.info("job %s (%s) not delivered: %s", job.job_id, job.name, reason)
@@ -569,10 +569,9 @@ class JobProcessor:
                     self.metrics.outcome(record_not_delivered(conn, job))
             except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
                 pass  # a callback came first after all
-            return Delivery.NOT_DELIVERED
+            return
         if outcome is Delivery.MAYBE_DELIVERED:
             log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
-        return outcome
 
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
         started = time.perf_counter()
@@ -584,12 +583,9 @@ class JobProcessor:
             self.metrics.downstream_errors.inc(job.name, error_kind(outcome, reason))
         return outcome, reason
 
-    def sleep_duration(self, failed_attempts: int) -> float:
+    def sleep(self, failed_attempts: int) -> float:
+        """Seconds of idle back-off after `failed_attempts` empty polls (`get_sleep_duration`)."""
         return get_sleep_duration(self.sleep_factor, failed_attempts).total_seconds()
-
-    def sleep(self, failed_attempts: int) -> bool:
-        """Idle back-off; True when stopping."""
-        return self.stop.wait(self.sleep_duration(failed_attempts))
 
 
 # --- timing ------------------------------------------------------------------

@@ -153,7 +153,7 @@ class Supervisor:
         self.stopping = "fast"
 
     def handle_ttin(self) -> None:
-        if not self.config.downstream_url:
+        if not self.config.downstream_url and not self.config.default_worker:
             log.error("SIGTTIN: no DOWNSTREAM_URL (downstream_url) to send jobs to; no worker added")
             return
         self.config = dataclasses.replace(self.config, workers=self.config.workers + 1)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from . import services, store
+from . import plugins, services, store
 from .downstream import Downstream
 from .errors import JobrunnerError
 from .metrics import Publisher, ServiceMetrics
@@ -57,10 +57,10 @@ class Worker:
         self.stop_event = stop or threading.Event()
         self.metrics = counted or ServiceMetrics()
         self.pool = store.Pool(config.database_url, config.worker_pool_size, config.db_timeout, name="worker")
-        downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
-        self.processor = services.JobProcessor(
-            self.pool, downstream, self.stop_event, timedelta(seconds=config.job_timeout), config.sleep_factor, self.metrics
-        )
+        self.timeout = timedelta(seconds=config.job_timeout)
+        self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
+        processor = services.JobProcessor(self.pool, self.downstream, self.stop_event, self.timeout, config.sleep_factor, self.metrics)
+        self.default_worker, self.workers = plugins.build_workers(config, processor)
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
         self._free_lock = threading.Lock()
@@ -89,7 +89,7 @@ class Worker:
         finally:
             self.stop_event.set()  # also when the loop died: the listener must end too
             self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
-            self.processor.downstream.close()
+            self.downstream.close()
             listener.join()
             self.pool.close()
 
@@ -110,7 +110,7 @@ class Worker:
             self._db_outage.recovered()
         except JobrunnerError as error:  # unreachable, or refusing: keep trying, slower and slower
             self._db_outage.failed(error)
-            self._next_poll = now + self.processor.sleep_duration(min(self._db_outage.failures, 10))
+            self._next_poll = now + self._backoff(min(self._db_outage.failures, 10))
             return 0
         return claimed
 
@@ -123,14 +123,14 @@ class Worker:
             if state.next_due_in is not None and state.concurrency > 0
         }
         self._polls += 1
-        interval = self.processor.sleep_duration(self._polls)
+        interval = self.default_worker.sleep(self._polls)
         self._next_poll = now + (min(interval, POLL_WHILE_DEAF) if self._deaf else interval)
 
     def _fail_overdue_jobs(self, now: float) -> None:
-        timeout = self.processor.timeout.total_seconds()
+        timeout = self.timeout.total_seconds()
         self._next_stuck_check = now + min(max(timeout / 10, 0.05), 10.0)
         with self.pool.connection() as conn:
-            failed = services.archive_stuck_jobs(conn, self.processor.timeout)
+            failed = services.archive_stuck_jobs(conn, self.timeout)
         for job in failed:
             self.metrics.timed_out.inc(job.name)
             self.metrics.outcome(job)
@@ -167,15 +167,33 @@ class Worker:
         return len(claim.jobs)
 
     def _dispatch(self, job: QueuedJob) -> None:
+        worker = self.workers.get(job.name, self.default_worker)
         try:
-            self.processor.do_work(job)
+            try:
+                outcome = worker.do_work(job)
+            except JobrunnerError:
+                raise
+            except Exception:
+                log.exception("job %s (%s): the worker raised; counted as a failed attempt, retried while attempts remain", job.job_id, job.name)
+                outcome = plugins.Failed(retryable=True)
+            if isinstance(outcome, (plugins.Succeeded, plugins.Failed)):
+                self._record(job, outcome)
         except JobrunnerError as error:
             # the job stays in progress: its callback, or the overdue check, settles it
             log.warning("job %s (%s): could not record the outcome: %s", job.job_id, job.name, error)
-        except Exception:
-            log.exception("job %s (%s): unexpected error", job.job_id, job.name)
         finally:
             self._give_back_threads(1)
+
+    def _record(self, job: QueuedJob, outcome: plugins.Succeeded | plugins.Failed) -> None:
+        """An in-process worker's outcome, recorded as its HTTP callback would be."""
+        status, retryable = ("succeeded", True) if isinstance(outcome, plugins.Succeeded) else ("failed", outcome.retryable)
+        with self.pool.connection() as conn:
+            result = services.handle_status_callback(conn, job.id, job.name, status, job.attempts, retryable)
+        self.metrics.outcome(result)
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds to wait after `failures` failed tries to reach the database."""
+        return services.get_sleep_duration(self.config.sleep_factor, failures).total_seconds()
 
     def _take_threads(self, wanted: int, name: str) -> int:
         with self._free_lock:
@@ -239,7 +257,7 @@ class Worker:
                 if listener is not None:
                     listener.close()
                     listener = None
-                self.stop_event.wait(self.processor.sleep_duration(min(outage.failures + 5, 10)))
+                self.stop_event.wait(self._backoff(min(outage.failures + 5, 10)))
         if listener is not None:
             listener.close()
 
