@@ -144,7 +144,7 @@ SETTINGS = (
     Setting("stuck_job_interval", "JOBRUNNER_STUCK_JOB_INTERVAL", _seconds, "60", "seconds between the watcher's rounds"),
     Setting("stuck_job_timeout", "JOBRUNNER_STUCK_JOB_TIMEOUT", _seconds, "420", "the watcher fails in-progress jobs not updated for this long (longer than job_timeout)"),
     Setting("archive_retention_days", "JOBRUNNER_ARCHIVE_RETENTION_DAYS", _int(0, 100000), "0", "the watcher deletes archived jobs older than this many days; 0 keeps them all"),
-    Setting("servers", "JOBRUNNER_SERVERS", _int(1, 64), "1", "HTTP server processes, all accepting on the one listening socket; each holds server_pool_size connections and its own /metrics"),
+    Setting("servers", "JOBRUNNER_SERVERS", _int(1, 64), "1", "HTTP server processes, all accepting on the one listening socket; each holds server_pool_size connections"),
     Setting("workers", "JOBRUNNER_WORKERS", _int(0, 256), str(os.cpu_count() or 1), "number of worker processes"),
     Setting("start_timeout", "JOBRUNNER_START_TIMEOUT", _seconds, "60", "seconds a reload's new children have to start and reach the database, else the reload is abandoned"),
     Setting("graceful_timeout", "JOBRUNNER_GRACEFUL_TIMEOUT", _seconds, "30", "seconds a graceful stop may take before what remains is killed"),

@@ -170,6 +170,13 @@ class ServiceMetrics(Registry):
         self.restarts = self.counter("jobrunner_child_restarts_total", "children that died and were started again, by kind", ("kind",))
         self.reloads = self.counter("jobrunner_reloads_total", "SIGHUP reloads, by result: ok, rejected (bad config), failed (the new children did not start)", ("result",))
 
+    def include_job_types(self, names: list[str]) -> None:
+        """Every per-type counter shows each type, at 0 until its first event (increase() cannot see a first sample)."""
+        for metric in self._metrics:
+            if isinstance(metric, Counter) and metric.label_names == ("name",):
+                for name in names:
+                    metric.inc(name, amount=0)
+
     def outcome(self, job: QueuedJob | ArchivedJob) -> None:
         """Count what a callback, a failure or a cancel made of a job: queued again, or archived."""
         if isinstance(job, QueuedJob):

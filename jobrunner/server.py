@@ -607,17 +607,19 @@ class Handler(BaseHTTPRequestHandler):
     def handle_metrics(self) -> None:
         server = self.server
         counted = metrics.collect(server.metrics_dir, server.metrics) if server.metrics_dir else server.metrics
-        text = counted.render() + "\n".join(self._queue_gauges()) + "\n"
+        gauges, names = self._queue_gauges()
+        counted.include_job_types(names)
+        text = counted.render() + "\n".join(gauges) + "\n"
         self._send(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _queue_gauges(self) -> list[str]:
-        """What every host shares, from the database at scrape time; without it, only that it is down."""
+    def _queue_gauges(self) -> tuple[list[str], list[str]]:
+        """What every host shares, from the database at scrape time (and the job types' names); without it, only that it is down."""
         up = ["# HELP jobrunner_database_up 1 if this server reached the database for this scrape", "# TYPE jobrunner_database_up gauge"]
         try:
             with self._db(timeout=1.0) as conn:
                 counts = services.list_job_types_with_counts(conn)
         except DatabaseUnavailable:
-            return up + ["jobrunner_database_up 0"]
+            return up + ["jobrunner_database_up 0"], []
         lines = up + ["jobrunner_database_up 1"]
         for metric, doc, value in (
             ("jobrunner_jobs_queued", "jobs waiting, due or not, by job type", lambda c: c.queued),
@@ -626,7 +628,7 @@ class Handler(BaseHTTPRequestHandler):
             ("jobrunner_job_type_concurrency", "the job type's concurrency (0: paused)", lambda c: c.job_type.concurrency),
         ):
             lines += render_gauges(metric, doc, "name", {c.job_type.name: value(c) for c in counts})
-        return lines
+        return lines, [c.job_type.name for c in counts]
 
 
 # --- the server ----------------------------------------------------------------

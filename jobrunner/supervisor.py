@@ -100,6 +100,12 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _run(self) -> int:
+        # every label an alert watches is there from the start, at 0: increase() cannot see a series' first sample
+        for kind in ("server", "worker", "watcher"):
+            self.metrics.restarts.inc(kind, amount=0)
+        for result in ("ok", "rejected", "failed"):
+            self.metrics.reloads.inc(result, amount=0)
+        metrics.write_snapshot(self.metrics_dir, self.metrics)
         set_process_title("jr-supervisor")
         preload_children_code()
         self._install_signal_handlers()

@@ -153,6 +153,11 @@ def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, dow
         wait_for_expected(service)
         samples = scrape(service)
         assert sample(samples, "jobrunner_downstream_errors_total", name="email", kind="http_5xx") == 1
+        # the series alerts watch are there before their first event, at 0
+        assert ("jobrunner_jobs_failed_total", frozenset({("name", "email")})) in samples
+        assert ("jobrunner_jobs_timed_out_total", frozenset({("name", "sms")})) in samples
+        assert ("jobrunner_reloads_total", frozenset({("result", "rejected")})) in samples
+        assert ("jobrunner_child_restarts_total", frozenset({("kind", "worker")})) in samples
         assert sample(samples, "jobrunner_http_requests_total", route="record_status", status="200") == 6
         assert sample(samples, "jobrunner_claim_duration_seconds_count", name="sms") >= 1  # empty claims count too
 
