@@ -1,18 +1,19 @@
 # `make test` sets up everything the tests need on a fresh Debian/Ubuntu machine
-# (a virtualenv with jobrunner and its test extra, the PostgreSQL server binaries),
+# (a virtualenv with jobrunner and its test extra, the PostgreSQL server binaries,
+# headless Chromium and chromedriver),
 # then runs the suite against a throwaway cluster it starts itself.
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: run test venv postgres clean
+.PHONY: run test venv postgres chromium clean
 
 # The service on :9090; with DATABASE_URL unset, a private PostgreSQL in .jobrunner/
 # and an example downstream that calls back `succeeded`.
 run: venv postgres
 	$(VENV)/bin/jobrunner run
 
-test: venv postgres
+test: venv postgres chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 venv: $(VENV)/.installed
@@ -24,6 +25,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 postgres:
 	scripts/ensure-postgres
+
+# headless Chromium and chromedriver, for the dashboard's browser test
+chromium:
+	scripts/ensure-chromium
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,9 @@
 """The v1 HTTP API over real loopback HTTP: every route's success and error paths."""
 
+import base64
+import hashlib
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -351,11 +354,21 @@ def test_page_through_a_types_jobs_newest_first(email, db_url):
 # --- operations --------------------------------------------------------------
 
 
-def test_homepage(api):
-    response = api.get("/")
+def test_homepage(email):
+    email.put(f"/v1/jobs/email/{job_id()}", {"data": {"note": "</pre><script>alert(1)</script>"}})
+    response = email.get("/")
     assert response.status == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
-    assert b"<title>jobrunner</title>" in response.body
+    assert (response.headers["cache-control"], response.headers["x-frame-options"]) == ("no-store", "DENY")
+    page = response.body.decode()
+    assert "<title>jobrunner</title>" in page and 'data-type="email"' in page
+    assert "&lt;/pre&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in page  # job data is escaped
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert (policy["default-src"], policy["connect-src"], policy["frame-ancestors"]) == ("'none'", "'self'", "'none'")
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        [inline] = re.findall(f"<{tag}>(.*?)</{tag}>", page, re.S)  # the page's own, and nothing from the data
+        assert policy[directive] == f"'sha256-{base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()}'"
+    assert email.get("/", auth=None).status == 401
 
 
 def test_pause_and_resume(email):
