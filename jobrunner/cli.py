@@ -145,7 +145,7 @@ def work(config: Config) -> None:
     if not config.downstream_url and not config.default_worker:
         raise ConfigError("DOWNSTREAM_URL (downstream_url): where should jobs be sent?")
     stop = stop_on_signals()
-    log.info("worker sending jobs to %s", config.downstream_url)
+    log.info("worker sending jobs to %s", config.downstream_url or config.default_worker)
     worker.run(config, stop)
 
 

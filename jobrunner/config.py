@@ -137,7 +137,7 @@ SETTINGS = (
     Setting("listen_database_url", "JOBRUNNER_LISTEN_DATABASE_URL", str, "", "URL for the workers' LISTEN connection when DATABASE_URL goes through a transaction pooler (default: DATABASE_URL)", secret=True),
     Setting("default_worker", "JOBRUNNER_DEFAULT_WORKER", _import_path, "", "package.module:factory of the Worker for job types without their own (default: POST to the downstream)"),
     Setting("job_workers", "JOBRUNNER_JOB_WORKERS", _job_workers, "", "job types served by their own Worker in the worker process: type=package.module:factory,..."),
-    Setting("dispatch_threads", "JOBRUNNER_DISPATCH_THREADS", _int(1, 1000), "16", "POSTs to the downstream each worker process makes at once"),
+    Setting("dispatch_threads", "JOBRUNNER_DISPATCH_THREADS", _int(1, 1000), "16", "jobs each worker process works on at once (POSTs to the downstream, or in-process work)"),
     Setting("downstream_timeout", "JOBRUNNER_DOWNSTREAM_TIMEOUT", _seconds, "6.5", "seconds to wait for the downstream to answer a POST (then: may have been delivered)"),
     Setting("job_timeout", "JOBRUNNER_JOB_TIMEOUT", _seconds, "300", "seconds a sent job may wait for its callback before it counts as failed"),
     Setting("sleep_factor", "JOBRUNNER_SLEEP_FACTOR", _factor, "2", "growth of the idle safety poll interval: 10 ms x factor^empty polls, at most x1024"),

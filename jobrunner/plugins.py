@@ -48,9 +48,9 @@ class Worker(Protocol):
         """
 
     def sleep(self, failed_attempts: int) -> float:
-        """Seconds to wait before polling again after `failed_attempts` polls in a row found nothing.
+        """Seconds until the next safety poll (which covers lost notifications), after `failed_attempts` polls so far.
 
-        Asked of the default worker: the safety poll that covers lost notifications.
+        Asked of the default worker only; a worker named per job type may leave it out.
         """
 
 
@@ -80,8 +80,8 @@ def import_factory(path: str) -> Callable[..., Any]:
         raise ValueError(f"must be package.module:factory, not {path!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} (from {path!r}): {error}") from None
+    except Exception as error:  # not only ImportError: the module's own code may fail (a SyntaxError, a KeyError...)
+        raise ValueError(f"cannot import {module_name!r} (from {path!r}): {type(error).__name__}: {error}") from None
     try:
         factory = getattr(module, attribute)
     except AttributeError:

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from . import dashboard, metrics, plugins, services, store
+from .config import ConfigError
 from .errors import (
     DatabaseUnavailable,
     Forbidden,
@@ -786,10 +787,11 @@ def build(
     """The API server, for an application's own process (Rickover's `server.Get(authorizer)`).
 
     `authorizer` defaults to the one the config names (or its users); `sock`, to
-    one bound to the config's host and port. Call `serve_forever()` in a thread,
-    then `shutdown()`, or `stop()` for a graceful stop that also closes its
-    database connections.
+    one bound to the config's host and port. Call `serve_forever()` in a thread;
+    once it runs, `stop()` stops gracefully and closes the database connections.
     """
+    if authorizer is None and not config.users and not config.authorizer:
+        raise ConfigError("JOBRUNNER_USERS (users): no API users and no authorizer: every request would be refused")
     if sock is None:
         sock = socket.create_server((config.host, config.port), backlog=1024)
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")

@@ -268,6 +268,10 @@ class Supervisor:
             log.error("SIGHUP: the new configuration is invalid, keeping the running one: %s", error)
             self._count(self.metrics.reloads, "rejected")
             return
+        except Exception:  # a bug in reading it must not stop the supervisor either
+            log.exception("SIGHUP: could not read the new configuration, keeping the running one")
+            self._count(self.metrics.reloads, "rejected")
+            return
         kept = changes_needing_restart(self.config, new)
         if kept:
             log.warning("SIGHUP: %s can only change with a restart; keeping the running value", ", ".join(kept))

@@ -171,12 +171,15 @@ class Worker:
         try:
             try:
                 outcome = worker.do_work(job)
-            except JobrunnerError:
-                raise
-            except Exception:
+            except Exception as error:
+                if isinstance(error, JobrunnerError) and isinstance(worker, services.JobProcessor):
+                    raise  # the POST's outcome could not be recorded: the callback, or the timeout, settles it
                 log.exception("job %s (%s): the worker raised; counted as a failed attempt, retried while attempts remain", job.job_id, job.name)
                 outcome = plugins.Failed(retryable=True)
-            if isinstance(outcome, (plugins.Succeeded, plugins.Failed)):
+            if outcome is not None and not isinstance(outcome, (plugins.Succeeded, plugins.Failed)):
+                log.error("job %s (%s): the worker returned %r, not Succeeded(), Failed() or None; counted as a failed attempt", job.job_id, job.name, outcome)
+                outcome = plugins.Failed(retryable=True)
+            if outcome is not None:
                 self._record(job, outcome)
         except JobrunnerError as error:
             # the job stays in progress: its callback, or the overdue check, settles it

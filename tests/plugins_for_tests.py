@@ -70,3 +70,17 @@ class TokenAuthorizer:
             raise Forbidden("intruder may not use this API")
         if (user, password) != ("robot", "token-1"):
             raise Unauthorized("unknown token")
+
+
+class ReturnsNonsense:
+    """Returns the class, not an instance: a slip a user can make."""
+
+    def __init__(self, config):
+        pass
+
+    def do_work(self, job):
+        from jobrunner import errors
+
+        if job.data.get("do") == "raise_ours":
+            raise errors.DatabaseError("a jobrunner error from the application's code")
+        return Succeeded

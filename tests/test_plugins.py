@@ -99,6 +99,18 @@ def test_in_process_jobs_keep_to_the_type_concurrency(api, scripted):
     assert made.most_running == 2
 
 
+def test_a_jobrunner_error_or_a_wrong_return_value_from_a_worker_is_a_retryable_failure(api, db_url, caplog):
+    create_type(api)
+    with caplog.at_level(logging.ERROR, logger="jobrunner.worker"):
+        with running_worker(db_url, UNREACHABLE_DOWNSTREAM, job_workers="email=plugins_for_tests:ReturnsNonsense"):
+            ours = enqueue(api, data={"do": "raise_ours"})
+            nonsense = enqueue(api, data={})
+            for job_id in (ours, nonsense):
+                wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json["attempts"] == 2, f"{job_id} to be retried")
+    assert "the worker returned <class 'jobrunner.plugins.Succeeded'>" in caplog.text
+    assert "a jobrunner error from the application's code" in caplog.text
+
+
 def test_types_without_their_own_worker_go_to_the_default_one(api, db_url, downstream):
     ScriptedWorker.made.clear()
     create_type(api, name="email")
@@ -124,6 +136,7 @@ def test_types_without_their_own_worker_go_to_the_default_one(api, db_url, downs
         ("job_workers", "JOBRUNNER_JOB_WORKERS", "email", "job_type=package.module:factory"),
         ("default_worker", "JOBRUNNER_DEFAULT_WORKER", "plugins_for_tests", "package.module:factory"),
         ("authorizer", "JOBRUNNER_AUTHORIZER", "plugins_for_tests.nope:Auth", "cannot import"),
+        ("default_worker", "JOBRUNNER_DEFAULT_WORKER", "plugin_that_fails_on_import:x", "KeyError: 'a setting this module needs"),
     ],
 )
 def test_a_bad_import_path_fails_at_start_naming_the_setting(setting, env, value, reason):
@@ -141,10 +154,11 @@ def test_jobrunner_run_refuses_a_bad_path_and_says_which_setting():
     assert "JOBRUNNER_JOB_WORKERS (job_workers" in result.stderr and "has no 'missing'" in result.stderr
 
 
-def test_sighup_with_a_bad_import_path_keeps_the_running_config(db_url, downstream):  # noqa: F811
+@pytest.mark.parametrize("path", ["plugins_for_tests:missing", "plugin_that_fails_on_import:x"])
+def test_sighup_with_a_bad_import_path_keeps_the_running_config(db_url, downstream, path):  # noqa: F811
     with running_service(db_url, downstream.url, PYTHONPATH=TESTS) as service:
         with open(service.config_path, "a") as file:
-            file.write("job_workers = email=plugins_for_tests:missing\n")
+            file.write(f"job_workers = email={path}\n")
         service.signal(signal.SIGHUP)
         service.signal(signal.SIGTERM)  # handled after the HUP, so the HUP's log line is written first
         assert service.process.wait(timeout=15) == 0
@@ -246,3 +260,9 @@ def test_the_public_names_are_importable_and_the_client_needs_no_driver():
     code = "import sys, jobrunner.client; assert 'psycopg' not in sys.modules, 'the client imported psycopg'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
     assert re.match(r"<function run", repr(jobrunner.run))
+
+
+def test_an_embedded_server_without_users_or_authorizer_is_refused(db_url):
+    config = load_config({}, overrides={"database_url": db_url, "host": "127.0.0.1", "port": "0"})
+    with pytest.raises(ConfigError, match="JOBRUNNER_USERS"):
+        server.build(config)
