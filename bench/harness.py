@@ -318,7 +318,7 @@ def idle_service(database: Database, types: int, concurrency: int, settings: dic
     arrivals = Arrivals(downstream.process.stdout)
     service = Service(database, {**downstream_settings(downstream), **(settings or {})}, port)
     try:
-        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobs")
+        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
         names = [f"idle{n:03d}" for n in range(types)]
         for name in names:
             create_type(port, name, concurrency)
