@@ -9,12 +9,15 @@ down when a child is replaced. A server answering /metrics adds them all up
 
 import bisect
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from .models import ArchivedJob, QueuedJob
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -76,9 +79,6 @@ class Histogram:
             series = self._series.setdefault(label_values, [0] * (len(self.buckets) + 1) + [0.0])
             series[index] += 1
             series[-1] += value
-
-    def count(self, *label_values: str) -> int:
-        return sum(self._series.get(label_values, [0])[:-1])
 
     def snapshot(self) -> list:
         with self._lock:
@@ -198,6 +198,7 @@ class Publisher:
     def __init__(self, registry: Registry, directory: str, interval: float = PUBLISH_INTERVAL):
         self.registry, self.path, self.interval = registry, Path(directory) / f"{os.getpid()}.json", interval
         self._written: dict | None = None
+        self._failing = False  # logged once per run of failures
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True)
         self._thread.start()
@@ -208,9 +209,16 @@ class Publisher:
 
     def publish(self) -> None:
         snapshot = self.registry.snapshot()
-        if snapshot != self._written:
+        if snapshot == self._written:
+            return
+        try:
             _write_json(self.path, snapshot)
-            self._written = snapshot
+        except OSError as error:  # the directory gone, a full disk: /metrics lags, the process goes on
+            if not self._failing:
+                log.warning("could not publish metrics to %s: %s; trying again every %g s", self.path, error, self.interval)
+            self._failing = True
+            return
+        self._written, self._failing = snapshot, False
 
     def close(self) -> None:
         self._stop.set()

@@ -184,6 +184,8 @@ class Worker:
         except JobrunnerError as error:
             # the job stays in progress: its callback, or the overdue check, settles it
             log.warning("job %s (%s): could not record the outcome: %s", job.job_id, job.name, error)
+        except Exception:
+            log.exception("job %s (%s): unexpected error", job.job_id, job.name)  # a bug: the executor would swallow it
         finally:
             self._give_back_threads(1)
 

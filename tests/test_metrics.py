@@ -176,3 +176,15 @@ def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, dow
         # whichever server answers, nothing counted before the kill and the reload went missing
         for _ in range(6):
             assert differences(scrape(service)) == {}
+
+
+def test_a_publisher_that_cannot_write_says_so_once_and_catches_up(tmp_path, caplog):
+    registry = metrics.ServiceMetrics()
+    publisher = metrics.Publisher(registry, str(tmp_path / "gone"), interval=3600)
+    registry.claimed.inc("email")
+    publisher.publish()
+    publisher.publish()
+    assert caplog.text.count("could not publish metrics") == 1
+    (tmp_path / "gone").mkdir()
+    publisher.close()
+    assert json.loads((tmp_path / "gone" / f"{os.getpid()}.json").read_text())["jobrunner_jobs_claimed_total"] == [[["email"], 1]]
