@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 PARENT_CHECK_INTERVAL = 0.5
 
 
-def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int, metrics_dir: str) -> None:
+def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid: int, metrics_dir: str | None) -> None:
     stop = _stop_on_sigterm()
     set_process_title(f"jr-{child_name(kind, number)}")
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid, stop, config.graceful_timeout), daemon=True).start()

@@ -11,6 +11,7 @@ import bisect
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -190,82 +191,97 @@ class ServiceMetrics(Registry):
 
 RETIRED = "retired.json"
 PUBLISH_INTERVAL = 1.0  # seconds
+KEEP_RETIRED_NAMES = 1000  # more than any scrape can span: a file retired that long ago is long gone
 
 
 class Publisher:
-    """Write one process's metrics to `<directory>/<pid>.json` while they change, and once more on close."""
+    """Write one process's metrics to its own file in `directory`: on `publish()`, and every `every` seconds from a thread.
 
-    def __init__(self, registry: Registry, directory: str, interval: float = PUBLISH_INTERVAL):
-        self.registry, self.path, self.interval = registry, Path(directory) / f"{os.getpid()}.json", interval
+    The file's name is unique to this process (its pid and a random tag: a pid
+    is reused). It is rewritten when the counts changed, or when it went
+    missing (something cleaning up old files).
+    """
+
+    def __init__(self, registry: Registry, directory: str, every: float | None = PUBLISH_INTERVAL):
+        self.registry, self.every = registry, every
+        self.directory = Path(directory)
+        self.path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         self._written: dict | None = None
         self._failing = False  # logged once per run of failures
+        self._lock = threading.Lock()  # the thread and the callers of publish() share one temporary file
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True) if every else None
+        if self._thread:
+            self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.every):
             self.publish()
 
     def publish(self) -> None:
-        snapshot = self.registry.snapshot()
-        if snapshot == self._written:
-            return
-        try:
-            _write_json(self.path, snapshot)
-        except OSError as error:  # the directory gone, a full disk: /metrics lags, the process goes on
-            if not self._failing:
-                log.warning("could not publish metrics to %s: %s; trying again every %g s", self.path, error, self.interval)
-            self._failing = True
-            return
-        self._written, self._failing = snapshot, False
+        with self._lock:
+            snapshot = self.registry.snapshot()
+            if snapshot == self._written and self.path.exists():
+                return
+            try:
+                _write_json(self.path, snapshot)
+            except OSError as error:  # the directory gone, a full disk: /metrics lags, the process goes on
+                if not self._failing:
+                    log.warning("could not publish metrics to %s: %s; trying again", self.path, error)
+                self._failing = True
+                return
+            self._written, self._failing = snapshot, False
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread:
+            self._thread.join()
         self.publish()
 
 
-def write_snapshot(directory: str, registry: Registry) -> None:
-    """Publish this process's metrics now, without a Publisher's thread."""
-    _write_json(Path(directory) / f"{os.getpid()}.json", registry.snapshot())
+def collect(directory: Path) -> ServiceMetrics:
+    """Every process's metrics summed: the live processes' files and the retired ones.
 
-
-def collect(directory: str, own: Registry) -> ServiceMetrics:
-    """Every process's metrics summed: the live ones' files, the retired ones, and `own` (this process's, fresh).
-
-    The live files are read before retired.json: a child retired in between is
-    then in retired.json's pids, and its file is skipped, so nothing counts twice.
+    The live files are read before retired.json: a file retired in between is
+    then named in retired.json, and skipped, so nothing counts twice. A server
+    publishes its own counts just before: every server then answers the same
+    sum of files, each of which only grows, so totals never go down between
+    scrapes, whichever server answers them.
     """
     files = {}
-    for path in Path(directory).glob("[0-9]*.json"):
+    for path in directory.glob("*-*.json"):
         snapshot = _read_json(path)
         if snapshot is not None:
-            files[int(path.stem)] = snapshot
-    retired = _read_json(Path(directory) / RETIRED) or {"pids": [], "metrics": {}}
+            files[path.name] = snapshot
+    retired = _read_json(directory / RETIRED) or {"files": [], "metrics": {}}
     total = ServiceMetrics()
     total.add(retired["metrics"])
-    skip = set(retired["pids"]) | {os.getpid()}
-    for pid, snapshot in files.items():
-        if pid not in skip:
+    skip = set(retired["files"])
+    for name, snapshot in files.items():
+        if name not in skip:
             total.add(snapshot)
-    total.add(own.snapshot())
     return total
 
 
-def retire(directory: str, pid: int) -> None:
-    """Fold a dead process's file into retired.json (only the supervisor calls this, after reaping `pid`)."""
-    path = Path(directory) / f"{pid}.json"
-    snapshot = _read_json(path)
-    if snapshot is None:
-        return
-    retired_path = Path(directory) / RETIRED
-    retired = _read_json(retired_path) or {"pids": [], "metrics": {}}
-    total = ServiceMetrics()
-    total.add(retired["metrics"])
-    total.add(snapshot)
-    _write_json(retired_path, {"pids": [*retired["pids"], pid], "metrics": total.snapshot()})
-    path.unlink()
+def retire(directory: Path, pid: int) -> None:
+    """Fold a dead process's file into retired.json, then remove it (the supervisor, after reaping `pid`).
+
+    No process of ours can hold `pid` again before it is reaped, so every file of
+    that pid is the dead process's. A failure is logged: the counts lag, the
+    supervisor goes on.
+    """
+    try:
+        for path in directory.glob(f"{pid}-*.json"):
+            snapshot = _read_json(path)
+            retired = _read_json(directory / RETIRED) or {"files": [], "metrics": {}}
+            total = ServiceMetrics()
+            total.add(retired["metrics"])
+            total.add(snapshot or {})
+            names = [*retired["files"], path.name][-KEEP_RETIRED_NAMES:]
+            _write_json(directory / RETIRED, {"files": names, "metrics": total.snapshot()})
+            path.unlink()
+    except OSError as error:
+        log.warning("could not fold the metrics of pid %d into %s: %s", pid, RETIRED, error)
 
 
 def _write_json(path: Path, value) -> None:

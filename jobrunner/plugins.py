@@ -50,7 +50,8 @@ class Worker(Protocol):
     def sleep(self, failed_attempts: int) -> float:
         """Seconds until the next safety poll (which covers lost notifications), after `failed_attempts` polls so far.
 
-        Asked of the default worker only; a worker named per job type may leave it out.
+        Asked of the default worker only, and optional: without it, the built-in
+        pacing (10 ms x sleep_factor^n, capped).
         """
 
 

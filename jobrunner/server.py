@@ -225,6 +225,13 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _host_of(url: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return None  # malformed: not this server
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -361,7 +368,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         site = self.headers.get("Sec-Fetch-Site", "").lower()
         origin = self.headers.get("Origin")
-        if site in ("cross-site", "same-site") or (origin and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host")):
+        if site:
+            # the browser's own word; a proxy that rewrites Host cannot make it wrong
+            foreign = site not in ("same-origin", "none")
+        elif origin:
+            foreign = _host_of(origin) != self.headers.get("Host")
+        else:
+            foreign = False
+        if foreign:
             raise HttpError(403, "cross_origin_request", "Requests from another site's page are refused", "Use the API directly, or this server's own dashboard")
 
     def _authenticate(self) -> None:
@@ -376,7 +390,10 @@ class Handler(BaseHTTPRequestHandler):
         if not user:
             raise HttpError(401, "missing_authentication", "Missing authentication", "Basic auth needs a user name", challenge)
         try:
-            self.server.authorizer.authorize(user, password)
+            refused = self.server.authorizer.authorize(user, password)
+            if refused is not None:  # an error returned, as Rickover's Authorize did, or a False: never a pass
+                log.error("the authorizer returned %r instead of None or raising; refusing the request", refused)
+                raise refused if isinstance(refused, (Unauthorized, Forbidden)) else Unauthorized("Unauthorized")
         except Unauthorized as error:
             raise HttpError(401, "unauthorized", str(error) or "Unauthorized", headers=challenge) from None
         except Forbidden as error:
@@ -406,7 +423,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _read_json(self) -> dict:
-        body = self._read_body()
+        return self._json_object(self._read_body())
+
+    def _json_object(self, body: bytes) -> dict:
         try:
             value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -590,8 +609,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, job_type_json(job_type))
 
     def handle_resume(self, name: str) -> None:
-        body = self._read_json() if self.headers.get("Content-Length", "0") != "0" else {}  # the body is optional
-        concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
+        body = self._read_body()
+        concurrency = _integer(self._json_object(body), "concurrency", MAX_CONCURRENCY, required=False) if body else None
         with self._db() as conn:
             job_type = services.resume_job_type(conn, name, concurrency)
         self._send_json(200, job_type_json(job_type))
@@ -607,7 +626,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_metrics(self) -> None:
         server = self.server
-        counted = metrics.collect(server.metrics_dir, server.metrics) if server.metrics_dir else server.metrics
+        if server.publisher:
+            server.publisher.publish()  # this server's counts, fresh, in the files every server adds up
+            counted = metrics.collect(server.publisher.directory)
+        else:
+            counted = server.metrics
         gauges, names = self._queue_gauges()
         counted.include_job_types(names)
         text = counted.render() + "\n".join(gauges) + "\n"
@@ -649,7 +672,7 @@ class APIServer(ThreadingHTTPServer):
         pool: store.Pool,
         authorizer: Authorizer,
         counted: ServiceMetrics | None = None,
-        metrics_dir: str | None = None,
+        publisher: metrics.Publisher | None = None,
     ):
         super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
         self.socket.close()
@@ -664,7 +687,7 @@ class APIServer(ThreadingHTTPServer):
         self.enqueuer = services.EnqueueBatcher(pool)
         self.callbacks_batcher = services.CallbackBatcher(pool)
         self.metrics = counted or ServiceMetrics()  # this process's
-        self.metrics_dir = metrics_dir  # where every process of this supervisor publishes its own (None: this one alone)
+        self.publisher = publisher  # with the other processes of its supervisor, for /metrics (None: this one alone)
         self.authorizer = authorizer
         self.stopping = False
         self.connections: set[Handler] = set()
@@ -763,7 +786,7 @@ def serve(
     """
     counted = ServiceMetrics()
     publisher = metrics.Publisher(counted, metrics_dir) if metrics_dir else None
-    server = build(config, sock=sock, counted=counted, metrics_dir=metrics_dir)
+    server = build(config, sock=sock, counted=counted, publisher=publisher)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
     thread.start()
     if ready and _database_answers(server.pool, stop):
@@ -782,7 +805,7 @@ def build(
     authorizer: Authorizer | None = None,
     sock: socket.socket | None = None,
     counted: ServiceMetrics | None = None,
-    metrics_dir: str | None = None,
+    publisher: metrics.Publisher | None = None,
 ) -> APIServer:
     """The API server, for an application's own process (Rickover's `server.Get(authorizer)`).
 
@@ -795,7 +818,7 @@ def build(
     if sock is None:
         sock = socket.create_server((config.host, config.port), backlog=1024)
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
-    return APIServer(sock, config, pool, authorizer or plugins.build_authorizer(config), counted, metrics_dir)
+    return APIServer(sock, config, pool, authorizer or plugins.build_authorizer(config), counted, publisher)
 
 
 def _database_answers(pool: store.Pool, stop: threading.Event) -> bool:

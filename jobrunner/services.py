@@ -161,21 +161,23 @@ class Overview:
 
 
 def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
+    """Read in one transaction, so that every part is counted up to the same now()."""
     hour: dict[tuple[str, str], int] = {}
     minutes: dict[tuple[datetime, str], int] = {}
-    for name, minute, status, count in store.archived_per_minute(conn, now):
-        hour[name, status] = hour.get((name, status), 0) + count
-        minutes[minute, status] = minutes.get((minute, status), 0) + count
-    day = {(name, status): count for name, status, count in store.archived_last_day(conn, now)}
-    return Overview(
-        now=store.database_now(conn, now),
-        types=store.list_job_types_with_counts(conn, now),
-        paused=store.paused_job_types(conn),
-        archived={key: (hour.get(key, 0), count) for key, count in day.items()},
-        per_minute=sorted((minute, status, count) for (minute, status), count in minutes.items()),
-        recent_failures=store.recent_failures(conn, limit, now),
-        waiting=store.waiting_jobs(conn, limit),
-    )
+    with store.transaction(conn):
+        for name, minute, status, count in store.archived_per_minute(conn, now):
+            hour[name, status] = hour.get((name, status), 0) + count
+            minutes[minute, status] = minutes.get((minute, status), 0) + count
+        day = {(name, status): count for name, status, count in store.archived_last_day(conn, now)}
+        return Overview(
+            now=store.database_now(conn, now),
+            types=store.list_job_types_with_counts(conn, now),
+            paused=store.paused_job_types(conn),
+            archived={key: (hour.get(key, 0), count) for key, count in day.items()},
+            per_minute=sorted((minute, status, count) for (minute, status), count in minutes.items()),
+            recent_failures=store.recent_failures(conn, limit, now),
+            waiting=store.waiting_jobs(conn, limit),
+        )
 
 
 # --- jobs --------------------------------------------------------------------

@@ -235,6 +235,7 @@ def update_job_type(conn: Connection, name: str, attempts: int | None, concurren
 REMEMBER_CONCURRENCY = """
 INSERT INTO jobrunner_paused_job_types (name, concurrency)
 SELECT name, concurrency FROM jobs WHERE name = %(name)s AND concurrency > 0
+FOR UPDATE  -- waits for a change of the type in flight, then reads what it committed
 ON CONFLICT (name) DO NOTHING
 """
 
@@ -667,7 +668,7 @@ LIMIT %(limit)s
 WAITING_JOBS = """
 SELECT q.* FROM jobs j
 CROSS JOIN LATERAL (
-    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after LIMIT %(limit)s
+    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after, created_at LIMIT %(limit)s
 ) q
 ORDER BY q.run_after, q.created_at
 LIMIT %(limit)s

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_for
+from pathlib import Path
 
 from . import metrics
 from .config import Config, ConfigError, changes_needing_restart
@@ -88,16 +89,22 @@ class Supervisor:
         self._wake_read, self._wake_write = os.pipe()
         self._last_watchdog = 0.0
         self.metrics = metrics.ServiceMetrics()  # restarts and reloads; the children count the rest
-        self.metrics_dir = ""  # where every process publishes its metrics, for the servers to add up
+        self.metrics_dir: str | None = None  # where every process publishes its metrics, for the servers to add up
+        self.publisher: metrics.Publisher | None = None  # ours, written on each event (no thread of ours runs across a fork)
 
     # --- the main loop ---
 
     def run(self) -> int:
-        self.metrics_dir = tempfile.mkdtemp(prefix="jobrunner-metrics-")
+        try:
+            # systemd's RuntimeDirectory= (/run/jobrunner) when there is one: no tmp cleaner ages it
+            self.metrics_dir = tempfile.mkdtemp(prefix="jobrunner-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+        except OSError as error:
+            log.warning("no directory for the metrics (%s): each server's /metrics will show its own process only", error)
         try:
             return self._run()
         finally:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _run(self) -> int:
         # every label an alert watches is there from the start, at 0: increase() cannot see a series' first sample
@@ -105,7 +112,9 @@ class Supervisor:
             self.metrics.restarts.inc(kind, amount=0)
         for result in ("ok", "rejected", "failed"):
             self.metrics.reloads.inc(result, amount=0)
-        metrics.write_snapshot(self.metrics_dir, self.metrics)
+        if self.metrics_dir:
+            self.publisher = metrics.Publisher(self.metrics, self.metrics_dir, every=None)
+            self.publisher.publish()
         set_process_title("jr-supervisor")
         preload_children_code()
         self._install_signal_handlers()
@@ -220,7 +229,8 @@ class Supervisor:
             self.children.remove(child)
             pid = child.process.pid
             child.process.close()
-            metrics.retire(self.metrics_dir, pid)  # its counts stay in the totals
+            if self.metrics_dir:
+                metrics.retire(Path(self.metrics_dir), pid)  # its counts stay in the totals
             if child.retiring_since is not None or self.stopping:
                 continue
             lived = time.monotonic() - child.started
@@ -325,9 +335,10 @@ class Supervisor:
         return True
 
     def _count(self, counter: metrics.Counter, label: str) -> None:
-        """Count a supervisor event and publish at once: these are rare, and no thread of ours runs across a fork."""
+        """Count a supervisor event and publish at once: these are rare."""
         counter.inc(label)
-        metrics.write_snapshot(self.metrics_dir, self.metrics)
+        if self.publisher:
+            self.publisher.publish()
 
     def _starting(self) -> bool:
         return not all(child.ready.is_set() for child in self.current())

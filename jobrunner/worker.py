@@ -61,6 +61,8 @@ class Worker:
         self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
         processor = services.JobProcessor(self.pool, self.downstream, self.stop_event, self.timeout, config.sleep_factor, self.metrics)
         self.default_worker, self.workers = plugins.build_workers(config, processor)
+        # the default worker paces the safety poll, if it says how (`sleep` is optional for an application's)
+        self._poll_interval = getattr(self.default_worker, "sleep", None) or self._backoff
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
         self._free_lock = threading.Lock()
@@ -123,7 +125,7 @@ class Worker:
             if state.next_due_in is not None and state.concurrency > 0
         }
         self._polls += 1
-        interval = self.default_worker.sleep(self._polls)
+        interval = self._poll_interval(self._polls)
         self._next_poll = now + (min(interval, POLL_WHILE_DEAF) if self._deaf else interval)
 
     def _fail_overdue_jobs(self, now: float) -> None:
@@ -171,9 +173,9 @@ class Worker:
         try:
             try:
                 outcome = worker.do_work(job)
-            except Exception as error:
-                if isinstance(error, JobrunnerError) and isinstance(worker, services.JobProcessor):
-                    raise  # the POST's outcome could not be recorded: the callback, or the timeout, settles it
+            except Exception:
+                if isinstance(worker, services.JobProcessor):
+                    raise  # the POST may have been delivered: its callback, or the timeout, settles it
                 log.exception("job %s (%s): the worker raised; counted as a failed attempt, retried while attempts remain", job.job_id, job.name)
                 outcome = plugins.Failed(retryable=True)
             if outcome is not None and not isinstance(outcome, (plugins.Succeeded, plugins.Failed)):

@@ -84,3 +84,13 @@ class ReturnsNonsense:
         if job.data.get("do") == "raise_ours":
             raise errors.DatabaseError("a jobrunner error from the application's code")
         return Succeeded
+
+
+class ReturnsItsVerdict:
+    """Returns the error instead of raising it, as Rickover's Go Authorize did; or False."""
+
+    def __init__(self, config):
+        pass
+
+    def authorize(self, user: str, password: str):
+        return False if user == "robot" else Unauthorized("no")

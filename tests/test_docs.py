@@ -156,8 +156,7 @@ def check_example(block: str, *_) -> None:
             assert Path(example).name in runner, f"{example} is not run by tests/test_examples.py"
 
 
-def test_every_doc_block_is_recognised():
-    """A doc without a single ```sh block is fine; a block this file cannot classify is not."""
-    kinds = {kind(block) for doc in DOCS for block in sh_blocks(doc)}
-    assert kinds <= {"make", "host", "example", "run"}
-    assert "run" in kinds
+def test_the_walkthroughs_are_run_not_only_checked():
+    """The README's and the operations guide's commands run for real: a misclassification would only check them."""
+    running = {doc.name for doc in DOCS if any(kind(block) == "run" for block in sh_blocks(doc))}
+    assert {"README.md", "operations.md", "scaling.md", "migrating-from-rickover.md"} <= running

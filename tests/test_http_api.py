@@ -396,6 +396,18 @@ def test_a_change_sent_by_another_sites_page_is_refused(email, headers):
 def test_a_change_from_the_servers_own_page_is_accepted(email):
     own = {"Origin": f"http://127.0.0.1:{email.port}", "Sec-Fetch-Site": "same-origin"}
     assert email.post("/v1/jobs/email/pause", headers=own).status == 200
+    # behind a proxy that rewrites Host, the browser's Sec-Fetch-Site still says it is the server's own page
+    proxied = {"Origin": "https://jobs.example.com", "Sec-Fetch-Site": "same-origin"}
+    assert email.post("/v1/jobs/email/resume", headers=proxied).status == 200
+
+
+def test_a_malformed_origin_is_refused_not_a_server_error(email):
+    assert_error(email.post("/v1/jobs/email/pause", headers={"Origin": "http://["}), 403, "cross_origin_request")
+
+
+def test_resume_refuses_a_chunked_body_as_every_route_does(email):
+    response = email.post("/v1/jobs/email/resume", b'{"concurrency": 9}', headers={"Transfer-Encoding": "chunked"})
+    assert_error(response, 411, "length_required")
 
 
 def test_healthz_needs_no_auth(api):

@@ -34,55 +34,79 @@ def sample(samples: dict, metric: str, **labels: str) -> float:
 # --- one registry, and several processes' files ---------------------------------
 
 
+def write(directory, name: str, registry) -> None:
+    (directory / name).write_text(json.dumps(registry.snapshot()))
+
+
 def test_counts_from_live_and_retired_processes_add_up_and_never_go_down(tmp_path):
-    own, worker, dead = metrics.ServiceMetrics(), metrics.ServiceMetrics(), metrics.ServiceMetrics()
-    own.enqueued.inc("email", amount=3)
+    server, worker, dead = metrics.ServiceMetrics(), metrics.ServiceMetrics(), metrics.ServiceMetrics()
+    server.enqueued.inc("email", amount=3)
     worker.claimed.inc("email", amount=2_000_000)
     worker.claim_latency.observe(0.003, "email")
     dead.claimed.inc("email", amount=5)
     dead.claim_latency.observe(20.0, "email")
-    for pid, registry in ((1001, worker), (1002, dead)):
-        (tmp_path / f"{pid}.json").write_text(json.dumps(registry.snapshot()))
+    write(tmp_path, "1000-aa.json", server)
+    write(tmp_path, "1001-bb.json", worker)
+    write(tmp_path, "1002-cc.json", dead)
 
-    before = parse(metrics.collect(str(tmp_path), own).render())
-    metrics.retire(str(tmp_path), 1002)
-    after = parse(metrics.collect(str(tmp_path), own).render())
+    before = parse(metrics.collect(tmp_path).render())
+    metrics.retire(tmp_path, 1002)
+    after = parse(metrics.collect(tmp_path).render())
 
-    assert not (tmp_path / "1002.json").exists()
+    assert not (tmp_path / "1002-cc.json").exists()
     for samples in (before, after):
         assert sample(samples, "jobrunner_jobs_enqueued_total", name="email") == 3
         assert sample(samples, "jobrunner_jobs_claimed_total", name="email") == 2_000_005
         assert sample(samples, "jobrunner_claim_duration_seconds_count", name="email") == 2
         assert sample(samples, "jobrunner_claim_duration_seconds_bucket", name="email", le="0.005") == 1
         assert sample(samples, "jobrunner_claim_duration_seconds_bucket", name="email", le="+Inf") == 2
-    assert "jobrunner_jobs_claimed_total{name=\"email\"} 2000005\n" in metrics.collect(str(tmp_path), own).render()
+    assert "jobrunner_jobs_claimed_total{name=\"email\"} 2000005\n" in metrics.collect(tmp_path).render()
 
 
-def test_a_file_both_retired_and_still_present_counts_once(tmp_path):
-    # the supervisor is killed between writing retired.json and removing the file
+def test_a_file_both_retired_and_still_present_counts_once_and_a_reused_pid_counts_again(tmp_path):
     dead = metrics.ServiceMetrics()
     dead.claimed.inc("email")
-    (tmp_path / "1002.json").write_text(json.dumps(dead.snapshot()))
-    metrics.retire(str(tmp_path), 1002)
-    (tmp_path / "1002.json").write_text(json.dumps(dead.snapshot()))
+    write(tmp_path, "1002-cc.json", dead)
+    metrics.retire(tmp_path, 1002)
+    write(tmp_path, "1002-cc.json", dead)  # as if the supervisor died between writing retired.json and the unlink
+    write(tmp_path, "1002-dd.json", dead)  # a new process that got pid 1002 again
 
-    samples = parse(metrics.collect(str(tmp_path), metrics.ServiceMetrics()).render())
+    samples = parse(metrics.collect(tmp_path).render())
 
-    assert sample(samples, "jobrunner_jobs_claimed_total", name="email") == 1
+    assert sample(samples, "jobrunner_jobs_claimed_total", name="email") == 2
 
 
-def test_the_publisher_writes_what_changed_and_once_more_on_close(tmp_path):
+def test_the_publisher_writes_what_changed_again_if_its_file_goes_and_once_more_on_close(tmp_path):
     registry = metrics.ServiceMetrics()
-    publisher = metrics.Publisher(registry, str(tmp_path), interval=0.01)
+    publisher = metrics.Publisher(registry, str(tmp_path), every=0.01)
     registry.dispatched.inc("email")
-    path = tmp_path / f"{os.getpid()}.json"
-    wait_until(lambda: path.exists() and "dispatched" in path.read_text(), "the first snapshot")
+    wait_until(lambda: publisher.path.exists() and "dispatched" in publisher.path.read_text(), "the first snapshot")
+    publisher.path.unlink()  # a tmp cleaner
+    wait_until(publisher.path.exists, "the file to be written again")
     registry.dispatched.inc("email")
     publisher.close()
 
-    other = metrics.ServiceMetrics()
-    other.add(json.loads(path.read_text()))
-    assert other.dispatched.value("email") == 2
+    assert sample(parse(metrics.collect(tmp_path).render()), "jobrunner_jobs_dispatched_total", name="email") == 2
+
+
+def test_a_publisher_that_cannot_write_says_so_once_and_catches_up(tmp_path, caplog):
+    registry = metrics.ServiceMetrics()
+    publisher = metrics.Publisher(registry, str(tmp_path / "gone"), every=None)
+    registry.claimed.inc("email")
+    publisher.publish()
+    publisher.publish()
+    assert caplog.text.count("could not publish metrics") == 1
+    (tmp_path / "gone").mkdir()
+    publisher.close()
+    assert json.loads(publisher.path.read_text())["jobrunner_jobs_claimed_total"] == [[["email"], 1]]
+
+
+def test_retiring_into_a_directory_that_is_gone_is_logged_not_fatal(tmp_path, caplog):
+    metrics.retire(tmp_path / "gone", 1002)  # nothing to fold
+    write(tmp_path, "1002-cc.json", metrics.ServiceMetrics())
+    (tmp_path / metrics.RETIRED).mkdir()  # retired.json cannot be written
+    metrics.retire(tmp_path, 1002)
+    assert "could not fold the metrics of pid 1002" in caplog.text
 
 
 # --- the real service -------------------------------------------------------------
@@ -158,7 +182,8 @@ def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, dow
         assert ("jobrunner_jobs_timed_out_total", frozenset({("name", "sms")})) in samples
         assert ("jobrunner_reloads_total", frozenset({("result", "rejected")})) in samples
         assert ("jobrunner_child_restarts_total", frozenset({("kind", "worker")})) in samples
-        assert sample(samples, "jobrunner_http_requests_total", route="record_status", status="200") == 6
+        # counted once the answer is sent, after the job is archived: waited for, not assumed
+        wait_until(lambda: sample(scrape(service), "jobrunner_http_requests_total", route="record_status", status="200") == 6, "6 callbacks counted")
         assert sample(samples, "jobrunner_claim_duration_seconds_count", name="sms") >= 1  # empty claims count too
 
         worker = service.children()["jr-worker-1"]
@@ -178,13 +203,22 @@ def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, dow
             assert differences(scrape(service)) == {}
 
 
-def test_a_publisher_that_cannot_write_says_so_once_and_catches_up(tmp_path, caplog):
-    registry = metrics.ServiceMetrics()
-    publisher = metrics.Publisher(registry, str(tmp_path / "gone"), interval=3600)
-    registry.claimed.inc("email")
-    publisher.publish()
-    publisher.publish()
-    assert caplog.text.count("could not publish metrics") == 1
-    (tmp_path / "gone").mkdir()
-    publisher.close()
-    assert json.loads((tmp_path / "gone" / f"{os.getpid()}.json").read_text())["jobrunner_jobs_claimed_total"] == [[["email"], 1]]
+
+def test_without_a_directory_for_the_metrics_the_service_still_runs(db_url, downstream, tmp_path):  # noqa: F811
+    with running_service(db_url, downstream.url, RUNTIME_DIRECTORY=str(tmp_path / "missing")) as service:
+        assert scrape(service)  # this server's own counts, and the queue's gauges
+        os.kill(service.children()["jr-worker-1"], signal.SIGKILL)  # retiring it must not fail either
+        wait_until(lambda: sample(scrape(service), "jobrunner_database_up") == 1 and "jr-worker-1" in service.children(), "a new worker-1")
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+        stderr = service.process.stderr.read()
+    assert "no directory for the metrics" in stderr
+
+
+def test_the_metrics_live_in_the_runtime_directory_and_go_with_the_service(db_url, downstream, tmp_path):  # noqa: F811
+    with running_service(db_url, downstream.url, RUNTIME_DIRECTORY=str(tmp_path)) as service:
+        [directory] = tmp_path.iterdir()
+        wait_until(lambda: len(list(directory.glob("*-*.json"))) >= 2, "the supervisor's and the server's files")
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
+    assert list(tmp_path.iterdir()) == []

@@ -26,11 +26,15 @@ UNREACHABLE_DOWNSTREAM = "http://127.0.0.1:9"  # never used: every type here has
 
 
 @pytest.fixture
-def scripted(api, db_url):
-    """A worker process (in a thread) serving `email` in-process; the ScriptedWorker it made."""
+def scripted(api, db_url, request):
+    """A worker process (in a thread) serving `email` in-process; the ScriptedWorker it made.
+
+    job_timeout is 1 s, for the timeout test; a test marked `patient` gets 60 s.
+    """
     ScriptedWorker.made.clear()
     create_type(api, attempts=3, concurrency=2)
-    with running_worker(db_url, UNREACHABLE_DOWNSTREAM, job_workers=SCRIPTED, job_timeout="1") as worker:
+    job_timeout = "60" if request.node.get_closest_marker("patient") else "1"
+    with running_worker(db_url, UNREACHABLE_DOWNSTREAM, job_workers=SCRIPTED, job_timeout=job_timeout) as worker:
         [made] = ScriptedWorker.made
         yield made, worker
         made.release.set()
@@ -42,7 +46,7 @@ def test_success_is_recorded_as_a_succeeded_callback(api, scripted):
     archived = wait_for_status(api, job_id, "succeeded")
     assert made.calls == [(job_id, 3)]
     assert archived["attempts"] == 3
-    assert worker.metrics.succeeded.value("email") == 1
+    wait_until(lambda: worker.metrics.succeeded.value("email") == 1, "the success counted")  # after the commit
 
 
 def test_a_retryable_failure_is_retried_with_back_off_until_it_succeeds(api, scripted):
@@ -56,7 +60,7 @@ def test_a_retryable_failure_is_retried_with_back_off_until_it_succeeds(api, scr
     archived = wait_for_status(api, job_id, "failed")
     assert [attempt for _, attempt in made.calls] == [3, 2, 1]
     assert archived["attempts"] == 0
-    assert (worker.metrics.retried.value("email"), worker.metrics.failed.value("email")) == (2, 1)
+    wait_until(lambda: (worker.metrics.retried.value("email"), worker.metrics.failed.value("email")) == (2, 1), "retries and failure counted")
 
 
 def test_a_failure_that_is_not_retryable_is_archived_at_once(api, scripted):
@@ -82,12 +86,13 @@ def test_a_job_that_outlasts_job_timeout_is_failed_and_retried_and_its_late_repo
     made, worker = scripted
     job_id = enqueue(api, data={"do": "hang_first"})
     wait_until(lambda: status_of(api, job_id) == "queued" and made.calls, "the hanging attempt to time out", timeout=10)
-    assert worker.metrics.timed_out.value("email") == 1
+    wait_until(lambda: worker.metrics.timed_out.value("email") == 1, "the timeout counted")
     made.release.set()  # the hung attempt now reports Failed for attempt 3: stale
     archived = wait_for_status(api, job_id, "succeeded")  # attempt 2, after the back-off
     assert made.calls == [(job_id, 3), (job_id, 2)] and archived["attempts"] == 2
 
 
+@pytest.mark.patient  # blocked jobs must not time out and be sent again while the test waits
 def test_in_process_jobs_keep_to_the_type_concurrency(api, scripted):
     made, _ = scripted
     ids = [enqueue(api, data={"do": "block"}) for _ in range(5)]
@@ -228,6 +233,13 @@ def test_a_configured_authorizer_decides_for_every_authenticated_route(db_url):
         assert api.get("/v1/jobs").status == 401  # the configured users no longer count
         assert api.get("/healthz", auth=None).status == 200
     assert TokenAuthorizer.calls.count(("robot", "token-2")) == len(AUTHENTICATED)
+
+
+def test_an_authorizer_that_returns_instead_of_raising_never_lets_a_request_through(db_url):
+    with running_server(db_url, authorizer="plugins_for_tests:ReturnsItsVerdict") as api:
+        for user in ("robot", "someone"):
+            response = api.get("/v1/jobs", auth=(user, "x"))
+            assert (response.status, response.json["id"]) == (401, "unauthorized")
 
 
 def test_an_embedded_server_takes_an_authorizer_object(db_url):
