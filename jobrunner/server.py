@@ -815,10 +815,11 @@ def build(
     """
     if authorizer is None and not config.users and not config.authorizer:
         raise ConfigError("JOBRUNNER_USERS (users): no API users and no authorizer: every request would be refused")
+    authorizer = authorizer or plugins.build_authorizer(config)  # first: if the application's factory raises, nothing is open yet
     if sock is None:
         sock = socket.create_server((config.host, config.port), backlog=1024)
     pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
-    return APIServer(sock, config, pool, authorizer or plugins.build_authorizer(config), counted, publisher)
+    return APIServer(sock, config, pool, authorizer, counted, publisher)
 
 
 def _database_answers(pool: store.Pool, stop: threading.Event) -> bool:

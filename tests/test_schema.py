@@ -36,7 +36,7 @@ UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
 UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
 """
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
-JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress", "queued_jobs_expires_at"}
+JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
 def snapshot(conn):
