@@ -183,8 +183,7 @@ class ServiceMetrics(Registry):
         if isinstance(job, QueuedJob):
             self.retried.inc(job.name)
         else:
-            counter = {"succeeded": self.succeeded, "failed": self.failed, "expired": self.expired, "cancelled": self.cancelled}
-            counter[job.status].inc(job.name)
+            getattr(self, job.status).inc(job.name)  # succeeded, failed, expired, cancelled: a counter each, of that name
 
 
 # --- across processes ---

@@ -128,13 +128,21 @@ def enqueue_many(conn, name, count, **kwargs):
     return [services.enqueue(conn, new_id(), name, {"n": n}, **kwargs) for n in range(count)]
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (for a process that binds it itself, or for a refused connection)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(condition, what: str, timeout: float = 10.0, interval: float = 0.005):
-    """Wait for `condition()` to be true, failing with `what` after `timeout` seconds."""
+    """Wait for `condition()` to be truthy and return its value, failing with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+    return value
 
 
 # --- a real HTTP server on loopback ---------------------------------------------

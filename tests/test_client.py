@@ -5,17 +5,11 @@ import threading
 import uuid
 
 import pytest
-from conftest import API_PASSWORD, API_USER
+from conftest import API_PASSWORD, API_USER, free_port
 
 from jobrunner import server
 from jobrunner.client import ApiError, Client, Unreachable
 from jobrunner.config import load_config
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,12 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import API_PASSWORD, API_USER
+from conftest import API_PASSWORD, API_USER, free_port
 
 
 @pytest.fixture
@@ -65,8 +64,5 @@ def test_exit_codes_say_what_went_wrong(jr):
     assert refused.returncode == 1 and "404 job_type_not_found" in refused.stderr
     assert jr("enqueue", "email", "--data", "{not json").returncode == 2
     assert jr("replay", "email", "--status", "failed", "--since", "soon").returncode == 2
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    unreachable = jr("types", "list", "--url", f"http://127.0.0.1:{port}")
+    unreachable = jr("types", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 3 and "cannot reach the API" in unreachable.stderr

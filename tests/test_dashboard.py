@@ -41,7 +41,7 @@ def browser():
 
 def open_dashboard(browser: Browser, port: int) -> None:
     browser.get(f"http://{API_USER}:{urllib.parse.quote(API_PASSWORD, safe='')}@127.0.0.1:{port}/")
-    browser.wait_for(lambda: browser.execute("return document.readyState") == "complete", "the page to load")
+    wait_until(lambda: browser.execute("return document.readyState") == "complete", "the page to load")
 
 
 def fail_a_job(api, conn, data) -> str:
@@ -79,11 +79,11 @@ def test_the_dashboard_shows_jobs_and_acts_on_them(api, conn, browser):
     browser.click(f'#failures tr[data-job="{failed_id}"] button[data-action="replay"]')
     wait_until(lambda: any(job["data"] == HOSTILE for job in queued_jobs(api)), "the replayed job to be queued")
     [replayed] = [job for job in queued_jobs(api) if job["data"] == HOSTILE]
-    browser.wait_for(lambda: browser.text("#status") == f"Replayed {failed_id} as {replayed['id']}", "the replay's result")
-    browser.wait_for(lambda: browser.find_all(f'#waiting tr[data-job="{replayed["id"]}"]'), "the replayed job on the page")
+    wait_until(lambda: browser.text("#status") == f"Replayed {failed_id} as {replayed['id']}", "the replay's result")
+    wait_until(lambda: browser.find_all(f'#waiting tr[data-job="{replayed["id"]}"]'), "the replayed job on the page")
 
     browser.click(f'#waiting tr[data-job="{later_id}"] button[data-action="cancel"]')
-    browser.wait_for(browser.alert_text, "the confirmation")
+    wait_until(browser.alert_text, "the confirmation")
     browser.accept_alert()
     wait_until(lambda: api.get(f"/v1/jobs/{later_id}").json["status"] == "cancelled", "the job to be cancelled")
 
@@ -93,7 +93,7 @@ def test_the_dashboard_shows_jobs_and_acts_on_them(api, conn, browser):
     wait_until(lambda: concurrency(api) == EMAIL["concurrency"], "email to be resumed at its old concurrency")
 
     browser.click('#types tr[data-type="sms"] button[data-action="resume"]')
-    assert "concurrency" in browser.wait_for(browser.alert_text, "the prompt for a concurrency")
+    assert "concurrency" in wait_until(browser.alert_text, "the prompt for a concurrency")
     browser.answer_prompt("3")
     wait_until(lambda: concurrency(api, "sms") == 3, "sms to be resumed at the concurrency typed in")
 
@@ -106,19 +106,19 @@ def test_an_action_that_fails_shows_the_errors_title(api, browser):
     api.post(f"/v1/jobs/email/{job_id}/cancel")  # the page still offers to cancel it
 
     browser.click(f'#waiting tr[data-job="{job_id}"] button[data-action="cancel"]')
-    browser.wait_for(browser.alert_text, "the confirmation")
+    wait_until(browser.alert_text, "the confirmation")
     browser.accept_alert()
 
     expected = f"Cancel failed: Job {job_id} is already archived as cancelled"
-    browser.wait_for(lambda: browser.text("#status") == expected, f"the status line to say {expected!r}")
-    browser.wait_for(lambda: not browser.find_all(f'#waiting tr[data-job="{job_id}"]'), "the refresh after the action")
+    wait_until(lambda: browser.text("#status") == expected, f"the status line to say {expected!r}")
+    wait_until(lambda: not browser.find_all(f'#waiting tr[data-job="{job_id}"]'), "the refresh after the action")
 
 
 def test_the_page_refreshes_itself(api, browser):
     api.post("/v1/jobs", EMAIL)
     open_dashboard(browser, api.port)
     job_id = api.put("/v1/jobs/email/random_id", {"data": {"n": 2}}).json["id"]
-    browser.wait_for(lambda: browser.find_all(f'#waiting tr[data-job="{job_id}"]'), "the new job to appear", timeout=8)
+    wait_until(lambda: browser.find_all(f'#waiting tr[data-job="{job_id}"]'), "the new job to appear", timeout=8)
     assert browser.execute("return document.querySelectorAll('main').length") == 1
 
 
@@ -140,7 +140,7 @@ def test_the_page_obeys_its_content_security_policy(api, browser):
         refused = " ".join(seen)
         return "style-src" in refused and "frame-src 'none'" in refused
 
-    browser.wait_for(both_refused, "the style and the frame to be refused")
+    wait_until(both_refused, "the style and the frame to be refused")
 
 
 def test_the_homepage_iframe_url_is_embedded(db_url, browser):

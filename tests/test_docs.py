@@ -19,14 +19,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,12 +64,6 @@ def kind(block: str) -> str:
     if any(SERVICE.search(line) for line in lines):
         return "host"  # serves until stopped: checked like a host's command
     return "run"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 
 import pytest
-from conftest import running_server, running_worker, wait_until
+from conftest import Api, running_server, running_worker, wait_until
 from plugins_for_tests import ScriptedWorker, TokenAuthorizer
 from test_supervisor import running_service
 from test_worker import create_type, enqueue, status_of, wait_for_status
@@ -245,11 +246,9 @@ def test_an_authorizer_that_returns_instead_of_raising_never_lets_a_request_thro
 def test_an_embedded_server_takes_an_authorizer_object(db_url):
     config = load_config({}, overrides={"database_url": db_url, "host": "127.0.0.1", "port": "0"})
     built = server.build(config, authorizer=TokenAuthorizer(config))
-    thread = __import__("threading").Thread(target=built.serve_forever, kwargs={"poll_interval": 0.05})
+    thread = threading.Thread(target=built.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        from conftest import Api
-
         api = Api(built.server_address[1])
         assert api.get("/v1/jobs", auth=("robot", "token-1")).status == 200
         assert api.get("/v1/jobs", auth=("robot", "nope")).status == 401

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from conftest import wait_until
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 HEADLESS_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
@@ -133,7 +135,7 @@ class Browser:
                     return None
                 raise
 
-        return self.wait_for(attempt, what, timeout)
+        return wait_until(attempt, what, timeout)
 
     def execute(self, script: str, *args: Any) -> Any:
         """Run `script` as a function body in the page; `arguments` holds `args`."""
@@ -172,17 +174,6 @@ class Browser:
     def answer_prompt(self, text: str) -> None:
         self.command("POST", "/alert/text", {"text": text})
         self.accept_alert()
-
-    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 5.0, interval: float = 0.02) -> Any:
-        """Wait until `condition()` is truthy and return it; an AssertionError naming `what` after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(interval)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
