@@ -33,6 +33,7 @@ MAX_NAME_LENGTH = 100
 # Names travel unescaped in URLs (ours and the downstream's), so keep them URL-safe.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # any version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,11 @@ def parse_job_id(job_id: str) -> uuid.UUID:
     if len(job_id) < 36:
         raise InvalidJobId(f'Could not parse "{job_id}" as a UUID with a prefix')
     prefix, text = job_id[:-36], job_id[-36:].lower()
-    if prefix != JOB_ID_PREFIX:
+    # Blame the prefix only when a UUID follows it: `job_` and then garbage is a bad uuid.
+    if prefix != JOB_ID_PREFIX and (_UUID_SHAPE.fullmatch(text) or not job_id.startswith(JOB_ID_PREFIX)):
         raise InvalidJobId(f"Please use {JOB_ID_PREFIX} for the uuid prefix, not {prefix}", wrong_prefix=True)
+    if prefix != JOB_ID_PREFIX:
+        raise InvalidJobId(f"Invalid UUID string: {job_id[len(JOB_ID_PREFIX):]} (expected job_ and a UUID)")
     if not _UUID_PATTERN.fullmatch(text):
         raise InvalidJobId(f"Invalid UUID string: {job_id[-36:]} (expected hex digits, version 1-8)")
     return uuid.UUID(text)

@@ -35,6 +35,9 @@ def test_valid_ids(job_id):
         ("job_6740b44e-13b9-975d-af06-979627e0e0d6", "Invalid UUID string", False),
         ("job_6740b44g-13b9-475d-af06-979627e0e0d6", "Invalid UUID string", False),
         ("job_6740b44e+13b9-475d-af06-979627e0e0d6", "Invalid UUID string", False),
+        # the right prefix and no UUID after it: the uuid is wrong, not the prefix
+        ("job_not-a-uuid-at-all-but-long-enough-000", "Invalid UUID string", False),
+        ("job_6740b44e-13b9-475d-af06-979627e0e0d6-extra", "Invalid UUID string", False),
     ],
 )
 def test_invalid_ids_say_what_is_wrong(job_id, message, wrong_prefix):
