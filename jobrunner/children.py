@@ -1,5 +1,8 @@
 """What runs in each child process the supervisor forks: signals reset, a name, then the child's own loop.
 
+The supervisor imports this module, never the other way round: the names of
+children and processes live here.
+
 A child stops gracefully on SIGTERM (from the supervisor), ignores the signals
 that belong to the supervisor (SIGINT from a terminal's Ctrl-C reaches the
 whole process group; SIGHUP, SIGTTIN, SIGTTOU), and exits by itself when its
@@ -12,8 +15,6 @@ import queue
 import signal
 import threading
 import time
-
-from .supervisor import child_name, set_process_title
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,20 @@ def child_main(kind: str, number: int, config, sockets: dict, ready, parent_pid:
         example_downstream.serve(sockets["downstream"], f"http://127.0.0.1:{sockets['api'].getsockname()[1]}", user, password, stop)
     for sock in sockets.values():
         sock.close()
+
+
+def child_name(kind: str, number: int) -> str:
+    """worker-N; server, then server-2, server-3... when there are several; watcher."""
+    return f"{kind}-{number}" if kind == "worker" or number > 1 else kind
+
+
+def set_process_title(title: str) -> None:
+    """The name `ps -o comm`, top and pstree show (Linux; 15 characters at most)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(title[:15])
+    except OSError:
+        pass
 
 
 def _stop_on_sigterm() -> threading.Event:

@@ -9,6 +9,7 @@ sleeps until something happens.
 | signal  | supervisor                                                          |
 |---------|---------------------------------------------------------------------|
 | HUP     | re-read the config; if valid start a new generation, retire the old |
+|         | once it is ready (the loop goes on meanwhile: a TERM is not delayed) |
 | TERM    | graceful stop (a second TERM, or INT, stops fast)                  |
 | INT     | graceful stop; the second stops fast                               |
 | QUIT    | fast stop: children are killed; their jobs wait in the database    |
@@ -31,6 +32,7 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 
 from . import metrics
+from .children import child_main, child_name, set_process_title
 from .config import Config, ConfigError, changes_needing_restart
 from .systemd import Notifier
 
@@ -62,15 +64,21 @@ class Child:
     ready: object  # a multiprocessing Event the child sets once it is serving
     started: float
     retiring_since: float | None = None
+    killed: bool = False  # SIGKILLed after its graceful timeout: said and done once
 
     @property
     def name(self) -> str:
         return child_name(self.kind, self.number)
 
 
-def child_name(kind: str, number: int) -> str:
-    """worker-N; server, then server-2, server-3... when there are several; watcher."""
-    return f"{kind}-{number}" if kind == "worker" or number > 1 else kind
+@dataclasses.dataclass
+class PendingReload:
+    """A generation started by SIGHUP that is not ready yet: the running one serves until it is."""
+
+    generation: int
+    config: Config
+    size: int  # how many children it has: fewer means one died
+    deadline: float  # past it, the reload is abandoned
 
 
 class Supervisor:
@@ -81,7 +89,9 @@ class Supervisor:
         self.notifier = notifier
         self.context = multiprocessing.get_context("fork")
         self.children: list[Child] = []
-        self.generation = 0
+        self.generation = 0  # the generation serving now
+        self.reloading: PendingReload | None = None
+        self.reload_again = False  # a SIGHUP came while a reload was pending
         self.quick_deaths: dict[str, int] = {}
         self.restart_at: dict[str, float] = {}
         self.stopping: str | None = None  # "graceful" or "fast"
@@ -118,13 +128,16 @@ class Supervisor:
         set_process_title("jr-supervisor")
         preload_children_code()
         self._install_signal_handlers()
-        self.spawn_generation()
+        self.generation = 1
+        for kind, number in self.wanted(self.config):
+            self.spawn(kind, number, self.config, self.generation)
         announced = False
         try:
             while self.stopping is None:
                 self.sleep()
                 self.handle_signals()
                 self.reap_children()
+                self.advance_reload()
                 self.manage_children()
                 self.ping_watchdog()
                 if not announced and all(child.ready.is_set() for child in self.current()):
@@ -142,6 +155,7 @@ class Supervisor:
     def sleep(self) -> None:
         """Until a child exits, a signal arrives, a restart is due, or a watchdog ping is."""
         deadlines = [*self.restart_at.values(), time.monotonic() + 0.1 if self._starting() else time.monotonic() + 1.0]
+        deadlines += [child.retiring_since + self.config.graceful_timeout for child in self._retiring() if not child.killed]
         if self.notifier.watchdog_interval:
             deadlines.append(self._last_watchdog + self.notifier.watchdog_interval)
         timeout = max(0.0, min(deadlines) - time.monotonic())
@@ -181,30 +195,34 @@ class Supervisor:
     # --- children ---
 
     def current(self) -> list[Child]:
-        return [child for child in self.children if child.retiring_since is None]
+        """The serving generation's children (not those retiring, nor those of a pending reload)."""
+        return [child for child in self.children if child.retiring_since is None and not self._is_pending(child)]
 
-    def wanted(self) -> list[tuple[str, int]]:
-        """The children the current config asks for."""
-        kinds = [("server", n) for n in range(1, self.config.servers + 1)] + [("watcher", 1)]
-        kinds += [("worker", n) for n in range(1, self.config.workers + 1)]
+    def pending(self) -> list[Child]:
+        """The children of the reload that is not ready yet."""
+        return [child for child in self.children if child.retiring_since is None and self._is_pending(child)]
+
+    def _is_pending(self, child: Child) -> bool:
+        return self.reloading is not None and child.generation == self.reloading.generation
+
+    def _retiring(self) -> list[Child]:
+        return [child for child in self.children if child.retiring_since is not None]
+
+    def wanted(self, config: Config) -> list[tuple[str, int]]:
+        """The children `config` asks for."""
+        kinds = [("server", n) for n in range(1, config.servers + 1)] + [("watcher", 1)]
+        kinds += [("worker", n) for n in range(1, config.workers + 1)]
         if "downstream" in self.sockets:
             kinds.append(("downstream", 1))
         return kinds
 
-    def spawn_generation(self) -> None:
-        self.generation += 1
-        for kind, number in self.wanted():
-            self.spawn(kind, number)
-
-    def spawn(self, kind: str, number: int) -> Child:
-        from .children import child_main
-
+    def spawn(self, kind: str, number: int, config: Config, generation: int) -> Child:
         ready = self.context.Event()
         name = child_name(kind, number)
         process = self.context.Process(
             target=child_main,
             name=name,
-            args=(kind, number, self.config, self.sockets, ready, os.getpid(), self.metrics_dir),
+            args=(kind, number, config, self.sockets, ready, os.getpid(), self.metrics_dir),
             daemon=False,
         )
         # Signals stay pending until the child has its own handlers (it unblocks them):
@@ -216,9 +234,10 @@ class Supervisor:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child = Child(kind, number, self.generation, process, ready, time.monotonic())
+        child = Child(kind, number, generation, process, ready, time.monotonic())
         self.children.append(child)
-        self.restart_at.pop(child.name, None)
+        if generation == self.generation:
+            self.restart_at.pop(child.name, None)
         return child
 
     def reap_children(self) -> None:
@@ -233,6 +252,9 @@ class Supervisor:
                 metrics.retire(Path(self.metrics_dir), pid)  # its counts stay in the totals
             if child.retiring_since is not None or self.stopping:
                 continue
+            if self._is_pending(child):
+                log.warning("%s of the new generation (pid %d) exited with code %s", child.name, pid, code)
+                continue  # not restarted: advance_reload abandons the reload
             lived = time.monotonic() - child.started
             if lived < QUICK_DEATH:
                 deaths = self.quick_deaths[child.name] = self.quick_deaths.get(child.name, 0) + 1
@@ -250,19 +272,25 @@ class Supervisor:
         """Start what is missing (when its restart is due) and retire workers beyond the count."""
         running = {child.name: child for child in self.current()}
         now = time.monotonic()
-        for kind, number in self.wanted():
+        for kind, number in self.wanted(self.config):
             name = child_name(kind, number)
             if name not in running and self.restart_at.get(name, 0.0) <= now:
-                self.spawn(kind, number)
-        wanted = {child_name(kind, number) for kind, number in self.wanted()}
+                self.spawn(kind, number, self.config, self.generation)
+        wanted = {child_name(kind, number) for kind, number in self.wanted(self.config)}
         for child in self.current():
             if child.name not in wanted:
                 self.retire(child)
         self.restart_at = {name: at for name, at in self.restart_at.items() if name in wanted}
-        for child in self.children:
-            if child.retiring_since is not None and now - child.retiring_since > self.config.graceful_timeout:
+        self.kill_overdue(now)
+
+    def kill_overdue(self, now: float) -> None:
+        """SIGKILL retiring children past the graceful timeout, once each: the loop may pass here
+        many times before the kernel has finished one off and its exit can be reaped."""
+        for child in self._retiring():
+            if not child.killed and now - child.retiring_since > self.config.graceful_timeout:
                 log.warning("%s did not stop within %.0f s: killing it", child.name, self.config.graceful_timeout)
                 _kill(child, signal.SIGKILL)
+                child.killed = True
 
     def retire(self, child: Child) -> None:
         """Graceful stop of one child: it finishes what it is doing, then exits."""
@@ -272,41 +300,72 @@ class Supervisor:
     # --- reload and stop ---
 
     def reload(self) -> None:
+        """Start a new generation with the re-read config; advance_reload retires the old one once it is ready."""
+        if self.reloading:
+            log.info("SIGHUP: a reload is under way; the next one starts when it ends")
+            self.reload_again = True
+            return
+        new = self._read_new_config()
+        if new is None:
+            return
+        self.notifier.reloading()
+        generation = self.generation + 1
+        wanted = self.wanted(new)
+        self.reloading = PendingReload(generation, new, len(wanted), time.monotonic() + new.start_timeout)
+        for kind, number in wanted:
+            self.spawn(kind, number, new, generation)
+
+    def _read_new_config(self) -> Config | None:
+        """The config to reload with, or None (logged and counted) to keep the running one."""
         try:
             new = self.reload_config()
         except ConfigError as error:
             log.error("SIGHUP: the new configuration is invalid, keeping the running one: %s", error)
             self._count(self.metrics.reloads, "rejected")
-            return
+            return None
         except Exception:  # a bug in reading it must not stop the supervisor either
             log.exception("SIGHUP: could not read the new configuration, keeping the running one")
             self._count(self.metrics.reloads, "rejected")
-            return
+            return None
         kept = changes_needing_restart(self.config, new)
         if kept:
             log.warning("SIGHUP: %s can only change with a restart; keeping the running value", ", ".join(kept))
             new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in kept})
-        self.notifier.reloading()
-        old, old_config = self.current(), self.config
-        self.config = new
-        self.spawn_generation()
-        if not self._wait_until_ready(self.current()):
-            log.error("SIGHUP: the new generation did not start and reach the database; keeping the old one")
-            for child in self.current():
-                if child.generation == self.generation:
-                    self.retire(child)
-            self.config = old_config
-            self._count(self.metrics.reloads, "failed")
-        else:
+        return new
+
+    def advance_reload(self) -> None:
+        """Finish a pending reload once its generation is ready; abandon it if a child died or time ran out."""
+        if self.reloading is None:
+            return
+        starting = self.pending()
+        if len(starting) == self.reloading.size and all(child.ready.is_set() for child in starting):
+            old = self.current()
+            self.config, self.generation = self.reloading.config, self.reloading.generation
+            self.reloading = None
+            self.restart_at.clear()  # every name has a child of the new generation
             for child in old:
                 self.retire(child)
             log.info("SIGHUP: reloaded (generation %d)", self.generation)
             self._count(self.metrics.reloads, "ok")
+        elif len(starting) < self.reloading.size or time.monotonic() > self.reloading.deadline:
+            log.error("SIGHUP: the new generation did not start and reach the database; keeping the old one")
+            for child in starting:
+                self.retire(child)
+            self.reloading = None
+            self._count(self.metrics.reloads, "failed")
+        else:
+            return
         self.notifier.ready(self.status())
+        if self.reload_again:
+            self.reload_again = False
+            self.reload()
 
     def stop(self, graceful: bool) -> None:
         self.notifier.stopping()
         log.info("stopping %s", "gracefully" if graceful else "fast")
+        if self.reloading:
+            log.info("abandoning the pending reload (generation %d)", self.reloading.generation)
+            self.reloading = None
         for child in self.children:
             _kill(child, signal.SIGTERM if graceful else signal.SIGKILL)
         deadline = time.monotonic() + (self.config.graceful_timeout if graceful else 5.0)
@@ -325,15 +384,6 @@ class Supervisor:
             _kill(child, signal.SIGKILL)
             child.process.join(5)
 
-    def _wait_until_ready(self, children: list[Child]) -> bool:
-        deadline = time.monotonic() + self.config.start_timeout
-        for child in children:
-            while not child.ready.wait(0.1):
-                self.ping_watchdog()
-                if child.process.exitcode is not None or time.monotonic() > deadline:
-                    return False
-        return True
-
     def _count(self, counter: metrics.Counter, label: str) -> None:
         """Count a supervisor event and publish at once: these are rare."""
         counter.inc(label)
@@ -341,7 +391,7 @@ class Supervisor:
             self.publisher.publish()
 
     def _starting(self) -> bool:
-        return not all(child.ready.is_set() for child in self.current())
+        return self.reloading is not None or not all(child.ready.is_set() for child in self.current())
 
     def status(self) -> str:
         return f"{self.config.servers} servers, {self.config.workers} workers, generation {self.generation}, listening on {self.sockets['api'].getsockname()[1]}"
@@ -379,12 +429,3 @@ def preload_children_code() -> None:
     from . import children, example_downstream, server, watcher, worker  # noqa: F401
 
     gc.collect()
-
-
-def set_process_title(title: str) -> None:
-    """The name `ps -o comm`, top and pstree show (Linux; 15 characters at most)."""
-    try:
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(title[:15])
-    except OSError:
-        pass

@@ -14,7 +14,7 @@ import uuid
 
 import downstream_stub as stub
 import pytest
-from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, Api, wait_until
+from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, Api, free_port, wait_until
 from downstream_stub import DownstreamStub
 
 from jobrunner import store
@@ -349,3 +349,55 @@ def test_a_reload_whose_children_cannot_reach_the_database_keeps_the_old_generat
         service.signal(signal.SIGTERM)
         assert service.process.wait(timeout=15) == 0
         assert "the new generation did not start and reach the database; keeping the old one" in service.process.stderr.read()
+
+
+def test_the_children_module_does_not_import_the_supervisor():
+    # the arrows point one way: the supervisor starts children, children know nothing of it
+    code = "import sys, jobrunner.children; print('jobrunner.supervisor' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def child_pids(service: Service) -> dict[int, str]:
+    """pid -> comm name of each live child (two generations share names during a reload)."""
+    return {pid: name for name, pid in _children_by_pid(service.process.pid)}
+
+
+def _children_by_pid(parent: int) -> list[tuple[str, int]]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append((name, int(pid)))
+    return found
+
+
+def test_sigterm_during_a_reload_that_cannot_reach_the_database_stops_at_once(db_url, downstream):
+    # the default start timeout (60 s) is longer than systemd's TimeoutStopSec: a stop must not wait for it
+    config = f"workers = 1\ndatabase_url = {db_url}\n"
+    with running_service(db_url, downstream.url, config=config) as service:
+        old = child_pids(service)
+        with open(service.config_path, "w") as file:
+            file.write(f"[jobrunner]\nworkers = 1\ndatabase_url = postgresql://nobody@127.0.0.1:{free_port()}/nowhere\n")
+        service.signal(signal.SIGHUP)
+        wait_until(lambda: len(child_pids(service)) == 2 * len(old), "the new generation to be started")
+
+        # while the reload waits, a child of the running generation that dies is still replaced
+        victim = next(pid for pid, name in old.items() if name == "jr-watcher")
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: sorted(child_pids(service).values()).count("jr-watcher") == 2 and victim not in child_pids(service),
+                   "the killed watcher to be replaced during the reload")
+
+        both_generations = child_pids(service)
+        started = time.monotonic()
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=90) == 0
+        stopped_in = time.monotonic() - started
+        assert stopped_in < 8, f"stopped {stopped_in:.1f} s after SIGTERM"
+        assert not [pid for pid in both_generations if _alive(pid)]
