@@ -2,6 +2,7 @@
 
 import contextlib
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,9 @@ from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, Api, free_port
 from downstream_stub import DownstreamStub
 
 from jobrunner import store
+from jobrunner.config import load_config
+from jobrunner.supervisor import Child, Supervisor
+from jobrunner.systemd import Notifier
 
 
 class Service:
@@ -401,3 +405,37 @@ def test_sigterm_during_a_reload_that_cannot_reach_the_database_stops_at_once(db
         stopped_in = time.monotonic() - started
         assert stopped_in < 8, f"stopped {stopped_in:.1f} s after SIGTERM"
         assert not [pid for pid in both_generations if _alive(pid)]
+
+
+def _deaf_to_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def _idle_child(supervisor, kind: str) -> "Child":
+    process = supervisor.context.Process(target=_deaf_to_sigterm, daemon=True)
+    process.start()
+    child = Child(kind, 1, supervisor.generation, process, supervisor.context.Event(), time.monotonic())
+    supervisor.children.append(child)
+    return child
+
+
+def test_a_retiring_child_past_the_graceful_timeout_is_killed_and_logged_once(caplog):
+    config = load_config({}, overrides={"users": "a:b", "workers": "0", "graceful_timeout": "1"})
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        supervisor = Supervisor(config, {"api": sock}, lambda: config, Notifier({}))
+        children = [_idle_child(supervisor, kind) for kind in ("server", "watcher", "server")]
+        stubborn = children[-1]
+        stubborn.retiring_since = time.monotonic() - 2
+        try:
+            with caplog.at_level(logging.WARNING, logger="jobrunner.supervisor"):
+                # the loop may pass several times before the kernel has finished the child off and it is reaped
+                for _ in range(3):
+                    supervisor.manage_children()
+            wait_until(lambda: stubborn.process.exitcode is not None, "the stubborn child to be killed")
+            assert stubborn.process.exitcode == -signal.SIGKILL
+            assert [record.getMessage() for record in caplog.records] == ["server did not stop within 1 s: killing it"]
+        finally:
+            for child in children:
+                child.process.kill()
+                child.process.join(5)
