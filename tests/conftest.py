@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 from psycopg.conninfo import make_conninfo
 
 from jobrunner import server, services, store
@@ -33,6 +34,25 @@ TEMPLATE = f"jobrunner_template_{os.getpid()}"
 # Durability is worthless in a throwaway cluster, and speed is not.
 TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"}
 _database_numbers = itertools.count()
+
+# Hypothesis profiles for the generated suites (test_generated_api, test_lifecycle_model,
+# test_faults, test_hostile_peers):
+#   ci        chosen when CI is set: derandomized (the same examples every run, so a red
+#             build is reproducible), a fixed example budget, no example database;
+#   dev       the default for local runs: random examples, remembered failures;
+#   thorough  HYPOTHESIS_PROFILE=thorough, a longer local hunt (10x the examples).
+# Each test asks for `examples(n)`, its budget in the ci profile, scaled by the profile.
+_NO_TIMING = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+settings.register_profile("ci", derandomize=True, database=None, max_examples=50, print_blob=True, **_NO_TIMING)
+settings.register_profile("dev", max_examples=50, **_NO_TIMING)
+settings.register_profile("thorough", max_examples=500, **_NO_TIMING)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(ci_budget: int) -> int:
+    """A generated test's example budget: `ci_budget` in the ci and dev profiles, 10x in thorough."""
+    return ci_budget * (10 if HYPOTHESIS_PROFILE == "thorough" else 1)
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +102,16 @@ def make_database(pg_server: str, template_database: str):
     yield make
     for name in created:
         admin_execute(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def module_db_url(pg_server: str, template_database: str) -> str:
+    """A database with jobrunner's schema shared by one module's tests: the generated suites
+    run hundreds of examples, and a database each would cost more than the examples."""
+    name = f"jobrunner_test_{os.getpid()}_{next(_database_numbers)}"
+    admin_execute(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    yield make_conninfo(pg_server, dbname=name)
+    admin_execute(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
