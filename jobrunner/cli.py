@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import queue
+import resource
 import secrets
 import signal
 import socket
@@ -19,7 +20,7 @@ from importlib import resources
 
 from . import client_cli, store
 from .children import PARENT_CHECK_INTERVAL
-from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config
+from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config, open_file_warnings
 from .errors import JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
 
@@ -205,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_of_the_open_file_limit(config: Config) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        for warning in open_file_warnings(config, soft):
+            log.warning("%s", warning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in client_cli.COMMANDS:
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(environ, config_file, flags)
         _configure_logging(config.log_level, environ)
+        if args.command in ("run", "check-config"):
+            _warn_of_the_open_file_limit(config)
         if args.command == "migrate":
             if not config.database_url:
                 print("jobrunner migrate: DATABASE_URL is not set (or pass --database-url)", file=sys.stderr)

@@ -47,7 +47,15 @@ def _number(low: float, high: float, what: str) -> Callable[[str], float]:
 
 
 _seconds = _number(0.001, 10**7, "a number of seconds")
-_factor = _number(0, 100, "a number")
+
+
+def _sleep_factor(text: str) -> float:
+    """At least 1. Below 1 the idle poll's interval shrinks towards nothing, and 0 (Rickover's "no
+    sleep") is nothing at once: a busy poll of the database, which LISTEN/NOTIFY makes needless."""
+    value = _number(0, 100, "a number")(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {text}: below 1 the idle poll would never sleep, a busy loop on the database")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -140,7 +148,7 @@ SETTINGS = (
     Setting("dispatch_threads", "JOBRUNNER_DISPATCH_THREADS", _int(1, 1000), "16", "jobs each worker process works on at once (POSTs to the downstream, or in-process work)"),
     Setting("downstream_timeout", "JOBRUNNER_DOWNSTREAM_TIMEOUT", _seconds, "6.5", "seconds to wait for the downstream to answer a POST (then: may have been delivered)"),
     Setting("job_timeout", "JOBRUNNER_JOB_TIMEOUT", _seconds, "300", "seconds a sent job may wait for its callback before it counts as failed"),
-    Setting("sleep_factor", "JOBRUNNER_SLEEP_FACTOR", _factor, "2", "growth of the idle safety poll interval: 10 ms x factor^empty polls, at most x1024"),
+    Setting("sleep_factor", "JOBRUNNER_SLEEP_FACTOR", _sleep_factor, "2", "growth of the idle safety poll interval: 10 ms x factor^empty polls, at most x1024; at least 1"),
     Setting("stuck_job_interval", "JOBRUNNER_STUCK_JOB_INTERVAL", _seconds, "60", "seconds between the watcher's rounds"),
     Setting("stuck_job_timeout", "JOBRUNNER_STUCK_JOB_TIMEOUT", _seconds, "420", "the watcher fails in-progress jobs not updated for this long (longer than job_timeout)"),
     Setting("archive_retention_days", "JOBRUNNER_ARCHIVE_RETENTION_DAYS", _int(0, 100000), "0", "the watcher deletes archived jobs older than this many days; 0 keeps them all"),
@@ -183,7 +191,21 @@ def load_config(
             values[name] = setting.parse(text)
         except ValueError as error:
             raise ConfigError(f"{setting.env} ({name}, from {source}): {error}") from None
+    sources = {name: source for name, (_, source) in raw.items()}
+    for longer, shorter, why in MUST_BE_LONGER:
+        if values[longer] <= values[shorter]:
+            raise ConfigError(f"{_named(longer, values, sources)} must be longer than {_named(shorter, values, sources)}: {why}")
     return Config(**values, config_file=config_file)
+
+
+# Pairs of settings, each valid alone, that contradict each other unless the first is the longer.
+MUST_BE_LONGER = (
+    ("stuck_job_timeout", "job_timeout", "the watcher would fail sent jobs that are still waiting for their callback"),
+)
+
+
+def _named(name: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    return f"{_BY_NAME[name].env} ({name}, {values[name]:g} from {sources[name]})"
 
 
 def _read_file(path: str) -> dict[str, str]:
@@ -220,6 +242,34 @@ def effective_settings(config: "Config") -> str:
         shown = ("****" if value else "(empty)") if s.secret else repr(value)
         lines.append(f"{s.name:32} {shown:24} ${s.env}")
     return "\n".join(lines)
+
+
+# What a process holds open besides its connections: standard streams, the listening socket, the
+# pipes to the supervisor, log and metrics files, the interpreter's own.
+OWN_OPEN_FILES = 32
+
+
+def open_file_warnings(config: "Config", limit: int) -> list[str]:
+    """Warnings for the processes whose connections may not fit under `limit` open files (RLIMIT_NOFILE).
+
+    Past the limit accept() and connect() fail with EMFILE: clients wait and deliveries fail.
+    """
+    processes = {
+        "an HTTP server": (("max_request_threads", "client connections"), ("server_pool_size", "database connections")),
+        "a worker": (("dispatch_threads", "downstream connections"), ("worker_pool_size", "database connections")),
+    }
+    warnings = []
+    for process, uses in processes.items():
+        listen = 1 if process == "a worker" else 0  # the worker's LISTEN connection
+        needed = sum(getattr(config, name) for name, _ in uses) + listen + OWN_OPEN_FILES
+        if needed > limit:
+            parts = " + ".join(f"{_BY_NAME[name].env} ({getattr(config, name)}) {what}" for name, what in uses)
+            listening = " + 1 LISTEN connection" if listen else ""
+            warnings.append(
+                f"{process} process may need {needed} open files ({parts}{listening} + about {OWN_OPEN_FILES} of its own), "
+                f"more than RLIMIT_NOFILE {limit} allows: lower those settings, or raise the limit (ulimit -n, systemd's LimitNOFILE=)"
+            )
+    return warnings
 
 
 def check_runnable(config: "Config") -> None:

@@ -1,6 +1,7 @@
 """The `jobrunner` command line, run as a real process."""
 
 import os
+import resource
 import select
 import shutil
 import signal
@@ -170,3 +171,49 @@ def test_run_on_a_port_held_for_good_names_the_setting_without_a_traceback(db_ur
         assert "Traceback" not in stderr
     finally:
         holder.close()
+
+
+def test_a_stuck_job_timeout_not_longer_than_the_job_timeout_is_refused_naming_both(tmp_path):
+    # the watcher would fail jobs that are still waiting for their callback
+    # (without users: were the setting let through, `run` would still stop, at the users)
+    contradicting = {"DATABASE_URL": "postgresql:///x", "JOBRUNNER_JOB_TIMEOUT": "600"}
+    for command in ("check-config", "run"):
+        result = run_cli(command, env=contradicting)
+        assert result.returncode == 2, result.stderr
+        assert "JOBRUNNER_STUCK_JOB_TIMEOUT (stuck_job_timeout" in result.stderr
+        assert "JOBRUNNER_JOB_TIMEOUT (job_timeout" in result.stderr
+    config = tmp_path / "jobrunner.ini"
+    config.write_text("[jobrunner]\nstuck_job_timeout = 300\n")
+    result = run_cli("--config", str(config), "check-config")
+    assert result.returncode == 2 and "must be longer than JOBRUNNER_JOB_TIMEOUT (job_timeout" in result.stderr
+    assert run_cli("check-config", env={"JOBRUNNER_JOB_TIMEOUT": "60", "JOBRUNNER_STUCK_JOB_TIMEOUT": "61"}).returncode == 0
+
+
+def test_a_sleep_factor_below_one_is_refused_because_the_idle_poll_would_never_sleep():
+    for factor in ("0", "0.5"):
+        for command in ("check-config", "run"):
+            result = run_cli(command, env={"DATABASE_URL": "postgresql:///x", "JOBRUNNER_SLEEP_FACTOR": factor})
+            assert result.returncode == 2, result.stderr
+            assert "JOBRUNNER_SLEEP_FACTOR (sleep_factor" in result.stderr and "never sleep" in result.stderr
+    assert run_cli("check-config", env={"JOBRUNNER_SLEEP_FACTOR": "1"}).returncode == 0
+
+
+def _with_open_file_limit(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def test_settings_that_need_more_open_files_than_the_limit_are_warned_about():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "JOBRUNNER_", "DOWNSTREAM", "PORT"))}
+    env.update(JOBRUNNER_MAX_REQUEST_THREADS="200", JOBRUNNER_DISPATCH_THREADS="150")
+    command = [sys.executable, "-m", "jobrunner", "check-config"]
+    low = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, preexec_fn=_with_open_file_limit(128))
+    assert low.returncode == 0, low.stderr  # a warning, not a refusal
+    server, worker = (line for line in low.stderr.splitlines() if "open files" in line)
+    assert "JOBRUNNER_MAX_REQUEST_THREADS (200)" in server and "PG_SERVER_POOL_SIZE (10)" in server and "RLIMIT_NOFILE 128" in server
+    assert "JOBRUNNER_DISPATCH_THREADS (150)" in worker and "PG_WORKER_POOL_SIZE (4)" in worker and "RLIMIT_NOFILE 128" in worker
+    # `run` says so too, before anything else can stop it (here: no users)
+    ran = subprocess.run([sys.executable, "-m", "jobrunner", "run"], capture_output=True, text=True, env={**env, "DATABASE_URL": "postgresql:///x"},
+                         timeout=60, preexec_fn=_with_open_file_limit(128))
+    assert ran.returncode == 2 and "JOBRUNNER_MAX_REQUEST_THREADS (200)" in ran.stderr
+    enough = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, preexec_fn=_with_open_file_limit(1024))
+    assert enough.returncode == 0 and "open files" not in enough.stderr

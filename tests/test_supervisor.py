@@ -228,17 +228,22 @@ def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_
         wait_until(lambda: succeeded(db_url) == len(enqueued), f"all {len(enqueued)} jobs to succeed", timeout=60)
 
 
-def test_sighup_with_a_broken_config_keeps_the_running_one(db_url, downstream):
+@pytest.mark.parametrize("line, named", [
+    ("log_level = LOUD", ["JOBRUNNER_LOG_LEVEL (log_level"]),
+    # each valid alone, they contradict each other
+    ("stuck_job_timeout = 300", ["JOBRUNNER_STUCK_JOB_TIMEOUT (stuck_job_timeout", "JOBRUNNER_JOB_TIMEOUT (job_timeout"]),
+])
+def test_sighup_with_a_broken_config_keeps_the_running_one(db_url, downstream, line, named):
     with running_service(db_url, downstream.url) as service:
         before = service.children()
         with open(service.config_path, "a") as file:
-            file.write("log_level = LOUD\n")
+            file.write(line + "\n")
         service.signal(signal.SIGHUP)
         service.signal(signal.SIGTERM)  # the HUP is handled first: its log line is then written
         assert service.process.wait(timeout=15) == 0
         stderr = service.process.stderr.read()
         assert "the new configuration is invalid, keeping the running one" in stderr
-        assert "JOBRUNNER_LOG_LEVEL (log_level" in stderr
+        assert all(name in stderr for name in named), stderr
         assert not service.notified("RELOADING=1")
         assert before  # and it was serving until the TERM
 
