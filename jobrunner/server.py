@@ -1,10 +1,9 @@
-"""The HTTP API: Rickover's v1 routes and jobrunner's additions, on the stdlib ThreadingHTTPServer.
+"""The HTTP API: Rickover's v1 routes and jobrunner's additions (the HTTP/1.1 itself is protocol.py's).
 
 A handler decodes and validates the request, calls one service, and turns the
 result or the error into JSON. Jobs change state only through the services.
 """
 
-import contextlib
 import json
 import logging
 import re
@@ -15,8 +14,6 @@ import urllib.parse
 from base64 import b64decode
 from collections.abc import Callable
 from datetime import datetime, timezone
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from . import dashboard, metrics, plugins, services, store
@@ -42,6 +39,7 @@ from .errors import (
 from .metrics import ServiceMetrics, render_gauges
 from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
 from .plugins import Authorizer
+from .protocol import HttpError, ProtocolHandler, ProtocolServer, is_number
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +62,6 @@ ROUTES = (
     (re.compile(r"/healthz"), {"GET": "healthz"}),
     (re.compile(r"/metrics"), {"GET": "metrics"}),
 )
-
-
-QUIET_BEFORE_CLOSE = 0.2  # seconds an idle kept-alive connection must be quiet before a stopping server closes it
-MAX_HEADERS = 100  # the stdlib's limits
-MAX_LINE = 65536
-
-
-class Headers(dict):
-    """Request headers by lower-case name; `get` takes any case."""
-
-    def add(self, name: str, value: str) -> bool:
-        """Add one header line; False when it contradicts an earlier one (two different lengths)."""
-        key, value = name.strip().lower(), value.strip()
-        if key in self and key in ("content-length", "transfer-encoding") and self[key] != value:
-            return False
-        self[key] = f"{self[key]}, {value}" if key in self and key not in ("content-length",) else value
-        return True
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return super().get(name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name.lower() if isinstance(name, str) else name)
-
-
-class HttpError(Exception):
-    """An error answer: status, Rickover's error id, a title, and optional detail."""
-
-    def __init__(self, status: int, error_id: str, title: str, detail: str = "", headers: dict | None = None, instance: str = ""):
-        super().__init__(title)
-        self.status, self.error_id, self.title, self.detail = status, error_id, title, detail
-        self.headers = headers or {}
-        self.instance = instance
 
 
 def _missing(field: str) -> HttpError:
@@ -221,10 +186,6 @@ def _timestamp(body: dict, field: str) -> datetime | None:
         raise HttpError(400, "invalid_request", BAD_JSON, f"{field} is not a valid date and time") from None
 
 
-def _is_number(text: str) -> bool:
-    return text.isascii() and text.isdigit()
-
-
 def _host_of(url: str) -> str | None:
     try:
         return urllib.parse.urlsplit(url).netloc
@@ -239,79 +200,10 @@ def _reject_constant(name: str) -> None:
 # --- the handler ---------------------------------------------------------------
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # The stdlib writes headers and body in separate send()s: without TCP_NODELAY a
-    # kept-alive connection stalls ~40 ms per response (Nagle meets delayed ACK).
-    disable_nagle_algorithm = True
-    server_version = "jobrunner/0.1"
-    sys_version = ""
+class Handler(ProtocolHandler):
+    """The API's routes: decode and validate, call one service, answer JSON."""
+
     server: "APIServer"
-    last_status = 0  # of the response sent last, for the metrics
-    idle_since: float | None = None  # while waiting for the next request on a kept-alive connection
-    reading_since: float | None = None  # from then until the request (its body included) has been read
-    body_read = True  # False while a request body waits unread on the connection
-
-    def setup(self) -> None:
-        self.timeout = self.server.config.read_timeout
-        super().setup()
-
-    def handle(self) -> None:
-        self.server.connections.add(self)
-        try:
-            super().handle()
-        except ConnectionError:
-            pass  # the client reset or half-closed the connection: there is no one left to answer
-        finally:
-            self.server.connections.discard(self)
-
-    def handle_one_request(self) -> None:
-        self.idle_since = self.reading_since = time.monotonic()
-        super().handle_one_request()
-
-    def parse_request(self) -> bool:
-        """Parse the request line and headers; the stdlib's email-based parser costs a fifth of a request."""
-        self.idle_since = None
-        self.body_read = True  # nothing to read until the request is understood
-        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(400, "Bad request line", "Send METHOD PATH HTTP/1.1")
-            return False
-        self.command, self.path, self.request_version = words
-        headers = Headers()
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                self.send_error(431, "Header line too long")
-                return False
-            if not line:  # the connection ended inside the headers: nothing to answer, nothing to do
-                self.close_connection = True
-                return False
-            if line in (b"\r\n", b"\n"):
-                break
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name.strip() or not headers.add(name, value):
-                self.send_error(400, "Bad header", f"Cannot understand header {name.strip()[:100]!r}")
-                return False
-        else:
-            self.send_error(431, "Too many headers")
-            return False
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        self.close_connection = connection == "close" if self.request_version == "HTTP/1.1" else connection != "keep-alive"
-        self.body_read = "Content-Length" not in headers and "Transfer-Encoding" not in headers
-        self.reading_since = None  # the head has arrived; _read_body times the body's read
-        if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
-
-    def __getattr__(self, name: str) -> Callable[[], None]:
-        # Every method, known or not, goes through the router: an unknown one is a 405, not a 501.
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
 
     def dispatch(self) -> None:
         started = time.perf_counter()
@@ -329,21 +221,21 @@ class Handler(BaseHTTPRequestHandler):
             if match is None:
                 raise HttpError(404, "not_found", "Resource not found", f"{self.command} {path}")
             if self.command == "OPTIONS":
-                self._send(200, b"", {"Allow": ", ".join([*methods, "OPTIONS"])})
+                self.send_answer(200, b"", {"Allow": ", ".join([*methods, "OPTIONS"])})
                 return
             if self.command not in methods:
                 allow = ", ".join(methods)
                 raise HttpError(405, "method_not_allowed", f"Method {self.command} not allowed for {path}", headers={"Allow": allow})
             getattr(self, "handle_" + methods[self.command])(*match.groups())
         except HttpError as error:
-            self._send_error(error)
+            self.send_error_answer(error)
         except JobrunnerError as error:
-            self._send_error(_error_for(error))
+            self.send_error_answer(_error_for(error))
         except TimeoutError:
             raise  # a silent client: the stdlib drops the connection
         except Exception:
             log.exception("unexpected error answering %s %s", self.command, self.path)
-            self._send_error(HttpError(500, "server_error", "Unexpected server error. Please try again"))
+            self.send_error_answer(HttpError(500, "server_error", "Unexpected server error. Please try again"))
         finally:
             self.server.observe(route, self.last_status, time.perf_counter() - started)
 
@@ -401,29 +293,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- bodies and answers ---
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise HttpError(411, "length_required", "Send the body with a Content-Length, not chunked")
-        text = self.headers.get("Content-Length", "0")
-        if not _is_number(text):
-            self.close_connection = True
-            raise HttpError(400, "invalid_request", "Invalid Content-Length header")
-        length = int(text) if len(text) <= 12 else 2**63
-        if length > self.server.config.max_body_bytes:
-            self.close_connection = True
-            raise HttpError(413, "entity_too_large", "Request body too large", f"The limit is {self.server.config.max_body_bytes} bytes")
-        self.reading_since = time.monotonic()
-        body = self.rfile.read(length)
-        self.reading_since = None
-        self.body_read = len(body) == length
-        if len(body) < length:
-            self.close_connection = True
-            raise HttpError(400, "invalid_request", "The request body ended early")
-        return body
-
     def _read_json(self) -> dict:
-        return self._json_object(self._read_body())
+        return self._json_object(self.read_body())
 
     def _json_object(self, body: bytes) -> dict:
         try:
@@ -435,50 +306,6 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(value, dict):
             raise HttpError(400, "invalid_request", BAD_JSON, "The body must be a JSON object")
         return value
-
-    def _send_json(self, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value, separators=(",", ":")).encode() + b"\n", {"Content-Type": "application/json; charset=utf-8"})
-
-    def _send_error(self, error: HttpError) -> None:
-        body = {"title": error.title, "id": error.error_id, "status_code": error.status}
-        if error.detail:
-            body["detail"] = error.detail
-        body["instance"] = error.instance or getattr(self, "path", "").partition("?")[0]
-        headers = {"Content-Type": "application/json; charset=utf-8", **error.headers}
-        self._send(error.status, json.dumps(body).encode() + b"\n", headers)
-
-    def _send(self, status: int, body: bytes, headers: dict) -> None:
-        if not self.body_read:
-            self.close_connection = True  # an unread body would be taken for the next request
-        if self.server.stopping:
-            self.close_connection = True
-        self.last_status = status
-        lines = [
-            f"{self.protocol_version} {status} {HTTPStatus(status).phrase}",
-            f"Server: {self.server_version}",
-            f"Date: {self.date_time_string()}",
-            f"Content-Length: {len(body)}",
-            "Strict-Transport-Security: max-age=31536000; includeSubDomains; preload",
-        ]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")  # else an HTTP/1.0 keep-alive client waits for a close
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head + (b"" if self.command == "HEAD" else body))  # one send()
-
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors the stdlib finds while parsing (bad request line, huge headers): JSON, never a 5xx."""
-        if code >= 500:
-            code = 400
-        self.close_connection = True
-        self.body_read = True
-        self._send_error(HttpError(code, "invalid_request", message or HTTPStatus(code).phrase, explain or ""))
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
     def _db(self, timeout: float | None = None):
         return self.server.pool.connection(timeout)
@@ -495,12 +322,12 @@ class Handler(BaseHTTPRequestHandler):
             raise _missing("concurrency")
         with self._db() as conn:
             job_type = services.create_job_type(conn, name, strategy, attempts, concurrency)
-        self._send_json(201, job_type_json(job_type))
+        self.send_json(201, job_type_json(job_type))
 
     def handle_get_job_type(self, name: str) -> None:
         with self._db() as conn:
             job_type = services.get_job_type(conn, name)
-        self._send_json(200, job_type_json(job_type))
+        self.send_json(200, job_type_json(job_type))
 
     def handle_enqueue(self, name: str, id_text: str) -> None:
         body = self._read_json()
@@ -516,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
         except UnknownJobType:
             raise HttpError(404, "job_type_not_found", f"Job type {name!r} not found", instance=f"/v1/jobs/{name}") from None
         self.server.metrics.enqueued.inc(name)
-        self._send_json(202, job_json(job))
+        self.send_json(202, job_json(job))
 
     def _data_too_large(self, data: Any) -> bool:
         # cheap first: the data cannot be larger than the whole body (its length was checked on reading)
@@ -539,7 +366,7 @@ class Handler(BaseHTTPRequestHandler):
         except (JobAlreadyArchived, UnknownJob, JobNameMismatch) as error:
             raise HttpError(400, "duplicate_status_request", "This job has already been archived, or was never queued", str(error)) from None
         self.server.metrics.outcome(job)
-        self._send_json(200, job_json(job))
+        self.send_json(200, job_json(job))
 
     def handle_get_job(self, *groups: str) -> None:
         name, id_text = (None, *groups) if len(groups) == 1 else groups
@@ -548,22 +375,22 @@ class Handler(BaseHTTPRequestHandler):
         job_id = parse_job_id(id_text)
         with self._db() as conn:
             job = services.get_job(conn, job_id, name)
-        self._send_json(200, job_json(job))
+        self.send_json(200, job_json(job))
 
     def handle_replay(self, name: str | None, id_text: str) -> None:
-        self._read_body()  # ignored, as Rickover did; read so the connection stays usable
+        self.read_body()  # ignored, as Rickover did; read so the connection stays usable
         job_id = parse_job_id(id_text)
         with self._db() as conn:
             job = services.replay(conn, job_id, name)
         self.server.metrics.enqueued.inc(job.name)
-        self._send_json(201, job_json(job))
+        self.send_json(201, job_json(job))
 
     def handle_homepage(self) -> None:
         config = self.server.config
         with self._db() as conn:
             overview = services.overview(conn)
         page = dashboard.render(overview, config.homepage_title, config.homepage_iframe_url)
-        self._send(200, page, {"Content-Type": "text/html; charset=utf-8", **dashboard.HEADERS})
+        self.send_answer(200, page, {"Content-Type": "text/html; charset=utf-8", **dashboard.HEADERS})
 
     # --- jobrunner's additions ---
 
@@ -571,7 +398,7 @@ class Handler(BaseHTTPRequestHandler):
         with self._db() as conn:
             counts = services.list_job_types_with_counts(conn)
         types = [{**job_type_json(c.job_type), "queued": c.queued, "in_progress": c.in_progress, "due": c.due} for c in counts]
-        self._send_json(200, {"job_types": types})
+        self.send_json(200, {"job_types": types})
 
     def handle_update_job_type(self, name: str) -> None:
         body = self._read_json()
@@ -579,41 +406,41 @@ class Handler(BaseHTTPRequestHandler):
         concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
         with self._db() as conn:
             job_type = services.update_job_type(conn, name, attempts, concurrency)
-        self._send_json(200, job_type_json(job_type))
+        self.send_json(200, job_type_json(job_type))
 
     def handle_list_jobs(self, name: str) -> None:
         status = self._query_param("status")
         limit_text = self._query_param("limit") or "50"
-        if not _is_number(limit_text) or len(limit_text) > 6:
+        if not is_number(limit_text) or len(limit_text) > 6:
             raise HttpError(400, "invalid_parameter", f"Invalid limit: must be a whole number from 1 to {services.MAX_PAGE}")
         with self._db() as conn:
             jobs, cursor = services.list_jobs(conn, name, status, int(limit_text), self._query_param("cursor"))
-        self._send_json(200, {"jobs": [job_json(job) for job in jobs], "next_cursor": cursor})
+        self.send_json(200, {"jobs": [job_json(job) for job in jobs], "next_cursor": cursor})
 
     def _query_param(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[-1] if values else None
 
     def handle_cancel(self, name: str, id_text: str) -> None:
-        self._read_body()
+        self.read_body()
         job_id = parse_job_id(id_text)
         with self._db() as conn:
             job = services.cancel(conn, job_id, name)
         self.server.metrics.outcome(job)
-        self._send_json(200, job_json(job))
+        self.send_json(200, job_json(job))
 
     def handle_pause(self, name: str) -> None:
-        self._read_body()
+        self.read_body()
         with self._db() as conn:
             job_type = services.pause_job_type(conn, name)
-        self._send_json(200, job_type_json(job_type))
+        self.send_json(200, job_type_json(job_type))
 
     def handle_resume(self, name: str) -> None:
-        body = self._read_body()
+        body = self.read_body()
         concurrency = _integer(self._json_object(body), "concurrency", MAX_CONCURRENCY, required=False) if body else None
         with self._db() as conn:
             job_type = services.resume_job_type(conn, name, concurrency)
-        self._send_json(200, job_type_json(job_type))
+        self.send_json(200, job_type_json(job_type))
 
     def handle_healthz(self) -> None:
         try:
@@ -622,7 +449,7 @@ class Handler(BaseHTTPRequestHandler):
         except DatabaseUnavailable:
             # no detail: this route needs no credentials, and the driver's message names hosts and users
             raise HttpError(503, "service_unavailable", "The database is unavailable") from None
-        self._send_json(200, {"status": "ok"})
+        self.send_json(200, {"status": "ok"})
 
     def handle_metrics(self) -> None:
         server = self.server
@@ -634,7 +461,7 @@ class Handler(BaseHTTPRequestHandler):
         gauges, names = self._queue_gauges()
         counted.include_job_types(names)
         text = counted.render() + "\n".join(gauges) + "\n"
-        self._send(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        self.send_answer(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _queue_gauges(self) -> tuple[list[str], list[str]]:
         """What every host shares, from the database at scrape time (and the job types' names); without it, only that it is down."""
@@ -658,12 +485,8 @@ class Handler(BaseHTTPRequestHandler):
 # --- the server ----------------------------------------------------------------
 
 
-class APIServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on an already-bound socket, with a bound on threads and a graceful stop."""
-
-    # Wait for in-flight requests on close (ThreadingHTTPServer's default daemon threads would not).
-    daemon_threads = False
-    block_on_close = True
+class APIServer(ProtocolServer):
+    """The API on an already-bound socket: its routes, database pool, batchers, metrics and authorizer."""
 
     def __init__(
         self,
@@ -674,14 +497,7 @@ class APIServer(ThreadingHTTPServer):
         counted: ServiceMetrics | None = None,
         publisher: metrics.Publisher | None = None,
     ):
-        super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
-        self.socket.close()
-        # Other servers (more processes, or a reload's next generation) accept on the same
-        # socket: all wake for a connection and one takes it; the others' accept() must
-        # come back empty-handed, not block until the next connection (deaf to their stop).
-        sock.setblocking(False)
-        self.socket = sock
-        self.server_address = sock.getsockname()
+        super().__init__(sock, Handler, config.read_timeout, config.max_request_threads, config.max_body_bytes)
         self.config = config
         self.pool = pool
         self.enqueuer = services.EnqueueBatcher(pool)
@@ -689,91 +505,20 @@ class APIServer(ThreadingHTTPServer):
         self.metrics = counted or ServiceMetrics()  # this process's
         self.publisher = publisher  # with the other processes of its supervisor, for /metrics (None: this one alone)
         self.authorizer = authorizer
-        self.stopping = False
-        self.connections: set[Handler] = set()
-        self._next_slow_check = 0.0
-        self._slots = threading.BoundedSemaphore(config.max_request_threads)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.metrics.http_requests.inc(route, str(status))
         self.metrics.http_latency.observe(seconds, route)
 
-    def service_actions(self) -> None:
-        """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
-
-        The read timeout bounds each silence, so a client that sends a byte now and
-        then would otherwise hold its thread for ever (slowloris). The wait for a
-        request and its head get twice the read timeout, and so does its body's
-        read; a handler at work is never timed.
-        """
-        now = time.monotonic()
-        if now < self._next_slow_check:
-            return
-        self._next_slow_check = now + 1.0
-        for handler in list(self.connections):
-            since = handler.reading_since
-            if since is not None and now - since > 2 * self.config.read_timeout and handler.reading_since is since:
-                _hang_up(handler)
-
-    def handle_error(self, request, client_address) -> None:
-        """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""
-        log.exception("unhandled error serving %s:%s", *client_address[:2])
-
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse_busy(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse_busy(self, request: socket.socket) -> None:
-        body = json.dumps({"title": "Too many connections; try again shortly", "id": "service_unavailable", "status_code": 503}).encode() + b"\n"
-        head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-        try:
-            request.sendall(head.encode() + body)
-        except OSError:
-            pass
-        self.shutdown_request(request)
+    def count_refused(self) -> None:
         self.metrics.http_requests.inc("busy", "503")
 
     def stop(self) -> None:
-        """Stop accepting, close kept-alive connections once quiet, and wait for in-flight requests.
-
-        A connection that is busy gets `Connection: close` with its next answer. One
-        that is idle is closed only once it has been quiet for QUIET_BEFORE_CLOSE: a
-        client that reuses it at once is answered rather than cut off (the race every
-        keep-alive server has, narrowed to clients silent for that long).
-        """
-        self.stopping = True
-        self.shutdown()
-        deadline = time.monotonic() + self.config.read_timeout
-        while self.connections and time.monotonic() < deadline:
-            for handler in list(self.connections):
-                idle_since = handler.idle_since
-                if idle_since is not None and time.monotonic() - idle_since >= QUIET_BEFORE_CLOSE:
-                    _hang_up(handler)
-            time.sleep(QUIET_BEFORE_CLOSE / 4)  # a bounded wait for connections to finish, not a test
-        for handler in list(self.connections):
-            if handler.reading_since is not None:
-                _hang_up(handler)  # still sending its request (slowly): it must not hold the stop up
-        self.server_close()
+        """Stop gracefully (see ProtocolServer.stop_serving), then close the batchers and the database pool."""
+        self.stop_serving()
         self.enqueuer.close()
         self.callbacks_batcher.close()
         self.pool.close()
-
-
-def _hang_up(handler: "Handler") -> None:
-    with contextlib.suppress(OSError):
-        handler.connection.shutdown(socket.SHUT_RDWR)
 
 
 def serve(

@@ -1,0 +1,308 @@
+"""HTTP/1.1 on the stdlib's ThreadingHTTPServer: parsing, limits, keep-alive, bodies, and a graceful stop.
+
+This is the part a newcomer should rarely need to read: server.py holds the
+routes. `ProtocolHandler` reads one request at a time from a connection, hands
+it to `dispatch()` (the subclass's), and writes the answer in one send();
+`ProtocolServer` accepts connections, bounds them, drops clients too slow to
+send a request, and stops without cutting off a request in flight.
+
+Every error this layer answers is the API's JSON error body, never an HTML page.
+"""
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+QUIET_BEFORE_CLOSE = 0.2  # seconds an idle kept-alive connection must be quiet before a stopping server closes it
+MAX_HEADERS = 100  # the stdlib's limits
+MAX_LINE = 65536
+
+
+class Headers(dict):
+    """Request headers by lower-case name; `get` takes any case."""
+
+    def add(self, name: str, value: str) -> bool:
+        """Add one header line; False when it contradicts an earlier one (two different lengths)."""
+        key, value = name.strip().lower(), value.strip()
+        if key in self and key in ("content-length", "transfer-encoding") and self[key] != value:
+            return False
+        self[key] = f"{self[key]}, {value}" if key in self and key not in ("content-length",) else value
+        return True
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+
+class HttpError(Exception):
+    """An error answer: status, Rickover's error id, a title, and optional detail."""
+
+    def __init__(self, status: int, error_id: str, title: str, detail: str = "", headers: dict | None = None, instance: str = ""):
+        super().__init__(title)
+        self.status, self.error_id, self.title, self.detail = status, error_id, title, detail
+        self.headers = headers or {}
+        self.instance = instance
+
+
+def is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+class ProtocolHandler(BaseHTTPRequestHandler):
+    """One connection: requests read one at a time, each answered by `dispatch()`."""
+
+    protocol_version = "HTTP/1.1"
+    # The stdlib writes headers and body in separate send()s: without TCP_NODELAY a
+    # kept-alive connection stalls ~40 ms per response (Nagle meets delayed ACK).
+    disable_nagle_algorithm = True
+    server_version = "jobrunner/0.1"
+    sys_version = ""
+    server: "ProtocolServer"
+    last_status = 0  # of the response sent last, for the metrics
+    idle_since: float | None = None  # while waiting for the next request on a kept-alive connection
+    reading_since: float | None = None  # from then until the request (its body included) has been read
+    body_read = True  # False while a request body waits unread on the connection
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout
+        super().setup()
+
+    def handle(self) -> None:
+        self.server.connections.add(self)
+        try:
+            super().handle()
+        except ConnectionError:
+            pass  # the client reset or half-closed the connection: there is no one left to answer
+        finally:
+            self.server.connections.discard(self)
+
+    def handle_one_request(self) -> None:
+        self.idle_since = self.reading_since = time.monotonic()
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers; the stdlib's email-based parser costs a fifth of a request."""
+        self.idle_since = None
+        self.body_read = True  # nothing to read until the request is understood
+        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(400, "Bad request line", "Send METHOD PATH HTTP/1.1")
+            return False
+        self.command, self.path, self.request_version = words
+        headers = Headers()
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                self.send_error(431, "Header line too long")
+                return False
+            if not line:  # the connection ended inside the headers: nothing to answer, nothing to do
+                self.close_connection = True
+                return False
+            if line in (b"\r\n", b"\n"):
+                break
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name.strip() or not headers.add(name, value):
+                self.send_error(400, "Bad header", f"Cannot understand header {name.strip()[:100]!r}")
+                return False
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        self.close_connection = connection == "close" if self.request_version == "HTTP/1.1" else connection != "keep-alive"
+        self.body_read = "Content-Length" not in headers and "Transfer-Encoding" not in headers
+        self.reading_since = None  # the head has arrived; read_body times the body's read
+        if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        # Every method, known or not, goes through the router: an unknown one is a 405, not a 501.
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
+
+    def dispatch(self) -> None:
+        """Answer the request whose head has been read: the subclass's routes."""
+        raise NotImplementedError
+
+    # --- bodies and answers ---
+
+    def read_body(self) -> bytes:
+        """The request's body, framed by Content-Length and at most the server's max_body_bytes."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(411, "length_required", "Send the body with a Content-Length, not chunked")
+        text = self.headers.get("Content-Length", "0")
+        if not is_number(text):
+            self.close_connection = True
+            raise HttpError(400, "invalid_request", "Invalid Content-Length header")
+        length = int(text) if len(text) <= 12 else 2**63
+        if length > self.server.max_body_bytes:
+            self.close_connection = True
+            raise HttpError(413, "entity_too_large", "Request body too large", f"The limit is {self.server.max_body_bytes} bytes")
+        self.reading_since = time.monotonic()
+        body = self.rfile.read(length)
+        self.reading_since = None
+        self.body_read = len(body) == length
+        if len(body) < length:
+            self.close_connection = True
+            raise HttpError(400, "invalid_request", "The request body ended early")
+        return body
+
+    def send_json(self, status: int, value: Any) -> None:
+        self.send_answer(status, json.dumps(value, separators=(",", ":")).encode() + b"\n", {"Content-Type": "application/json; charset=utf-8"})
+
+    def send_error_answer(self, error: HttpError) -> None:
+        body = {"title": error.title, "id": error.error_id, "status_code": error.status}
+        if error.detail:
+            body["detail"] = error.detail
+        body["instance"] = error.instance or getattr(self, "path", "").partition("?")[0]
+        headers = {"Content-Type": "application/json; charset=utf-8", **error.headers}
+        self.send_answer(error.status, json.dumps(body).encode() + b"\n", headers)
+
+    def send_answer(self, status: int, body: bytes, headers: dict) -> None:
+        if not self.body_read:
+            self.close_connection = True  # an unread body would be taken for the next request
+        if self.server.stopping:
+            self.close_connection = True
+        self.last_status = status
+        lines = [
+            f"{self.protocol_version} {status} {HTTPStatus(status).phrase}",
+            f"Server: {self.server_version}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Length: {len(body)}",
+            "Strict-Transport-Security: max-age=31536000; includeSubDomains; preload",
+        ]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")  # else an HTTP/1.0 keep-alive client waits for a close
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + (b"" if self.command == "HEAD" else body))  # one send()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the stdlib finds while parsing (bad request line, huge headers): JSON, never a 5xx."""
+        if code >= 500:
+            code = 400
+        self.close_connection = True
+        self.body_read = True
+        self.send_error_answer(HttpError(code, "invalid_request", message or HTTPStatus(code).phrase, explain or ""))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class ProtocolServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer on an already-bound socket, with a bound on threads and a graceful stop."""
+
+    # Wait for in-flight requests on close (ThreadingHTTPServer's default daemon threads would not).
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, sock: socket.socket, handler: type[ProtocolHandler], read_timeout: float, max_connections: int, max_body_bytes: int):
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        # Other servers (more processes, or a reload's next generation) accept on the same
+        # socket: all wake for a connection and one takes it; the others' accept() must
+        # come back empty-handed, not block until the next connection (deaf to their stop).
+        sock.setblocking(False)
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
+        self.stopping = False
+        self.connections: set[ProtocolHandler] = set()
+        self._next_slow_check = 0.0
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def count_refused(self) -> None:
+        """A connection refused for want of a slot: the subclass counts it."""
+
+    def service_actions(self) -> None:
+        """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
+
+        The read timeout bounds each silence, so a client that sends a byte now and
+        then would otherwise hold its thread for ever (slowloris). The wait for a
+        request and its head get twice the read timeout, and so does its body's
+        read; a handler at work is never timed.
+        """
+        now = time.monotonic()
+        if now < self._next_slow_check:
+            return
+        self._next_slow_check = now + 1.0
+        for handler in list(self.connections):
+            since = handler.reading_since
+            if since is not None and now - since > 2 * self.read_timeout and handler.reading_since is since:
+                hang_up(handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""
+        log.exception("unhandled error serving %s:%s", *client_address[:2])
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        body = json.dumps({"title": "Too many connections; try again shortly", "id": "service_unavailable", "status_code": 503}).encode() + b"\n"
+        head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        try:
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self.count_refused()
+
+    def stop_serving(self) -> None:
+        """Stop accepting, close kept-alive connections once quiet, and wait for in-flight requests.
+
+        A connection that is busy gets `Connection: close` with its next answer. One
+        that is idle is closed only once it has been quiet for QUIET_BEFORE_CLOSE: a
+        client that reuses it at once is answered rather than cut off (the race every
+        keep-alive server has, narrowed to clients silent for that long).
+        """
+        self.stopping = True
+        self.shutdown()
+        deadline = time.monotonic() + self.read_timeout
+        while self.connections and time.monotonic() < deadline:
+            for handler in list(self.connections):
+                idle_since = handler.idle_since
+                if idle_since is not None and time.monotonic() - idle_since >= QUIET_BEFORE_CLOSE:
+                    hang_up(handler)
+            time.sleep(QUIET_BEFORE_CLOSE / 4)  # a bounded wait for connections to finish, not a test
+        for handler in list(self.connections):
+            if handler.reading_since is not None:
+                hang_up(handler)  # still sending its request (slowly): it must not hold the stop up
+        self.server_close()
+
+
+def hang_up(handler: ProtocolHandler) -> None:
+    with contextlib.suppress(OSError):
+        handler.connection.shutdown(socket.SHUT_RDWR)
