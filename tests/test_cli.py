@@ -1,6 +1,7 @@
 """The `jobrunner` command line, run as a real process."""
 
 import os
+import re
 import resource
 import select
 import shutil
@@ -217,3 +218,43 @@ def test_settings_that_need_more_open_files_than_the_limit_are_warned_about():
     assert ran.returncode == 2 and "JOBRUNNER_MAX_REQUEST_THREADS (200)" in ran.stderr
     enough = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, preexec_fn=_with_open_file_limit(1024))
     assert enough.returncode == 0 and "open files" not in enough.stderr
+
+
+def _start_development_service(workdir: str) -> tuple[subprocess.Popen, int]:
+    """`jobrunner run` without DATABASE_URL in `workdir`, and the port it serves on once it is serving."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "JOBRUNNER_", "DOWNSTREAM", "PORT"))}
+    environment.update(PORT="0", JOBRUNNER_HOST="127.0.0.1", JOBRUNNER_WORKERS="1")
+    process = subprocess.Popen([sys.executable, "-m", "jobrunner", "run"], cwd=workdir, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        assert line, f"jobrunner run exited with {process.wait()} before it served"
+        if re.search(r"supervisor \d+: .* listening on \d+$", line):
+            return process, int(line.rsplit(" ", 1)[1])
+    raise AssertionError("jobrunner run did not serve within 60 s")
+
+
+def test_development_mode_starts_again_after_its_supervisor_was_killed():
+    workdir = tempfile.mkdtemp(prefix="jobrunner-dev-")
+    os.chmod(workdir, 0o755)  # as root, the cluster runs as `postgres`, which must reach it
+    processes = []
+    try:
+        first, _ = _start_development_service(workdir)
+        processes.append(first)
+        first.kill()  # its private PostgreSQL stays behind
+        first.wait(timeout=10)
+        second, port = _start_development_service(workdir)
+        processes.append(second)
+        wait_until(lambda: Api(port).get("/healthz", auth=None).status == 200, "the restarted service to answer")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        assert not os.path.exists(f"{workdir}/.jobrunner/postgres/postmaster.pid"), "the private database was left running"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=30)
+        subprocess.run([sys.executable, "-c", "import sys; from jobrunner.localdb import LocalPostgres; LocalPostgres(sys.argv[1]).stop_leftover()",
+                        f"{workdir}/.jobrunner/postgres"], timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)
