@@ -73,6 +73,26 @@ def database(config: Config) -> Iterator[Config]:
         cluster.stop()
 
 
+@contextlib.contextmanager
+def development_url(config: Config, sock: socket.socket) -> Iterator[None]:
+    """In development mode (no DATABASE_URL), where the API serves, kept beside its password while it
+    runs: the command line sends that password to this URL alone."""
+    if config.database_url:
+        yield
+        return
+    host, port = sock.getsockname()[:2]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    path = os.path.join(config.data_dir, "api-url")
+    with open(path, "w") as file:
+        file.write(url)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def _development_password(data_dir: str) -> str:
     """Generated once, then kept beside the private database, so that it survives restarts."""
     path = os.path.join(data_dir, "api-password")
@@ -130,10 +150,11 @@ def serve(config: Config) -> None:
     from . import server
 
     stop = stop_on_signals()
-    with database(config) as config:
-        sock = listening_socket(config)
+    with database(config) as running:
+        sock = listening_socket(running)
         log.info("serving HTTP on %s:%d", *sock.getsockname()[:2])
-        server.serve(config, sock, stop)
+        with development_url(config, sock):
+            server.serve(running, sock, stop)
         sock.close()
 
 
@@ -177,7 +198,8 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
             check_runnable(fresh)
             return fresh
 
-        return Supervisor(running, sockets, reload, Notifier(dict(os.environ))).run()
+        with development_url(config, sockets["api"]):
+            return Supervisor(running, sockets, reload, Notifier(dict(os.environ))).run()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 Where the API is, and who asks: --url, --user, --password, or $JOBRUNNER_URL,
 $JOBRUNNER_API_USER, $JOBRUNNER_API_PASSWORD. By default the development
 service of `make run`: http://127.0.0.1:9090, user admin, the password kept in
-.jobrunner/api-password. Output is for people; --json prints the API's answer.
+.jobrunner/api-password, which is sent only to the URL that service serves
+(.jobrunner/api-url, written while it runs). Output is for people; --json prints the API's answer.
 
 Exit codes: 0 done; 1 the API refused (the reason is printed); 2 bad usage;
 3 the API could not be reached.
@@ -14,12 +15,14 @@ import json
 import os
 import re
 import sys
+import urllib.parse
 from datetime import datetime, timedelta, timezone
 
 from .client import ApiError, Client, Unreachable
 
 COMMANDS = ("types", "enqueue", "job", "jobs", "replay")
 DEV_PASSWORD_FILE = os.path.join(".jobrunner", "api-password")
+DEV_URL_FILE = os.path.join(".jobrunner", "api-url")  # where the development service serves, while it runs
 
 
 def add_parsers(commands) -> None:
@@ -71,7 +74,7 @@ def add_parsers(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        password = args.password if args.password is not None else _development_password()
+        password = args.password if args.password is not None else _development_password(args.url)
         client = Client(args.url, args.user, password)
         return _COMMANDS[(args.command, getattr(args, "action", None))](client, args)
     except ApiError as error:
@@ -89,12 +92,27 @@ class UsageError(Exception):
     pass
 
 
-def _development_password() -> str:
+def _development_password(url: str) -> str:
+    """The development service's password, for that service's own URL only: sent to any
+    other --url it would hand the password to whoever answers there."""
     try:
+        with open(DEV_URL_FILE) as file:
+            served = file.read().strip()
         with open(DEV_PASSWORD_FILE) as file:
-            return file.read().strip()
+            password = file.read().strip()
     except OSError:
         return ""
+    return password if _origin(url) == _origin(served) else ""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = urllib.parse.urlsplit(url)
+    host = "127.0.0.1" if parsed.hostname == "localhost" else parsed.hostname
+    try:
+        port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    except ValueError:
+        port = None  # not a port: it matches nothing the service wrote
+    return parsed.scheme, host or "", port
 
 
 def _types_list(client: Client, args) -> int:

@@ -17,10 +17,10 @@ from conftest import Api, wait_until
 from jobrunner import cli, store
 
 
-def run_cli(*args, env=None):
+def run_cli(*args, env=None, cwd=None):
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "JOBRUNNER_", "DOWNSTREAM", "PORT"))}
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "jobrunner", *args], capture_output=True, text=True, env=environment, timeout=60)
+    return subprocess.run([sys.executable, "-m", "jobrunner", *args], capture_output=True, text=True, env=environment, timeout=60, cwd=cwd)
 
 
 def test_migrate_applies_the_schema_to_database_url(make_database):
@@ -30,7 +30,9 @@ def test_migrate_applies_the_schema_to_database_url(make_database):
     conn = store.connect(url)
     tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     conn.close()
-    assert tables == {"jobs", "queued_jobs", "archived_jobs", "jobrunner_paused_job_types"}
+    declared = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", cli.schema_sql()))
+    assert {"jobs", "queued_jobs", "archived_jobs", "jobrunner_paused_job_types"} <= declared
+    assert tables == declared
 
 
 def test_migrate_without_a_database_names_the_setting():
@@ -247,8 +249,14 @@ def test_development_mode_starts_again_after_its_supervisor_was_killed():
         second, port = _start_development_service(workdir)
         processes.append(second)
         wait_until(lambda: Api(port).get("/healthz", auth=None).status == 200, "the restarted service to answer")
+        # the command line finds the service's URL beside its password, and sends the password there
+        with open(f"{workdir}/.jobrunner/api-url") as served:
+            assert served.read() == f"http://127.0.0.1:{port}"
+        listing = run_cli("types", "list", "--url", f"http://127.0.0.1:{port}", cwd=workdir)
+        assert listing.returncode == 0, listing.stderr
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0
+        assert not os.path.exists(f"{workdir}/.jobrunner/api-url")
         assert not os.path.exists(f"{workdir}/.jobrunner/postgres/postmaster.pid"), "the private database was left running"
     finally:
         for process in processes:

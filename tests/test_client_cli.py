@@ -1,9 +1,13 @@
 """The command line's client commands against the real server, as a person and a script would run them."""
 
+import base64
+import contextlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import API_PASSWORD, API_USER, free_port
@@ -66,3 +70,54 @@ def test_exit_codes_say_what_went_wrong(jr):
     assert jr("replay", "email", "--status", "failed", "--since", "soon").returncode == 2
     unreachable = jr("types", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 3 and "cannot reach the API" in unreachable.stderr
+
+
+@contextlib.contextmanager
+def recording_api():
+    """An HTTP server that answers GET /v1/jobs with no types and keeps each request's Authorization header."""
+    authorizations = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            authorizations.append(self.headers.get("Authorization"))
+            body = json.dumps({"job_types": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=recorder.serve_forever)
+    thread.start()
+    try:
+        yield recorder.server_address[1], authorizations
+    finally:
+        recorder.shutdown()
+        thread.join()
+        recorder.server_close()
+
+
+def test_the_development_password_is_sent_only_to_the_development_service(tmp_path):
+    (tmp_path / ".jobrunner").mkdir()
+    (tmp_path / ".jobrunner" / "api-password").write_text("dev-secret")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    development = "Basic " + base64.b64encode(b"admin:dev-secret").decode()
+    with recording_api() as (port, authorizations):
+        def types_list(url):
+            result = subprocess.run([sys.executable, "-m", "jobrunner", "types", "list", "--url", url],
+                                    capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+            assert result.returncode == 0, result.stderr
+            return authorizations[-1]
+
+        # the development service serves elsewhere: this --url is someone else
+        (tmp_path / ".jobrunner" / "api-url").write_text(f"http://127.0.0.1:{free_port()}")
+        assert types_list(f"http://127.0.0.1:{port}") != development
+        (tmp_path / ".jobrunner" / "api-url").unlink()  # no development service running
+        assert types_list(f"http://127.0.0.1:{port}") != development
+        (tmp_path / ".jobrunner" / "api-url").write_text(f"http://127.0.0.1:{port}")
+        assert types_list(f"http://127.0.0.1:{port}") == development
+        assert types_list(f"http://localhost:{port}/") == development
