@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 QUIET_BEFORE_CLOSE = 0.2  # seconds an idle kept-alive connection must be quiet before a stopping server closes it
 MAX_HEADERS = 100  # the stdlib's limits
 MAX_LINE = 65536
+# After refusing a request whose body was not read (413, 401...), read and discard up to this
+# much of it, for up to this long, before closing: closing with unread data resets the
+# connection, and a client still writing would see the reset instead of the answer.
+LINGER_BYTES = 4 * 2**20
+LINGER_SECONDS = 2.0
 
 
 class Headers(dict):
@@ -82,10 +87,34 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         self.server.connections.add(self)
         try:
             super().handle()
+            if not self.body_read:
+                self._discard_unread_body()
         except ConnectionError:
             pass  # the client reset or half-closed the connection: there is no one left to answer
         finally:
             self.server.connections.discard(self)
+
+    def _discard_unread_body(self) -> None:
+        """Lingering close: the answer and a FIN first, then the body the client may still be sending, within bounds."""
+        self.wfile.flush()
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        left = self._unread_length()
+        deadline = time.monotonic() + LINGER_SECONDS
+        with contextlib.suppress(OSError):  # a timeout or a reset ends it as well as the end of the body
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    def _unread_length(self) -> int:
+        """How much of the body to discard: what Content-Length announced (chunked: until the end), within LINGER_BYTES."""
+        text = self.headers.get("Content-Length", "")
+        if self.headers.get("Transfer-Encoding") or not is_number(text) or len(text) > 12:
+            return LINGER_BYTES
+        return min(int(text), LINGER_BYTES)
 
     def handle_one_request(self) -> None:
         self.idle_since = self.reading_since = time.monotonic()

@@ -346,6 +346,26 @@ def test_body_over_max_body_bytes_gets_413_before_it_is_read(db_url):
             client.close()
 
 
+def test_a_body_over_the_limit_is_answered_413_and_the_client_can_read_it(db_url):
+    """The server answers, then reads and discards the rest of the body before closing (lingering close).
+
+    Closing with the body unread would reset the connection while the client still
+    writes: urllib, curl and browsers would report a broken pipe, not the 413.
+    """
+    with running_server(db_url, max_body_bytes="2048") as api:
+        for size in (3000, 4 * 2**20):  # within the socket buffers, and past them (2 MiB already fails without the drain)
+            conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+            try:
+                conn.request("PUT", JOB_PATH, body=b"x" * size, headers={"Authorization": basic()})
+                answer = conn.getresponse()
+                refused = Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+            finally:
+                conn.close()
+            assert_json_error(refused, 413, "entity_too_large")
+            assert refused.headers.get("connection") == "close"
+        assert api.get("/healthz").status == 200
+
+
 # --- 2. authentication -----------------------------------------------------------
 
 
