@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +42,9 @@ def test_the_example_files_document_every_setting():
     env = (ROOT / "systemd" / "jobrunner.env.example").read_text()
     ini = (ROOT / "systemd" / "jobrunner.ini.example").read_text()
     for setting in SETTINGS:
-        assert f"#{setting.env}=" in env
-        assert setting.secret or f";{setting.name} = " in ini
+        # each with its documentation line as config.py has it (" [restart]" may follow)
+        assert re.search(rf"^# {re.escape(setting.doc)}( \[restart\])?\n#{setting.env}=", env, re.M), setting.env
+        assert setting.secret or re.search(rf"^; {re.escape(setting.doc)}( \[restart\])?\n;{setting.name} = ", ini, re.M), setting.name
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_this_process():
