@@ -75,8 +75,11 @@ class ProtocolHandler(BaseHTTPRequestHandler):
     sys_version = ""
     server: "ProtocolServer"
     last_status = 0  # of the response sent last, for the metrics
-    idle_since: float | None = None  # while waiting for the next request on a kept-alive connection
-    reading_since: float | None = None  # from then until the request (its body included) has been read
+    # Where the connection is, for the server's reaper and its graceful stop (monotonic seconds):
+    waiting_since: float | None = None  # waiting for the first byte of a request
+    head_since: float | None = None  # from that byte until the request line and headers are read
+    body_since: float | None = None  # while the body is read
+    requests_begun = 0  # 0: a fresh connection, yet to send its first request
     body_read = True  # False while a request body waits unread on the connection
 
     def setup(self) -> None:
@@ -117,12 +120,41 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         return min(int(text), LINGER_BYTES)
 
     def handle_one_request(self) -> None:
-        self.idle_since = self.reading_since = time.monotonic()
-        super().handle_one_request()
+        """Wait for a request, read its head, answer it; the stdlib's, with the connection's state kept."""
+        if not self._request_begins():
+            self.close_connection = True
+            return
+        self.requests_begun += 1
+        self.head_since = time.monotonic()
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(414, "Request line too long")
+                return
+            if not self.parse_request():
+                return
+            self.head_since = None
+            self.dispatch()
+            self.wfile.flush()
+        except TimeoutError:
+            self.close_connection = True  # a silent client: drop it, no one is reading an answer
+        finally:
+            self.head_since = self.body_since = None
+
+    def _request_begins(self) -> bool:
+        """Wait for the first byte of the next request: False when the client closes or stays silent too long."""
+        self.waiting_since = time.monotonic()
+        self.connection.settimeout(self.server.read_timeout)
+        try:
+            return bool(self.rfile.peek(1))  # buffered bytes, or one read from the socket
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting_since = None
 
     def parse_request(self) -> bool:
         """Parse the request line and headers; the stdlib's email-based parser costs a fifth of a request."""
-        self.idle_since = None
         self.body_read = True  # nothing to read until the request is understood
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -153,7 +185,6 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         connection = headers.get("Connection", "").lower()
         self.close_connection = connection == "close" if self.request_version == "HTTP/1.1" else connection != "keep-alive"
         self.body_read = "Content-Length" not in headers and "Transfer-Encoding" not in headers
-        self.reading_since = None  # the head has arrived; read_body times the body's read
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
@@ -183,9 +214,9 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         if length > self.server.max_body_bytes:
             self.close_connection = True
             raise HttpError(413, "entity_too_large", "Request body too large", f"The limit is {self.server.max_body_bytes} bytes")
-        self.reading_since = time.monotonic()
+        self.body_since = time.monotonic()
         body = self.rfile.read(length)
-        self.reading_since = None
+        self.body_since = None
         self.body_read = len(body) == length
         if len(body) < length:
             self.close_connection = True
@@ -266,8 +297,8 @@ class ProtocolServer(ThreadingHTTPServer):
         """Between polls of the accept loop: now and then, drop connections whose request is too slow to arrive.
 
         The read timeout bounds each silence, so a client that sends a byte now and
-        then would otherwise hold its thread for ever (slowloris). The wait for a
-        request and its head get twice the read timeout, and so does its body's
+        then would otherwise hold its thread for ever (slowloris). A request's head
+        gets twice the read timeout from its first byte, and so does its body's
         read; a handler at work is never timed.
         """
         now = time.monotonic()
@@ -275,9 +306,9 @@ class ProtocolServer(ThreadingHTTPServer):
             return
         self._next_slow_check = now + 1.0
         for handler in list(self.connections):
-            since = handler.reading_since
-            if since is not None and now - since > 2 * self.read_timeout and handler.reading_since is since:
-                hang_up(handler)
+            for since in (handler.head_since, handler.body_since):
+                if since is not None and now - since > 2 * self.read_timeout:
+                    hang_up(handler)
 
     def handle_error(self, request, client_address) -> None:
         """A bug, not the client's doing (handlers answer those): once, in the log, with its traceback."""
@@ -309,27 +340,39 @@ class ProtocolServer(ThreadingHTTPServer):
         self.shutdown_request(request)
         self.count_refused()
 
-    def stop_serving(self) -> None:
-        """Stop accepting, close kept-alive connections once quiet, and wait for in-flight requests.
+    def stop_serving(self, within: float) -> None:
+        """Stop accepting, let requests in flight finish, close connections as soon as they are quiet.
 
-        A connection that is busy gets `Connection: close` with its next answer. One
-        that is idle is closed only once it has been quiet for QUIET_BEFORE_CLOSE: a
-        client that reuses it at once is answered rather than cut off (the race every
-        keep-alive server has, narrowed to clients silent for that long).
+        A connection that is busy gets `Connection: close` with its next answer. A
+        kept-alive one waiting for its next request is closed once quiet for
+        QUIET_BEFORE_CLOSE: a client that reuses it at once is answered rather than
+        cut off (the race every keep-alive server has, narrowed to clients silent for
+        that long). A request whose head is still incomplete after that long is a
+        stalled one and is dropped. After `within` seconds whatever is left is hung up.
         """
         self.stopping = True
         self.shutdown()
-        deadline = time.monotonic() + self.read_timeout
+        deadline = time.monotonic() + within
         while self.connections and time.monotonic() < deadline:
             for handler in list(self.connections):
-                idle_since = handler.idle_since
-                if idle_since is not None and time.monotonic() - idle_since >= QUIET_BEFORE_CLOSE:
+                if _quiet_since(handler) <= time.monotonic() - QUIET_BEFORE_CLOSE:
                     hang_up(handler)
             time.sleep(QUIET_BEFORE_CLOSE / 4)  # a bounded wait for connections to finish, not a test
         for handler in list(self.connections):
-            if handler.reading_since is not None:
-                hang_up(handler)  # still sending its request (slowly): it must not hold the stop up
+            hang_up(handler)
         self.server_close()
+
+
+def _quiet_since(handler: ProtocolHandler) -> float:
+    """Since when a connection has waited on its client with nothing to do (inf: at work, or too new to judge).
+
+    A fresh connection's first request may be on its way (a client on a loaded
+    machine connects, then is scheduled out): it gets its timeout to arrive.
+    """
+    waiting, head = handler.waiting_since, handler.head_since
+    if waiting is not None and handler.requests_begun:
+        return waiting
+    return head if head is not None else float("inf")
 
 
 def hang_up(handler: ProtocolHandler) -> None:

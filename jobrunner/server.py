@@ -515,7 +515,8 @@ class APIServer(ProtocolServer):
 
     def stop(self) -> None:
         """Stop gracefully (see ProtocolServer.stop_serving), then close the batchers and the database pool."""
-        self.stop_serving()
+        # half the graceful timeout, so that the batchers and the pool close before the supervisor kills
+        self.stop_serving(within=min(self.config.read_timeout, self.config.graceful_timeout / 2))
         self.enqueuer.close()
         self.callbacks_batcher.close()
         self.pool.close()

@@ -17,6 +17,8 @@ import time
 import pytest
 from conftest import API_PASSWORD, API_USER, Response, running_server, wait_until
 
+from jobrunner import protocol
+
 JOB_ID = "job_6740b44e-13b9-475d-af06-979627e0e0d6"
 JOB_PATH = f"/v1/jobs/email/{JOB_ID}"  # PUT enqueues, POST is the status callback
 CREATE = {"name": "email", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": 1}
@@ -493,29 +495,93 @@ def test_error_answer_leaves_no_unread_body_to_misparse(api, method, path, auth,
 # --- 4. limits -------------------------------------------------------------------
 
 
-def test_connections_over_max_request_threads_get_a_quick_503(db_url):
-    """With 2 threads held by idle keep-alive clients, a third connection is refused at once."""
-    with running_server(db_url, max_request_threads="2") as api:
-        idle = [RawClient(api.port) for _ in range(2)]
+def test_requests_over_max_request_threads_get_a_quick_503(db_url):
+    """With both request slots held by requests whose bodies never come, a third request is refused at once."""
+    with running_server(db_url, max_request_threads="2", read_timeout="10") as api:
+        stalled = [RawClient(api.port) for _ in range(2)]
         try:
-            for client in idle:
-                client.send(raw_request("GET", "/healthz"))
-                assert client.read_response().status == 200
-            third = RawClient(api.port, timeout=3)
-            try:
-                started = time.monotonic()
-                third.send(raw_request("GET", "/healthz"))
-                refused = third.read_response()
-                assert time.monotonic() - started < 2
-            finally:
-                third.close()
-            assert refused.status == 503
-            assert refused.headers.get("retry-after")
+            for client in stalled:
+                client.send(raw_request("PUT", JOB_PATH, ["Content-Length: 100"], b'{"data": '))
+            wait_until(lambda: handlers() == 2, "the server to take both requests")
+            refused = wait_until(lambda: (r := api.get("/v1/jobs")).status == 503 and r, "the slots to be taken", timeout=5)
+            started = time.monotonic()
+            assert api.get("/v1/jobs").status == 503
+            assert time.monotonic() - started < 2
+            assert refused.headers.get("retry-after") and refused.headers.get("connection") == "close"
             assert refused.json["id"] == "service_unavailable" and refused.json["title"]
         finally:
-            for client in idle:
+            for client in stalled:
                 client.close()
-        wait_until(lambda: api.get("/healthz").status == 200, "a freed thread to serve a new connection", timeout=10)
+        wait_until(lambda: api.get("/v1/jobs").status == 200, "a freed slot to serve a request", timeout=10)
+
+
+def poll_until(stop: threading.Event, port: int, path: str, statuses: list) -> None:
+    """Poll `path` without credentials on one kept-alive connection (a new one when the server closes it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    while not stop.is_set():
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        answer.read()
+        statuses.append((answer.status, answer.getheader("Connection")))
+        stop.wait(0.01)
+    conn.close()
+
+
+def test_idle_sockets_and_unauthenticated_pollers_leave_the_api_to_authenticated_clients(db_url):
+    """Silent connections hold no request slot and a 401 closes its connection: the API stays available."""
+    with running_server(db_url, max_request_threads="4") as api:
+        silent = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(2 * 4)]  # connected, never a byte
+        stop = threading.Event()
+        statuses: list = []
+        pollers = [
+            threading.Thread(target=poll_until, args=(stop, api.port, path, statuses))
+            for path in ("/healthz", "/healthz", "/v1/jobs", "/v1/jobs")
+        ]
+        for poller in pollers:
+            poller.start()
+        try:
+            wait_until(lambda: len(statuses) > 20, "the pollers to be answered")
+            for _ in range(20):
+                started = time.monotonic()
+                answer = api.get("/v1/jobs")
+                assert answer.status == 200, answer.body
+                assert time.monotonic() - started < 2.0
+        finally:
+            stop.set()
+            for poller in pollers:
+                poller.join(timeout=10)
+            for sock in silent:
+                sock.close()
+        assert {status for status, _ in statuses} == {200, 401}
+        assert all(connection == "close" for status, connection in statuses if status == 401)
+
+
+def test_when_connections_run_out_the_one_idle_longest_makes_room(db_url):
+    """More silent sockets than the server keeps open: the oldest idle ones are closed, a new client is served."""
+    with running_server(db_url, max_request_threads="2") as api:
+        limit = 2 * protocol.ProtocolServer.connections_per_request_slot
+        silent = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(limit + 5)]
+        try:
+            wait_until(lambda: handlers() >= limit, "the server to take its fill of connections")
+            started = time.monotonic()
+            assert api.get("/v1/jobs").status == 200
+            assert time.monotonic() - started < 2.0
+            silent[0].settimeout(5)
+            assert silent[0].recv(1) == b"", "the oldest idle connection was closed"
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+def test_a_new_connection_that_sends_nothing_is_closed_after_the_first_byte_timeout(db_url):
+    """A fresh connection must speak within protocol.FIRST_BYTE_TIMEOUT, however long the read timeout."""
+    with running_server(db_url, read_timeout="15") as api:
+        client = RawClient(api.port)
+        try:
+            took = client.wait_for_close(within=protocol.FIRST_BYTE_TIMEOUT + 3)
+        finally:
+            client.close()
+        assert protocol.FIRST_BYTE_TIMEOUT - 0.5 <= took
 
 
 @pytest.mark.parametrize(
@@ -539,6 +605,28 @@ def test_silent_client_is_disconnected_after_read_timeout(db_url, sent):
             assert client.wait_for_close(within=5) >= 0.25
         finally:
             client.close()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n", id="unfinished_headers"),
+        pytest.param(b"GET /v1/jo", id="half_request_line"),
+        pytest.param(raw_request("GET", "/healthz"), id="idle_keep_alive"),
+    ],
+)
+def test_a_connection_waiting_on_its_client_does_not_hold_up_a_graceful_stop(db_url, sent):
+    """A half-sent request, or a kept-alive connection gone quiet, is dropped at once when the server stops."""
+    with running_server(db_url, read_timeout="10") as api:
+        client = RawClient(api.port)
+        client.send(sent)
+        if sent.endswith(b"\r\n\r\n"):
+            assert client.read_response().status == 200
+        wait_until(lambda: handlers() == 1, "the server to take the connection")
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    client.close()
+    assert took < 3, f"the stop took {took:.1f} s (read timeout 10 s)"
 
 
 def handlers() -> int:
