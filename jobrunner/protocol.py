@@ -30,6 +30,9 @@ MAX_LINE = 65536
 # connection, and a client still writing would see the reset instead of the answer.
 LINGER_BYTES = 4 * 2**20
 LINGER_SECONDS = 2.0
+# A new connection must send its first byte within this (or the read timeout, if shorter):
+# a client that connects and says nothing is not waited on for the whole read timeout.
+FIRST_BYTE_TIMEOUT = 2.0
 
 
 class Headers(dict):
@@ -87,7 +90,7 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         super().setup()
 
     def handle(self) -> None:
-        self.server.connections.add(self)
+        self.server.connections.attach(self)
         try:
             super().handle()
             if not self.body_read:
@@ -95,7 +98,7 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         except ConnectionError:
             pass  # the client reset or half-closed the connection: there is no one left to answer
         finally:
-            self.server.connections.discard(self)
+            self.server.connections.detach(self)
 
     def _discard_unread_body(self) -> None:
         """Lingering close: the answer and a FIN first, then the body the client may still be sending, within bounds."""
@@ -135,23 +138,39 @@ class ProtocolHandler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             self.head_since = None
-            self.dispatch()
-            self.wfile.flush()
+            self._answer()
         except TimeoutError:
             self.close_connection = True  # a silent client: drop it, no one is reading an answer
         finally:
             self.head_since = self.body_since = None
 
+    def _answer(self) -> None:
+        """Answer the request whose head has been read, in one of the server's request slots."""
+        if not self.server.request_slots.acquire(blocking=False):
+            self.close_connection = True
+            self.send_error_answer(HttpError(503, "service_unavailable", "Too many requests at once; try again shortly", headers={"Retry-After": "1"}))
+            self.server.count_refused()
+            return
+        try:
+            self.dispatch()
+            self.wfile.flush()
+        finally:
+            self.server.request_slots.release()
+
     def _request_begins(self) -> bool:
-        """Wait for the first byte of the next request: False when the client closes or stays silent too long."""
+        """Wait for the first byte of the next request: False when the client closes or stays silent too long.
+
+        A kept-alive connection may wait the read timeout; a new one, only until its first byte is due.
+        """
         self.waiting_since = time.monotonic()
-        self.connection.settimeout(self.server.read_timeout)
+        self.connection.settimeout(self.server.read_timeout if self.requests_begun else self.server.first_byte_timeout)
         try:
             return bool(self.rfile.peek(1))  # buffered bytes, or one read from the socket
         except TimeoutError:
             return False
         finally:
             self.waiting_since = None
+            self.connection.settimeout(self.server.read_timeout)
 
     def parse_request(self) -> bool:
         """Parse the request line and headers; the stdlib's email-based parser costs a fifth of a request."""
@@ -267,14 +286,67 @@ class ProtocolHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+class Connections:
+    """The open connections, at most `limit`: when full, the one that has waited on its client longest makes room.
+
+    Entries are made by the accept loop (a connection's handler does not exist
+    yet) and given their handler when its thread starts.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, ProtocolHandler | None] = {}
+
+    def admit(self, request: socket.socket) -> bool:
+        """Make room for a new connection; False when every open one is at work."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                waiting = [(_waiting_on_client_since(h), id(h), h) for h in self._open.values() if h is not None]
+                oldest = min(((since, key, h) for since, key, h in waiting if since != float("inf")), default=None)
+                if oldest is None:
+                    return False
+                del self._open[oldest[2].connection]  # its thread ends once hung up; it no longer counts
+                hang_up(oldest[2])
+            self._open[request] = None
+            return True
+
+    def attach(self, handler: ProtocolHandler) -> None:
+        with self._lock:
+            if handler.connection in self._open:
+                self._open[handler.connection] = handler
+
+    def detach(self, handler: ProtocolHandler) -> None:
+        with self._lock:
+            if self._open.get(handler.connection) is handler:
+                self._open[handler.connection] = None
+
+    def release(self, request: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+
+    def handlers(self) -> list[ProtocolHandler]:
+        with self._lock:
+            return [handler for handler in self._open.values() if handler is not None]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
 class ProtocolServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on an already-bound socket, with a bound on threads and a graceful stop."""
+    """ThreadingHTTPServer on an already-bound socket: request slots, bounded connections, a graceful stop.
+
+    `max_requests` requests are answered at once (more get a quick 503); an idle
+    connection holds no request slot, only one of the
+    `connections_per_request_slot` x `max_requests` connections kept open.
+    """
 
     # Wait for in-flight requests on close (ThreadingHTTPServer's default daemon threads would not).
     daemon_threads = False
     block_on_close = True
+    connections_per_request_slot = 4  # each open connection has a thread: this bounds them
 
-    def __init__(self, sock: socket.socket, handler: type[ProtocolHandler], read_timeout: float, max_connections: int, max_body_bytes: int):
+    def __init__(self, sock: socket.socket, handler: type[ProtocolHandler], read_timeout: float, max_requests: int, max_body_bytes: int):
         super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
         self.socket.close()
         # Other servers (more processes, or a reload's next generation) accept on the same
@@ -284,11 +356,12 @@ class ProtocolServer(ThreadingHTTPServer):
         self.socket = sock
         self.server_address = sock.getsockname()
         self.read_timeout = read_timeout
+        self.first_byte_timeout = min(FIRST_BYTE_TIMEOUT, read_timeout)
         self.max_body_bytes = max_body_bytes
         self.stopping = False
-        self.connections: set[ProtocolHandler] = set()
+        self.request_slots = threading.BoundedSemaphore(max_requests)
+        self.connections = Connections(max_requests * self.connections_per_request_slot)
         self._next_slow_check = 0.0
-        self._slots = threading.BoundedSemaphore(max_connections)
 
     def count_refused(self) -> None:
         """A connection refused for want of a slot: the subclass counts it."""
@@ -305,7 +378,7 @@ class ProtocolServer(ThreadingHTTPServer):
         if now < self._next_slow_check:
             return
         self._next_slow_check = now + 1.0
-        for handler in list(self.connections):
+        for handler in self.connections.handlers():
             for since in (handler.head_since, handler.body_since):
                 if since is not None and now - since > 2 * self.read_timeout:
                     hang_up(handler)
@@ -315,20 +388,20 @@ class ProtocolServer(ThreadingHTTPServer):
         log.exception("unhandled error serving %s:%s", *client_address[:2])
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self.connections.admit(request):
             self._refuse_busy(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.connections.release(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.connections.release(request)
 
     def _refuse_busy(self, request: socket.socket) -> None:
         body = json.dumps({"title": "Too many connections; try again shortly", "id": "service_unavailable", "status_code": 503}).encode() + b"\n"
@@ -353,14 +426,22 @@ class ProtocolServer(ThreadingHTTPServer):
         self.stopping = True
         self.shutdown()
         deadline = time.monotonic() + within
-        while self.connections and time.monotonic() < deadline:
-            for handler in list(self.connections):
+        while len(self.connections) and time.monotonic() < deadline:
+            for handler in self.connections.handlers():
                 if _quiet_since(handler) <= time.monotonic() - QUIET_BEFORE_CLOSE:
                     hang_up(handler)
             time.sleep(QUIET_BEFORE_CLOSE / 4)  # a bounded wait for connections to finish, not a test
-        for handler in list(self.connections):
+        for handler in self.connections.handlers():
             hang_up(handler)
         self.server_close()
+
+
+def _waiting_on_client_since(handler: ProtocolHandler) -> float:
+    """Since when a connection has waited for its client's request or head (inf: it is at work)."""
+    for since in (handler.waiting_since, handler.head_since):
+        if since is not None:
+            return since
+    return float("inf")
 
 
 def _quiet_since(handler: ProtocolHandler) -> float:

@@ -217,7 +217,7 @@ class Handler(ProtocolHandler):
             self._check_proxy()
             self._check_origin()
             if route not in ("healthz",) and not (route == "metrics" and self.server.config.metrics_open):
-                self._authenticate()
+                self._authenticate_or_close()
             if match is None:
                 raise HttpError(404, "not_found", "Resource not found", f"{self.command} {path}")
             if self.command == "OPTIONS":
@@ -269,6 +269,14 @@ class Handler(ProtocolHandler):
             foreign = False
         if foreign:
             raise HttpError(403, "cross_origin_request", "Requests from another site's page are refused", "Use the API directly, or this server's own dashboard")
+
+    def _authenticate_or_close(self) -> None:
+        """A client refused its credentials keeps no connection: a socket held without them costs more than a reconnect."""
+        try:
+            self._authenticate()
+        except HttpError:
+            self.close_connection = True
+            raise
 
     def _authenticate(self) -> None:
         challenge = {"WWW-Authenticate": 'Basic realm="jobrunner"'}
