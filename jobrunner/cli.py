@@ -21,7 +21,7 @@ from importlib import resources
 from . import client_cli, store
 from .children import PARENT_CHECK_INTERVAL
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config, open_file_warnings
-from .errors import JobrunnerError
+from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError
 from .localdb import LocalPostgres, LocalPostgresError
 
 log = logging.getLogger("jobrunner")
@@ -113,6 +113,48 @@ def _development_password(data_dir: str) -> str:
     return password
 
 
+def check_prepared_statements(config: Config) -> None:
+    """Refuse prepared statements behind a pooler that loses them, naming both: found at start, not as
+    random "prepared statement "_pg3_N" does not exist" errors under load.
+
+    A pooler in transaction mode (PgBouncer before 1.22, or without max_prepared_statements)
+    hands each transaction whichever server session is free. The probe: a statement
+    prepared on one connection runs again while a second connection holds, in a
+    transaction, the session the first one used. Directly or in session mode the first
+    connection still has its own session and the statement; in transaction mode it is
+    handed another session, where the statement is missing. (That probe leaves one
+    `SELECT 1` prepared in one of the pooler's sessions; only a psycopg client with
+    prepared statements on could trip on it ("... already exists"), which is the mistake refused here.)
+    """
+    if not config.prepared_statements or not config.database_url:
+        return
+    timeout = max(2, round(config.db_timeout))
+    try:
+        first = store.connect(config.database_url, "check", connect_timeout=timeout, prepare_threshold=0)  # prepare every statement
+    except DatabaseUnavailable as error:
+        log.warning("could not check how DATABASE_URL pools connections: %s", error)
+        return
+    try:
+        second = store.connect(config.database_url, "check", connect_timeout=timeout)
+        try:
+            store.ping(first)
+            with store.transaction(second):
+                store.ping(second)
+                store.ping(first)
+        finally:
+            second.close()
+    except DatabaseError as error:  # "... does not exist", or "... already exists" in a session another client prepared in
+        raise ConfigError(
+            "JOBRUNNER_PREPARED_STATEMENTS (prepared_statements) is on, but DATABASE_URL goes through a pooler in "
+            f"transaction mode that loses a session's prepared statements ({error}): PgBouncer before 1.22, or "
+            "without max_prepared_statements. Set JOBRUNNER_PREPARED_STATEMENTS=off, or use session mode or a direct URL"
+        ) from None
+    except DatabaseUnavailable as error:
+        log.warning("could not check how DATABASE_URL pools connections: %s", error)
+    finally:
+        first.close()
+
+
 # an orphaned child stops within the graceful timeout of noticing its parent is gone, or exits anyway
 PARENT_GONE_NOTICED = 2 * PARENT_CHECK_INTERVAL + 2.0
 
@@ -149,6 +191,7 @@ def serve(config: Config) -> None:
     """The HTTP server alone, in this process, until SIGTERM or SIGINT."""
     from . import server
 
+    check_prepared_statements(config)
     stop = stop_on_signals()
     with database(config) as running:
         sock = listening_socket(running)
@@ -166,6 +209,7 @@ def work(config: Config) -> None:
         raise ConfigError("DATABASE_URL (database_url): a worker needs the database the server uses")
     if not config.downstream_url and not config.default_worker:
         raise ConfigError("DOWNSTREAM_URL (downstream_url): where should jobs be sent?")
+    check_prepared_statements(config)
     stop = stop_on_signals()
     log.info("worker sending jobs to %s", config.downstream_url or config.default_worker)
     worker.run(config, stop)
@@ -182,6 +226,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
     from .supervisor import Supervisor
     from .systemd import Notifier
 
+    check_prepared_statements(config)
     with database(config) as running:
         sockets = {"api": listening_socket(running)}
         if not config.database_url and not running.downstream_url:
@@ -264,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not config.database_url:
                     raise ConfigError("DATABASE_URL (database_url): not set; without it jobrunner would start a private development database")
                 check_runnable(config)
+                check_prepared_statements(config)
             print(effective_settings(config))
             print("jobrunner: configuration is valid")
     except ConfigError as error:

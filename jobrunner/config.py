@@ -133,6 +133,7 @@ SETTINGS = (
     Setting("metrics_open", "JOBRUNNER_METRICS_OPEN", _bool, "false", "serve /metrics without authentication"),
     Setting("server_pool_size", "PG_SERVER_POOL_SIZE", _int(1, 1000), "10", "database connections of the HTTP server"),
     Setting("worker_pool_size", "PG_WORKER_POOL_SIZE", _int(1, 1000), "4", "database connections of each worker process"),
+    Setting("prepared_statements", "JOBRUNNER_PREPARED_STATEMENTS", _bool, "on", "let psycopg prepare statements it runs often; off behind PgBouncer in transaction mode before 1.22 (Debian 12 ships 1.18)"),
     Setting("db_timeout", "JOBRUNNER_DB_TIMEOUT", _seconds, "5", "seconds to wait for a database connection before answering 503"),
     Setting("max_request_threads", "JOBRUNNER_MAX_REQUEST_THREADS", _int(1, 10000), "128", "open HTTP connections served at once; more get a quick 503"),
     Setting("read_timeout", "JOBRUNNER_READ_TIMEOUT", _seconds, "15", "seconds a client may stay silent (mid-request or idle keep-alive) before it is dropped"),
