@@ -10,8 +10,11 @@ Every error this layer answers is the API's JSON error body, never an HTML page.
 """
 
 import contextlib
+import errno
 import json
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
@@ -33,6 +36,9 @@ LINGER_SECONDS = 2.0
 # A new connection must send its first byte within this (or the read timeout, if shorter):
 # a client that connects and says nothing is not waited on for the whole read timeout.
 FIRST_BYTE_TIMEOUT = 2.0
+# accept() failing for want of file descriptors: the listening socket stays readable, so
+# the accept loop leaves it alone this long (else it would spin a core) before trying again.
+ACCEPT_BACKOFF = 0.5
 
 
 class Headers(dict):
@@ -362,6 +368,91 @@ class ProtocolServer(ThreadingHTTPServer):
         self.request_slots = threading.BoundedSemaphore(max_requests)
         self.connections = Connections(max_requests * self.connections_per_request_slot)
         self._next_slow_check = 0.0
+        self._wake_up, self._woken = socket.socketpair()  # a stop wakes the accept loop at once
+        self._stop_accepting = False
+        self._loop_ended = threading.Event()
+        self._loop_ended.set()  # until serve_forever runs
+        self._accept_again_at = 0.0
+        self._out_of_files = False  # said once per episode
+        self._spare_fd: int | None = _spare_fd()  # given up to accept one connection and refuse it
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections until shutdown(), which wakes it at once; the stdlib's loop only polls for it."""
+        self._loop_ended.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._woken, selectors.EVENT_READ)
+                listening = False
+                while not self._stop_accepting:
+                    pause = self._accept_again_at - time.monotonic()
+                    if listening and pause > 0:
+                        selector.unregister(self.socket)
+                    elif not listening and pause <= 0:
+                        selector.register(self.socket, selectors.EVENT_READ)
+                    listening = pause <= 0
+                    ready = selector.select(poll_interval if listening else min(poll_interval, pause))
+                    if self._stop_accepting:
+                        break
+                    if any(key.fileobj is self.socket for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._loop_ended.set()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and wait for it: not one connection more is accepted once this returns."""
+        self._stop_accepting = True
+        with contextlib.suppress(OSError):
+            self._wake_up.send(b"x")
+        self._loop_ended.wait()
+
+    def get_request(self):
+        """accept(); at the open-file limit, refuse what waits with the spare descriptor, say so once, and pause."""
+        try:
+            request = super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                self._at_open_file_limit(error)
+            raise  # the stdlib's loop ignores it: another server took the connection, or there was none
+        if self._out_of_files:
+            log.warning("accepting connections again")
+            self._out_of_files = False
+        return request
+
+    def _at_open_file_limit(self, error: OSError) -> None:
+        if not self._out_of_files:
+            log.warning(
+                "cannot accept connections: out of open files (%s); refusing new ones with 503 and pausing %.1f s between tries",
+                error.strerror, ACCEPT_BACKOFF,
+            )
+            self._out_of_files = True
+        self._refuse_waiting_connections()
+        self._accept_again_at = time.monotonic() + ACCEPT_BACKOFF
+
+    def _refuse_waiting_connections(self, most: int = 64) -> None:
+        """Answer connections waiting in the listen queue with the quick 503, each on the spare descriptor."""
+        for _ in range(most):
+            if self._spare_fd is None:
+                break
+            os.close(self._spare_fd)
+            try:
+                request, _ = self.socket.accept()
+            except OSError:
+                break  # none left, or the descriptor went to another thread
+            finally:
+                self._spare_fd = None
+            self._refuse_busy(request)
+            self._spare_fd = _spare_fd()
+        if self._spare_fd is None:
+            self._spare_fd = _spare_fd()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_up.close()
+        self._woken.close()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     def count_refused(self) -> None:
         """A connection refused for want of a slot: the subclass counts it."""
@@ -404,6 +495,7 @@ class ProtocolServer(ThreadingHTTPServer):
             self.connections.release(request)
 
     def _refuse_busy(self, request: socket.socket) -> None:
+        request.settimeout(1.0)  # a few bytes into an empty send buffer; a client that never reads must not block the accept loop
         body = json.dumps({"title": "Too many connections; try again shortly", "id": "service_unavailable", "status_code": 503}).encode() + b"\n"
         head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
         try:
@@ -434,6 +526,13 @@ class ProtocolServer(ThreadingHTTPServer):
         for handler in self.connections.handlers():
             hang_up(handler)
         self.server_close()
+
+
+def _spare_fd() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # at the limit already: the next _refuse_waiting_connections tries again
 
 
 def _waiting_on_client_since(handler: ProtocolHandler) -> float:
