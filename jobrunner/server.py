@@ -541,7 +541,7 @@ def serve(
     counted = ServiceMetrics()
     publisher = metrics.Publisher(counted, metrics_dir) if metrics_dir else None
     server = build(config, sock=sock, counted=counted, publisher=publisher)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-accept")
+    thread = threading.Thread(target=server.serve_forever, name="http-accept")
     thread.start()
     if ready and _database_answers(server.pool, stop):
         ready()
