@@ -85,3 +85,22 @@ CREATE TABLE IF NOT EXISTS jobrunner_paused_job_types (
     concurrency smallint NOT NULL CHECK (concurrency > 0),
     paused_at timestamp with time zone NOT NULL DEFAULT now()
 );
+
+-- jobrunner: the total attempts of a queued job whose type's attempts changed
+-- after it was enqueued (its retry back-off counts the attempts it used). Rows
+-- of archived jobs are deleted by the watcher.
+CREATE TABLE IF NOT EXISTS jobrunner_job_attempts (
+    id uuid PRIMARY KEY,
+    total_attempts integer NOT NULL CHECK (total_attempts > 0)
+);
+
+-- jobrunner: a job type's current error (a claim that fails), for the dashboard
+-- of any host; deleted when the type recovers.
+CREATE TABLE IF NOT EXISTS jobrunner_type_errors (
+    name text PRIMARY KEY,
+    stage text NOT NULL,
+    message text NOT NULL,
+    failures integer NOT NULL,
+    since timestamp with time zone NOT NULL,
+    last_at timestamp with time zone NOT NULL
+);

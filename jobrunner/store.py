@@ -224,9 +224,31 @@ def list_job_types_with_counts(conn: Connection, now: datetime | None = None) ->
     return counts
 
 
+# A job's retry back-off counts the attempts it used, from the total its type had
+# when it was enqueued; the job row keeps only what remains. So before a type's
+# attempts change, its queued jobs keep their total here (a table of jobrunner's
+# own: Rickover reads every column of queued_jobs). An earlier total is truer
+# and stays. The type's row is locked first: FOR UPDATE waits for enqueues in
+# flight (they hold a key-share lock on it, see ENQUEUE_JOB), so they are in the
+# snapshot, and makes later ones wait and read the new attempts.
+LOCK_JOB_TYPE_FOR_CHANGE = "SELECT 1 FROM jobs WHERE name = %(name)s FOR UPDATE"
+
+SNAPSHOT_TOTAL_ATTEMPTS = """
+INSERT INTO jobrunner_job_attempts (id, total_attempts)
+SELECT q.id, j.attempts
+FROM jobs j
+JOIN queued_jobs q ON q.name = j.name
+WHERE j.name = %(name)s AND j.attempts <> %(attempts)s
+ON CONFLICT (id) DO NOTHING
+"""
+
+
 def update_job_type(conn: Connection, name: str, attempts: int | None, concurrency: int | None) -> JobType | None:
     params = {"name": name, "attempts": attempts, "concurrency": concurrency}
-    with translated_errors("job type"), conn.cursor(row_factory=dict_row) as cur:
+    with transaction(conn), translated_errors("job type"), conn.cursor(row_factory=dict_row) as cur:
+        if attempts is not None:
+            cur.execute(LOCK_JOB_TYPE_FOR_CHANGE, params)
+            cur.execute(SNAPSHOT_TOTAL_ATTEMPTS, params)
         row = cur.execute(UPDATE_JOB_TYPE, params).fetchone()
     return None if row is None else JobType(**_without(row, "notified"))
 
@@ -268,10 +290,11 @@ ENQUEUE_JOB = """
 INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data)
 SELECT %(id)s, name, attempts, coalesce(%(run_after)s, %(now)s, now()), %(expires_at)s,
        coalesce(%(now)s, now()), coalesce(%(now)s, now()), 'queued', %(data)s
-FROM jobs
-WHERE name = %(name)s
-  -- an archived id is never queued again
-  AND NOT EXISTS (SELECT 1 FROM archived_jobs WHERE id = %(id)s)
+-- FOR KEY SHARE: a change of the type's attempts in flight is waited for and read
+-- (see SNAPSHOT_TOTAL_ATTEMPTS); the foreign key takes this lock anyway
+FROM (SELECT name, attempts FROM jobs WHERE name = %(name)s FOR KEY SHARE) AS j
+-- an archived id is never queued again
+WHERE NOT EXISTS (SELECT 1 FROM archived_jobs WHERE id = %(id)s)
 ON CONFLICT (id) DO NOTHING
 RETURNING *
 """
@@ -342,13 +365,38 @@ def enqueue_job(
     }
     with transaction(conn), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
         with translated_errors("data"):
-            job = cur.execute(ENQUEUE_JOB, params).fetchone()
+            try:
+                with _reading_rows():
+                    job = cur.execute(ENQUEUE_JOB, params).fetchone()
+            except _Unreadable as error:
+                # stored, but it could never be read, claimed or listed: undo it (the
+                # transaction rolls back) and name the field that cannot be read back
+                raise InvalidField(_unreadable_field(conn, job_id), f"cannot be stored and read back ({error})") from None
         undone = conn.execute(UNDO_ENQUEUE_OF_ARCHIVED_ID, {"id": job_id}).fetchone()
         if undone is not None:
             raise JobAlreadyArchived(format_job_id(job_id), undone[0])
         if job is not None:
             conn.execute(NOTIFY_JOBS, {"names": [name]})
     return job
+
+
+# Each field of a just-inserted job that may hold what Postgres stores but Python cannot read.
+READ_BACK_FIELDS = {
+    "run_after": "SELECT run_after FROM queued_jobs WHERE id = %(id)s",
+    "expires_at": "SELECT expires_at FROM queued_jobs WHERE id = %(id)s",
+    "data": "SELECT data FROM queued_jobs WHERE id = %(id)s",
+}
+
+
+def _unreadable_field(conn: Connection, job_id: UUID) -> str:
+    """The first field of a stored job that cannot be read back ("request" if none alone)."""
+    for field, statement in READ_BACK_FIELDS.items():
+        try:
+            with translated_errors(), _reading_rows():
+                conn.execute(statement, {"id": job_id}).fetchall()
+        except _Unreadable:
+            return field
+    return "request"
 
 
 # The batch travels as one JSON array: serialising it is one C call, where
@@ -359,9 +407,10 @@ SELECT r.id, j.name, j.attempts, coalesce(r.run_after, now()), r.expires_at, now
 FROM jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text, run_after timestamptz, expires_at timestamptz, data jsonb)
 JOIN jobs j ON j.name = r.name
 WHERE NOT EXISTS (SELECT 1 FROM archived_jobs a WHERE a.id = r.id)
+FOR KEY SHARE OF j  -- as in ENQUEUE_JOB
 -- also skips a repeated id within the batch
 ON CONFLICT (id) DO NOTHING
-RETURNING id, attempts, run_after, created_at
+RETURNING id, attempts, run_after, expires_at, created_at
 """
 
 UNDO_ENQUEUES_OF_ARCHIVED_IDS = """
@@ -407,11 +456,16 @@ def enqueue_jobs(conn: Connection, jobs: list[NewJob]) -> list[QueuedJob | None]
     inserted: dict[UUID, QueuedJob] = {}
     with transaction(conn):
         with translated_errors("data"):
-            for job_id, attempts, run_after, created_at in conn.execute(ENQUEUE_JOBS, {"jobs": batch}):
+            try:
+                with _reading_rows():
+                    rows = conn.execute(ENQUEUE_JOBS, {"jobs": batch}).fetchall()
+            except _Unreadable as error:
+                # nothing is stored (the transaction rolls back); enqueued one by one, the
+                # callers learn which field of which job (services.GroupCommit)
+                raise InvalidField("request", f"a job cannot be stored and read back ({error})") from None
+            for job_id, attempts, run_after, expires_at, created_at in rows:
                 job = by_id[job_id]
-                inserted[job_id] = QueuedJob(
-                    job_id, job.name, attempts, run_after, job.expires_at, created_at, created_at, "queued", job.data
-                )
+                inserted[job_id] = QueuedJob(job_id, job.name, attempts, run_after, expires_at, created_at, created_at, "queued", job.data)
         # as in enqueue_job: undo inserts that waited for an archive of the same id
         ids = "{" + ",".join(str(job_id) for job_id in inserted) + "}"  # an array literal: cheaper to send than a list
         for (job_id,) in conn.execute(UNDO_ENQUEUES_OF_ARCHIVED_IDS, {"ids": ids}):
@@ -539,23 +593,200 @@ class Claim:
     jobs: list[QueuedJob]  # now in progress, yours to dispatch
     expired: list[QueuedJob]  # archived as expired instead, never to be sent
     next_due_in: float | None = None  # when fewer than asked were claimed: see NEXT_DUE
+    quarantined: list["Quarantined"] = dataclasses.field(default_factory=list)  # unreadable, archived failed
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantined:
+    """A queued job whose row this code cannot read, archived `failed` so that it stops no claim."""
+
+    id: UUID
+    name: str
+    reason: str
+
+
+class ClaimOutcomeUnknown(DatabaseUnavailable):
+    """The claim's COMMIT failed without an answer: its jobs may be in progress, or still queued.
+
+    They were never sent: hand them back (`release_unsent_jobs`) once the database answers.
+    """
+
+    def __init__(self, message: str, jobs: list[QueuedJob]):
+        super().__init__(message)
+        self.jobs = jobs
+
+
+class _Unreadable(Exception):
+    """Rows came back that this code cannot decode (see `_unreadable_reason`)."""
+
+
+def _unreadable_reason(error: BaseException) -> str | None:
+    """Why a row could not be decoded, or None when `error` is something else.
+
+    Postgres stores what Python cannot hold: a timestamptz outside years 1-9999 (a
+    manual UPDATE, an old Rickover database), JSON nested deeper than Python parses.
+    psycopg's loaders raise DataError without an SQLSTATE (the server's errors have one).
+    """
+    if isinstance(error, RecursionError):
+        return f"data nested too deep to be read ({error})"
+    if isinstance(error, psycopg.DataError) and error.sqlstate is None:
+        return str(error)
+    return None
+
+
+@contextlib.contextmanager
+def _reading_rows() -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.DataError, RecursionError) as error:
+        reason = _unreadable_reason(error)
+        if reason is None:
+            raise
+        raise _Unreadable(reason) from None
 
 
 def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
+    """Claim up to `limit` due jobs of one type; jobs whose rows cannot be read are archived failed first.
+
+    ClaimOutcomeUnknown when the commit got no answer (the claimed jobs travel with it).
+    """
+    quarantined: list[Quarantined] = []
+    while True:
+        try:
+            claim = _claim_jobs_once(conn, name, limit, now)
+        except _Unreadable as error:
+            found = quarantine_unreadable_jobs(conn, name, limit, now)
+            if not found:  # not where a claim reads (a race, or a bug): the type's error, backed off
+                raise DatabaseError(f"A job of type {name!r} cannot be read: {error}") from None
+            quarantined += found
+            continue
+        claim.quarantined = quarantined
+        return claim
+
+
+def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | None) -> Claim:
     claim = Claim(jobs=[], expired=[])
     params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
+    decoded = False
     # The claim's snapshot is taken after the lock is granted: it sees every earlier
     # claim committed. Not pipelined: psycopg's pipeline mode cost more CPU than the
     # round trips it saves (drain 1,720 -> 1,981 jobs/s without it, bench/drain.py).
-    with translated_errors(), conn.transaction():
-        conn.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
-        with conn.cursor(row_factory=dict_row) as cur:
-            for row in cur.execute(CLAIM_JOBS, params).fetchall():
-                target = claim.expired if row.pop("expired") else claim.jobs
-                target.append(QueuedJob(**row))
-        if len(claim.jobs) < limit:
-            claim.next_due_in = conn.execute(NEXT_DUE, {"name": name, "now": now}).fetchone()[0]
+    try:
+        with translated_errors(), conn.transaction():
+            conn.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
+            with conn.cursor(row_factory=dict_row) as cur, _reading_rows():
+                for row in cur.execute(CLAIM_JOBS, params).fetchall():
+                    target = claim.expired if row.pop("expired") else claim.jobs
+                    target.append(QueuedJob(**row))
+            if len(claim.jobs) < limit:
+                claim.next_due_in = conn.execute(NEXT_DUE, {"name": name, "now": now}).fetchone()[0]
+            decoded = True  # what follows is the COMMIT
+    except DatabaseUnavailable as error:
+        # Lost at the COMMIT: it may have committed or not. The jobs were never
+        # sent, and must not count as sent: the caller hands them back.
+        if decoded and claim.jobs:
+            raise ClaimOutcomeUnknown(str(error), claim.jobs) from None
+        raise
     return claim
+
+
+# The rows a claim of the type reads: due queued jobs, oldest first, and due
+# expired ones (see CLAIM_JOBS). Only their ids, which can always be read.
+CLAIMABLE_JOB_IDS = """
+(SELECT id FROM queued_jobs
+ WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
+ ORDER BY run_after, created_at LIMIT %(limit)s)
+UNION
+(SELECT id FROM queued_jobs
+ WHERE name = %(name)s AND status = 'queued' AND expires_at <= coalesce(%(now)s, now())
+   AND run_after <= coalesce(%(now)s, now())
+ ORDER BY expires_at LIMIT %(expire_limit)s)
+"""
+
+READ_QUEUED_JOBS = "SELECT * FROM queued_jobs WHERE id = ANY (%(ids)s)"
+
+READ_QUEUED_JOB_DATA = "SELECT data FROM queued_jobs WHERE id = %(id)s"
+
+# One unreadable job archived failed (a transaction of its own). What cannot be
+# read is not copied as it is, so that the archived row can be read: an
+# expires_at too near the ends of what Python holds (a day of margin covers any
+# session time zone) becomes NULL, and unreadable data is kept as its text.
+QUARANTINE_JOB = """
+WITH finished AS (
+    DELETE FROM queued_jobs WHERE id = %(id)s AND status = 'queued' RETURNING *
+),
+archived AS (
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
+    SELECT id, name, attempts, 'failed', now(),
+           CASE WHEN %(data_readable)s THEN data ELSE to_jsonb(data::text) END,
+           CASE WHEN expires_at BETWEEN '0001-01-02T00:00:00Z' AND '9999-12-30T00:00:00Z' THEN expires_at END
+    FROM finished
+    ON CONFLICT (id) DO NOTHING
+    RETURNING name
+)
+SELECT name, pg_notify('jobrunner_jobs', name) AS notified FROM archived
+"""
+
+
+def quarantine_unreadable_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> list[Quarantined]:
+    """Archive as failed the jobs a claim of `name` would read but cannot decode; what was archived."""
+    params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
+    with translated_errors():
+        ids = [job_id for (job_id,) in conn.execute(CLAIMABLE_JOB_IDS, params)]
+    quarantined = []
+    for job_id, reason in _unreadable_jobs(conn, ids):
+        with translated_errors():
+            try:
+                with _reading_rows():
+                    conn.execute(READ_QUEUED_JOB_DATA, {"id": job_id}).fetchall()
+                data_readable = True
+            except _Unreadable:
+                data_readable = False
+            if conn.execute(QUARANTINE_JOB, {"id": job_id, "data_readable": data_readable}).fetchone() is not None:
+                quarantined.append(Quarantined(job_id, name, reason))
+    return quarantined
+
+
+def _unreadable_jobs(conn: Connection, ids: list[UUID]) -> list[tuple[UUID, str]]:
+    """(id, reason) of each job of `ids` whose row cannot be decoded: read in halves, down to the bad rows."""
+    if not ids:
+        return []
+    try:
+        with translated_errors(), _reading_rows(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
+            cur.execute(READ_QUEUED_JOBS, {"ids": ids}).fetchall()
+        return []
+    except _Unreadable as error:
+        if len(ids) == 1:
+            return [(ids[0], str(error))]
+    middle = len(ids) // 2
+    return _unreadable_jobs(conn, ids[:middle]) + _unreadable_jobs(conn, ids[middle:])
+
+
+# A claim's jobs whose COMMIT got no answer go back to the queue, without using an
+# attempt: they were never sent. Only if still exactly as that claim left them
+# (attempts and updated_at): if it did not commit, or something moved them on since,
+# this changes nothing.
+RELEASE_UNSENT_JOBS = """
+WITH released AS (
+    UPDATE queued_jobs q
+    SET status = 'queued', updated_at = now()
+    FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(updated_at)s::timestamptz[]) AS c (id, attempts, updated_at)
+    WHERE q.id = c.id AND q.status = 'in-progress' AND q.attempts = c.attempts AND q.updated_at = c.updated_at
+    RETURNING q.id, q.name
+)
+SELECT id, pg_notify('jobrunner_jobs', name) AS notified FROM released
+"""
+
+
+def release_unsent_jobs(conn: Connection, jobs: list[QueuedJob]) -> list[UUID]:
+    """Queue again claimed jobs that were never sent (see ClaimOutcomeUnknown); the ids that were in progress."""
+    params = {
+        "ids": [job.id for job in jobs],
+        "attempts": [job.attempts for job in jobs],
+        "updated_at": [job.updated_at for job in jobs],
+    }
+    with translated_errors():
+        return [job_id for job_id, _ in conn.execute(RELEASE_UNSENT_JOBS, params)]
 
 
 # What a worker needs to know of every type: how many may run, whether one is
@@ -613,6 +844,22 @@ WHERE id IN (
 """
 
 
+# Totals kept for jobs that are archived now (see SNAPSHOT_TOTAL_ATTEMPTS), a small batch at a time.
+DELETE_ATTEMPTS_OF_ARCHIVED_JOBS = """
+DELETE FROM jobrunner_job_attempts
+WHERE id IN (
+    SELECT t.id FROM jobrunner_job_attempts t
+    WHERE NOT EXISTS (SELECT 1 FROM queued_jobs q WHERE q.id = t.id)
+    LIMIT %(limit)s
+)
+"""
+
+
+def delete_attempts_of_archived_jobs(conn: Connection, limit: int) -> int:
+    with translated_errors():
+        return conn.execute(DELETE_ATTEMPTS_OF_ARCHIVED_JOBS, {"limit": limit}).rowcount
+
+
 def archive_expired_jobs(conn: Connection, limit: int, now: datetime | None = None) -> list[str]:
     """The job type of each job archived as expired (at most `limit`)."""
     with translated_errors():
@@ -622,6 +869,58 @@ def archive_expired_jobs(conn: Connection, limit: int, now: datetime | None = No
 def delete_old_archived_jobs(conn: Connection, name: str, older_than: timedelta, limit: int, now: datetime | None = None) -> int:
     with translated_errors():
         return conn.execute(DELETE_OLD_ARCHIVED_JOBS, {"name": name, "older_than": older_than, "limit": limit, "now": now}).rowcount
+
+
+# --- a job type's current error ------------------------------------------------
+# A worker that cannot claim (or otherwise serve) a type records why here, for
+# the dashboard of any host, and deletes the row when the type recovers. A row
+# no worker has refreshed for a while is stale (its worker stopped): the watcher
+# deletes it.
+
+RECORD_TYPE_ERROR = """
+INSERT INTO jobrunner_type_errors (name, stage, message, failures, since, last_at)
+VALUES (%(name)s, %(stage)s, %(message)s, 1, now(), now())
+ON CONFLICT (name) DO UPDATE
+SET stage = excluded.stage, message = excluded.message,
+    failures = jobrunner_type_errors.failures + 1, last_at = excluded.last_at
+"""
+
+CLEAR_TYPE_ERROR = "DELETE FROM jobrunner_type_errors WHERE name = %(name)s"
+
+TYPE_ERRORS = "SELECT name, stage, message, failures, since, last_at FROM jobrunner_type_errors ORDER BY name"
+
+DELETE_STALE_TYPE_ERRORS = "DELETE FROM jobrunner_type_errors WHERE last_at < coalesce(%(now)s, now()) - %(older_than)s"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTypeError:
+    name: str
+    stage: str  # what failed: "claim"
+    message: str  # the last error
+    failures: int  # failed tries since `since`, by every worker
+    since: datetime  # the first failure of this outage
+    last_at: datetime  # the latest failure
+
+
+def record_type_error(conn: Connection, name: str, stage: str, message: str) -> None:
+    with translated_errors():
+        conn.execute(RECORD_TYPE_ERROR, {"name": name, "stage": stage, "message": message})
+
+
+def clear_type_error(conn: Connection, name: str) -> None:
+    with translated_errors():
+        conn.execute(CLEAR_TYPE_ERROR, {"name": name})
+
+
+def type_errors(conn: Connection) -> dict[str, JobTypeError]:
+    """Each job type with a current error: its name -> what failed, why, how often, since when."""
+    with translated_errors(), conn.cursor(row_factory=class_row(JobTypeError)) as cur:
+        return {error.name: error for error in cur.execute(TYPE_ERRORS)}
+
+
+def delete_stale_type_errors(conn: Connection, older_than: timedelta, now: datetime | None = None) -> int:
+    with translated_errors():
+        return conn.execute(DELETE_STALE_TYPE_ERRORS, {"older_than": older_than, "now": now}).rowcount
 
 
 # --- the dashboard ---------------------------------------------------------------
@@ -730,18 +1029,21 @@ class Listener:
 
 # --- outcomes: archive and retry ---------------------------------------------
 
+# total_attempts: the job's own (see SNAPSHOT_TOTAL_ATTEMPTS), else its type's.
 LOCK_JOB = """
-SELECT q.*, j.attempts AS total_attempts, j.delivery_strategy
+SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
 FROM queued_jobs q
 JOIN jobs j ON j.name = q.name
+LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
 WHERE q.id = %(id)s
 FOR UPDATE OF q
 """
 
 LOCK_STUCK_JOBS = """
-SELECT q.*, j.attempts AS total_attempts, j.delivery_strategy
+SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
 FROM queued_jobs q
 JOIN jobs j ON j.name = q.name
+LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
 WHERE q.status = 'in-progress' AND q.updated_at < coalesce(%(now)s, now()) - %(older_than)s
 ORDER BY q.updated_at
 LIMIT %(limit)s

@@ -1,8 +1,9 @@
 """The watcher process: periodic maintenance that no request or worker triggers.
 
 Every `stuck_job_interval` it fails jobs stuck in progress (a worker that died
-with jobs in flight), archives due jobs that expired, and deletes archived jobs
-past the retention. It is the safety net behind the workers' own callback
+with jobs in flight), archives due jobs that expired, deletes archived jobs
+past the retention, and tidies jobrunner's side tables: the attempts kept for
+jobs that are archived now, and type errors no worker refreshes any more. It is the safety net behind the workers' own callback
 timeout, so its own timeout is longer.
 """
 
@@ -22,6 +23,9 @@ from .metrics import Publisher, ServiceMetrics
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+# A type still failing is recorded again at least every ~12 s (the longest claim
+# back-off); an error older than this was left by a worker that stopped.
+STALE_TYPE_ERROR = timedelta(minutes=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Watcher:
                 self.metrics.stuck.inc(job.name)
                 self.metrics.outcome(job)
             expired = _repeat(lambda: self._archive_expired(conn, now))
+            _repeat(lambda: store.delete_attempts_of_archived_jobs(conn, BATCH))
+            store.delete_stale_type_errors(conn, STALE_TYPE_ERROR, now)
             deleted = 0
             if self.retention is not None:
                 for job_type in store.list_job_types(conn):

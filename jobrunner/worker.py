@@ -9,6 +9,12 @@ safety poll that slows down while idle (`get_sleep_duration`) covers lost
 ones, and a timer wakes the loop when a delayed job comes due. Callbacks are
 never polled per job: a sent job waits in the database, and one statement per
 tick fails those whose callback is overdue.
+
+Errors stay with the type they happen to: a claim of one type that fails is
+logged once, counted, recorded for the dashboard and backed off for that type
+alone, while the others flow; only an unreachable database stops every type.
+No type holds every dispatch thread (`_share`), so a slow downstream of one type
+never keeps another's jobs waiting.
 """
 
 import logging
@@ -21,9 +27,9 @@ from datetime import timedelta
 
 from . import plugins, services, store
 from .downstream import Downstream
-from .errors import JobrunnerError
+from .errors import DatabaseUnavailable, JobrunnerError
 from .metrics import Publisher, ServiceMetrics
-from .models import QueuedJob
+from .models import QueuedJob, format_job_id
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,9 @@ class OutageLog:
 
     def failed(self, error: Exception) -> None:
         if self.failures == 0:
-            log.warning("%s failed: %s; retrying with back-off until it recovers", self.what, error)
+            # anything but a jobrunner error is a bug: its traceback says where
+            bug = not isinstance(error, JobrunnerError)
+            log.warning("%s failed: %s; retrying with back-off until it recovers", self.what, error, exc_info=bug)
         self.failures += 1
 
     def recovered(self) -> None:
@@ -65,6 +73,8 @@ class Worker:
         self._poll_interval = getattr(self.default_worker, "sleep", None) or self._backoff
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
+        self._busy: dict[str, int] = {}  # job type -> its dispatch threads busy (or reserved by its claim)
+        self._share = config.dispatch_threads  # most threads one type may hold (see _poll)
         self._free_lock = threading.Lock()
         self._starved: set[str] = set()  # types not claimed for want of a dispatch thread
         self._wakes: queue.SimpleQueue = queue.SimpleQueue()
@@ -74,6 +84,10 @@ class Worker:
         self._next_stuck_check = 0.0
         self._deaf = True  # no LISTEN connection yet
         self._db_outage = OutageLog("worker database access")
+        self._overdue_outage = OutageLog("failing overdue jobs")
+        self._type_outages: dict[str, OutageLog] = {}  # job type -> its claims' current outage
+        self._held_until: dict[str, float] = {}  # job type -> monotonic time its back-off ends
+        self._unsent: list[QueuedJob] = []  # claimed, never sent, the claim's commit unanswered
 
     # --- the loop ---
 
@@ -104,11 +118,13 @@ class Worker:
         """Poll, fail overdue jobs and claim what is due, as far as each is due now; how many jobs were claimed."""
         now = time.monotonic()
         try:
+            if self._unsent:
+                self._release_unsent()
             if now >= self._next_poll:
                 self._poll(now)
             if now >= self._next_stuck_check:
-                self._fail_overdue_jobs(now)
-            claimed = sum(self._claim(name, now) for name, due_at in list(self._due_at.items()) if due_at <= now)
+                self._fail_overdue_jobs_alone(now)
+            claimed = sum(self._claim_alone(name, now) for name in self._due_names(now))
             self._db_outage.recovered()
         except JobrunnerError as error:  # unreachable, or refusing: keep trying, slower and slower
             self._db_outage.failed(error)
@@ -124,9 +140,41 @@ class Worker:
             for state in states
             if state.next_due_in is not None and state.concurrency > 0
         }
+        # One type alone may use every thread; with others to serve, at most half, so
+        # that a type whose downstream hangs leaves the other half to the rest.
+        serving = sum(1 for state in states if state.concurrency > 0)
+        self._share = self.config.dispatch_threads if serving <= 1 else max(1, self.config.dispatch_threads // 2)
         self._polls += 1
         interval = self._poll_interval(self._polls)
         self._next_poll = now + (min(interval, POLL_WHILE_DEAF) if self._deaf else interval)
+
+    def _due_names(self, now: float) -> list[str]:
+        return [name for name in list(self._due_at) if self._due_time(name) <= now]
+
+    def _due_time(self, name: str) -> float:
+        """When the type is next to be claimed: when due, and not before its back-off ends."""
+        return max(self._due_at[name], self._held_until.get(name, 0.0))
+
+    def _release_unsent(self) -> None:
+        """Queue again the jobs of a claim whose commit got no answer: they were never sent."""
+        with self.pool.connection() as conn:
+            released = store.release_unsent_jobs(conn, self._unsent)
+        log.warning(
+            "%d claimed jobs were never sent (the claim's commit got no answer); %d had been claimed and are queued again",
+            len(self._unsent), len(released),
+        )
+        self._unsent = []
+
+    def _fail_overdue_jobs_alone(self, now: float) -> None:
+        """Fail overdue jobs; an error other than an outage is logged once and never stops the claims."""
+        try:
+            self._fail_overdue_jobs(now)
+            self._overdue_outage.recovered()
+        except DatabaseUnavailable:
+            raise
+        except Exception as error:  # its own outage: the claims go on
+            self._overdue_outage.failed(error)
+            self._next_stuck_check = now + self._backoff(min(self._overdue_outage.failures, 10))
 
     def _fail_overdue_jobs(self, now: float) -> None:
         timeout = self.timeout.total_seconds()
@@ -139,6 +187,40 @@ class Worker:
         if failed:
             log.info("%d jobs not called back within %.0f s counted as failed", len(failed), timeout)
 
+    def _claim_alone(self, name: str, now: float) -> int:
+        """Claim one type's due jobs; any error but an outage stays with this type (see `_type_failed`)."""
+        try:
+            claimed = self._claim(name, now)
+        except DatabaseUnavailable:
+            raise  # the database: every type's outage
+        except Exception as error:  # this type's alone: the others are claimed all the same
+            self._type_failed(name, now, error)
+            return 0
+        if name in self._type_outages:
+            self._type_recovered(name)
+        return claimed
+
+    def _type_failed(self, name: str, now: float, error: Exception) -> None:
+        """Log the first failure of the type's outage, count every one, back the type off, tell the dashboard."""
+        outage = self._type_outages.setdefault(name, OutageLog(f"claiming {name!r} jobs"))
+        outage.failed(error)
+        self.metrics.claim_errors.inc(name)
+        self._held_until[name] = now + self._backoff(min(outage.failures, 10))
+        try:
+            with self.pool.connection() as conn:
+                store.record_type_error(conn, name, "claim", str(error))
+        except JobrunnerError:
+            pass  # the log has it; the dashboard learns at the next failure
+
+    def _type_recovered(self, name: str) -> None:
+        self._type_outages.pop(name).recovered()
+        self._held_until.pop(name, None)
+        try:
+            with self.pool.connection() as conn:
+                store.clear_type_error(conn, name)
+        except JobrunnerError:
+            pass  # the watcher deletes a type error no worker refreshes
+
     def _claim(self, name: str, now: float) -> int:
         limit = self._take_threads(MAX_CLAIM, name)
         if limit == 0:
@@ -150,8 +232,14 @@ class Worker:
             with self.pool.connection() as conn:
                 claim = services.claim(conn, name, limit)
             claimed = len(claim.jobs)
+        except store.ClaimOutcomeUnknown as error:
+            self._unsent += error.jobs  # handed back once the database answers (run_once)
+            raise
         finally:
-            self._give_back_threads(limit - claimed)
+            self._give_back_threads(name, limit - claimed)
+        for job in claim.quarantined:
+            log.error("job %s (%s) cannot be read (%s): archived as failed, never sent", format_job_id(job.id), job.name, job.reason)
+            self.metrics.failed.inc(job.name)
         self.metrics.claim_latency.observe(time.perf_counter() - started, name)
         if claim.jobs:
             self.metrics.claimed.inc(name, amount=len(claim.jobs))
@@ -189,7 +277,7 @@ class Worker:
         except Exception:
             log.exception("job %s (%s): unexpected error", job.job_id, job.name)  # a bug: the executor would swallow it
         finally:
-            self._give_back_threads(1)
+            self._give_back_threads(job.name, 1)
 
     def _record(self, job: QueuedJob, outcome: plugins.Succeeded | plugins.Failed) -> None:
         """An in-process worker's outcome, recorded as its HTTP callback would be."""
@@ -203,18 +291,22 @@ class Worker:
         return services.get_sleep_duration(self.config.sleep_factor, failures).total_seconds()
 
     def _take_threads(self, wanted: int, name: str) -> int:
+        """Reserve up to `wanted` free threads for a claim of `name`, within the type's share."""
         with self._free_lock:
-            taken = min(wanted, self._free)
+            busy = self._busy.get(name, 0)
+            taken = max(0, min(wanted, self._free, self._share - busy))
             self._free -= taken
+            self._busy[name] = busy + taken
             if not taken:
                 self._starved.add(name)
             return taken
 
-    def _give_back_threads(self, count: int) -> None:
+    def _give_back_threads(self, name: str, count: int) -> None:
         if not count:
             return
         with self._free_lock:
             self._free += count
+            self._busy[name] -= count
             starved, self._starved = self._starved, set()
         for name in starved:
             self._wakes.put(name)
@@ -224,7 +316,7 @@ class Worker:
     def _wait(self) -> None:
         """Sleep until a notification, the next due job, the next poll or tick, or stop."""
         now = time.monotonic()
-        deadline = min([self._next_poll, self._next_stuck_check, *self._due_at.values()])
+        deadline = min([self._next_poll, self._next_stuck_check, *map(self._due_time, self._due_at)])
         try:
             wake = self._wakes.get(timeout=max(0.0, deadline - now))
         except queue.Empty:

@@ -36,6 +36,8 @@ UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
 UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
 """
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
+# jobrunner's own tables, beside Rickover's (which it never changes)
+JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
 JOBRUNNER_ADDITIONS = {"queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
@@ -67,7 +69,7 @@ def test_applying_the_schema_again_changes_nothing(conn):
     assert {"index CREATE INDEX find_queued_job ON public.queued_jobs USING btree (name, run_after) WHERE (status = 'queued'::job_status)"} <= catalog
 
 
-def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_a_status_and_a_table_of_its_own(conn, make_database):
+def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_a_status_and_tables_of_its_own(conn, make_database):
     rickover = store.connect(make_database(template="template0"))
     rickover.execute(RICKOVER_SCHEMA)
     add_some_jobs(rickover)
@@ -79,9 +81,9 @@ def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_a_status_a
     assert rows(rickover) == data
     assert catalog <= after, "something Rickover built was changed or dropped"
     added = after - catalog
-    own_table = {line for line in added if "jobrunner_paused_job_types" in line}
-    assert any(line.startswith("column jobrunner_paused_job_types.concurrency") for line in own_table)
-    assert {line.split()[0] for line in added - own_table} <= {"index", "oid", "enum"}
+    own_tables = {line for line in added if any(f"{table}." in line or f" {table}_" in line or f" {table} " in line for table in JOBRUNNER_TABLES)}
+    assert {table for table in JOBRUNNER_TABLES if f"column {table}." in " ".join(own_tables)} == set(JOBRUNNER_TABLES)
+    assert {line.split()[0] for line in added - own_tables} <= {"index", "oid", "enum"}, added - own_tables
     assert {line for line in added if line.startswith("enum")} == {"enum archived_job_status cancelled after succeeded,failed,expired"}
     assert {name for name in JOBRUNNER_ADDITIONS if any(f" {name} " in line for line in added)} == JOBRUNNER_ADDITIONS
     # Rickover's three tables are exactly jobrunner's three tables
