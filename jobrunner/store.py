@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +37,7 @@ Connection = psycopg.Connection
 # application's own advisory locks on the same database.
 ADVISORY_LOCK_SPACE = 0x6A6F62  # "job"
 SCHEMA_LOCK_KEY = 0
+STOP_CHECK = 0.25  # seconds: how often a wait for a pooled connection looks at its stop event
 
 
 @contextlib.contextmanager
@@ -64,10 +66,18 @@ def _reason(error: psycopg.Error) -> str:
     return (error.diag.message_primary or str(error)).strip()
 
 
-def connect(url: str, name: str = "", **kwargs: Any) -> Connection:
-    """An autocommit connection; `name` becomes its application_name unless the URL sets one."""
+def connect(url: str, name: str = "", *, prepared_statements: bool = True, **kwargs: Any) -> Connection:
+    """An autocommit connection; `name` becomes its application_name unless the URL sets one.
+
+    `prepared_statements=False` for a pooler in transaction mode that loses them (PgBouncer before 1.22).
+    """
     with translated_errors():
-        return psycopg.connect(url, autocommit=True, **application_name(url, name), **kwargs)
+        return psycopg.connect(url, autocommit=True, **application_name(url, name), **_preparing(prepared_statements), **kwargs)
+
+
+def _preparing(prepared_statements: bool) -> dict[str, Any]:
+    """psycopg prepares a statement run 5 times by default; prepare_threshold=None never does."""
+    return {} if prepared_statements else {"prepare_threshold": None}
 
 
 def application_name(url: str, name: str) -> dict[str, str]:
@@ -86,12 +96,12 @@ def application_name(url: str, name: str) -> dict[str, str]:
 class Pool:
     """A fixed-size pool of autocommit connections that recovers by itself when the database returns."""
 
-    def __init__(self, url: str, size: int, timeout: float, name: str = ""):
+    def __init__(self, url: str, size: int, timeout: float, name: str = "", *, prepared_statements: bool = True):
         self._pool = ConnectionPool(
             url,
             min_size=size,
             max_size=size,
-            kwargs={"autocommit": True, **application_name(url, name)},
+            kwargs={"autocommit": True, **application_name(url, name), **_preparing(prepared_statements)},
             timeout=timeout,
             # psycopg_pool doubles its reconnect delay until this timeout, then drops
             # the slot and grows back on demand: a short one keeps recovery quick
@@ -103,16 +113,33 @@ class Pool:
         self._checking = threading.Lock()
 
     @contextlib.contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
-        """Borrow a connection; DatabaseUnavailable when none is to be had within the timeout."""
+    def connection(self, timeout: float | None = None, stop: threading.Event | None = None) -> Iterator[Connection]:
+        """Borrow a connection; DatabaseUnavailable when none is to be had within the timeout, or once `stop` is set."""
         try:
-            with translated_errors(), self._pool.connection(timeout=timeout) as conn:
-                yield conn
+            with translated_errors():
+                conn = self._wait_for_connection(timeout, stop)
+                try:
+                    with conn:  # psycopg_pool's own connection(): commit or roll back, then give it back
+                        yield conn
+                finally:
+                    self._pool.putconn(conn)
         except PoolTimeout:
             raise DatabaseUnavailable("The database is unavailable: no connection could be had in time") from None
         except DatabaseUnavailable:
             self._drop_broken_connections()
             raise
+
+    def _wait_for_connection(self, timeout: float | None, stop: threading.Event | None) -> Connection:
+        if stop is None:
+            return self._pool.getconn(timeout=timeout)
+        # in slices, so that a stop is heard while the database is down
+        deadline = time.monotonic() + (self._pool.timeout if timeout is None else timeout)
+        while True:
+            try:
+                return self._pool.getconn(timeout=max(0.001, min(STOP_CHECK, deadline - time.monotonic())))
+            except PoolTimeout:
+                if stop.is_set() or time.monotonic() >= deadline:
+                    raise
 
     def _drop_broken_connections(self) -> None:
         # After a restart every idle connection is dead but does not know it yet:
@@ -1011,8 +1038,8 @@ LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
 class Listener:
     """One connection that LISTENs; behind PgBouncer it needs a session-pooled or direct URL."""
 
-    def __init__(self, url: str, name: str = ""):
-        self._conn = connect(url, name)
+    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True):
+        self._conn = connect(url, name, prepared_statements=prepared_statements)
         with translated_errors():
             self._conn.execute(LISTEN)
 

@@ -95,7 +95,10 @@ def _repeat(batch) -> int:
 def run(config, stop: threading.Event, metrics_dir: str | None = None) -> None:
     def connection():
         # one connection per round, closed after it: the watcher holds none while it waits
-        return contextlib.closing(store.connect(config.database_url, "watcher", connect_timeout=max(2, round(config.db_timeout))))
+        timeout = max(2, round(config.db_timeout))
+        return contextlib.closing(
+            store.connect(config.database_url, "watcher", connect_timeout=timeout, prepared_statements=config.prepared_statements)
+        )
 
     counted = ServiceMetrics()
     publisher = Publisher(counted, metrics_dir) if metrics_dir else None

@@ -64,7 +64,9 @@ class Worker:
         self.config = config
         self.stop_event = stop or threading.Event()
         self.metrics = counted or ServiceMetrics()
-        self.pool = store.Pool(config.database_url, config.worker_pool_size, config.db_timeout, name="worker")
+        self.pool = store.Pool(
+            config.database_url, config.worker_pool_size, config.db_timeout, name="worker", prepared_statements=config.prepared_statements
+        )
         self.timeout = timedelta(seconds=config.job_timeout)
         self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
         processor = services.JobProcessor(self.pool, self.downstream, self.stop_event, self.timeout, config.sleep_factor, self.metrics)
@@ -133,7 +135,7 @@ class Worker:
         return claimed
 
     def _poll(self, now: float) -> None:
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             states = store.poll_job_types(conn)
         self._due_at = {
             state.name: now + max(0.0, state.next_due_in)
@@ -157,7 +159,7 @@ class Worker:
 
     def _release_unsent(self) -> None:
         """Queue again the jobs of a claim whose commit got no answer: they were never sent."""
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             released = store.release_unsent_jobs(conn, self._unsent)
         log.warning(
             "%d claimed jobs were never sent (the claim's commit got no answer); %d had been claimed and are queued again",
@@ -179,7 +181,7 @@ class Worker:
     def _fail_overdue_jobs(self, now: float) -> None:
         timeout = self.timeout.total_seconds()
         self._next_stuck_check = now + min(max(timeout / 10, 0.05), 10.0)
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             failed = services.archive_stuck_jobs(conn, self.timeout)
         for job in failed:
             self.metrics.timed_out.inc(job.name)
@@ -207,7 +209,7 @@ class Worker:
         self.metrics.claim_errors.inc(name)
         self._held_until[name] = now + self._backoff(min(outage.failures, 10))
         try:
-            with self.pool.connection() as conn:
+            with self._connection() as conn:
                 store.record_type_error(conn, name, "claim", str(error))
         except JobrunnerError:
             pass  # the log has it; the dashboard learns at the next failure
@@ -216,7 +218,7 @@ class Worker:
         self._type_outages.pop(name).recovered()
         self._held_until.pop(name, None)
         try:
-            with self.pool.connection() as conn:
+            with self._connection() as conn:
                 store.clear_type_error(conn, name)
         except JobrunnerError:
             pass  # the watcher deletes a type error no worker refreshes
@@ -229,7 +231,7 @@ class Worker:
         claimed = 0
         started = time.perf_counter()
         try:
-            with self.pool.connection() as conn:
+            with self._connection() as conn:
                 claim = services.claim(conn, name, limit)
             claimed = len(claim.jobs)
         except store.ClaimOutcomeUnknown as error:
@@ -285,6 +287,10 @@ class Worker:
         with self.pool.connection() as conn:
             result = services.handle_status_callback(conn, job.id, job.name, status, job.attempts, retryable)
         self.metrics.outcome(result)
+
+    def _connection(self):
+        """A pooled connection for the claim loop: a stop ends the wait for one (the database may be down)."""
+        return self.pool.connection(stop=self.stop_event)
 
     def _backoff(self, failures: int) -> float:
         """Seconds to wait after `failures` failed tries to reach the database."""
@@ -344,7 +350,11 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 if listener is None:
-                    listener = store.Listener(self.config.listen_database_url or self.config.database_url, name="worker-listen")
+                    listener = store.Listener(
+                        self.config.listen_database_url or self.config.database_url,
+                        name="worker-listen",
+                        prepared_statements=self.config.prepared_statements,
+                    )
                     self._deaf = False
                     self._wakes.put(EVERY_TYPE)  # anything missed while deaf
                     outage.recovered()

@@ -206,3 +206,14 @@ def test_a_claim_whose_commit_answer_is_lost_is_sent_once_never_failed_unsent(ap
         proxy.close()
     assert archived["attempts"] == 1
     assert len(downstream.posts_for(job_id)) == 1
+
+
+def test_a_worker_whose_database_is_down_hears_a_stop_while_it_waits_for_a_connection():
+    from conftest import free_port
+
+    unreachable = f"postgresql://jobrunner@127.0.0.1:{free_port()}/jobrunner?connect_timeout=1"
+    with running_worker(unreachable, "http://127.0.0.1:9", db_timeout="8") as worker:
+        wait_until(lambda: worker.pool._pool.get_stats().get("requests_waiting", 0) >= 1, "the worker to wait for a connection")
+        started = time.monotonic()
+    stopped_after = time.monotonic() - started
+    assert stopped_after < 2, stopped_after  # not the pool's whole 8 s wait
