@@ -8,10 +8,13 @@ reached it must wait for its callback.
 """
 
 import base64
+import dataclasses
 import enum
 import http.client
+import io
 import json
 import select
+import socket
 import threading
 import time
 import urllib.error
@@ -27,20 +30,105 @@ class NotConnected(OSError):
     """Connecting failed (refused, unreachable, timed out, TLS handshake): not a byte of the request was sent."""
 
 
-class _HTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        try:
-            super().connect()
-        except OSError as error:
-            raise NotConnected(f"{type(error).__name__}: {error}") from error
+class _Exchange:
+    """One POST's deadline, and how many bytes of its answer have come."""
+
+    def __init__(self, timeout: float):
+        self.deadline = time.monotonic() + timeout
+        self.answered = 0
+
+    def time_left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the downstream did not answer in time")
+        return left
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only the exchange's time left, so that a peer dripping bytes meets the deadline."""
+
+    def __init__(self, sock: socket.socket, exchange: _Exchange):
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)  # counted by the socket: it stays open until this closes
+        self._exchange = exchange
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        self._sock.settimeout(self._exchange.time_left())
+        count = self._raw.readinto(buffer)
+        self._exchange.answered += count or 0
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What an HTTPResponse reads its answer from: the connection's socket, under the exchange's deadline."""
+
+    def __init__(self, sock: socket.socket, exchange: _Exchange):
+        self._sock, self._exchange = sock, exchange
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._exchange))
+
+
+class _DeadlineConnection:
+    """The part our http and https connections share: the whole exchange (connect, send, the
+    answer) has one deadline, set by `start`; a socket timeout alone bounds only each read."""
+
+    exchange = _Exchange(0.0)
+
+    def start(self, timeout: float) -> _Exchange:
+        self.exchange = _Exchange(timeout)
+        return self.exchange
+
     def connect(self) -> None:
         try:
+            self.timeout = self.exchange.time_left()  # the TLS handshake too: CPython gives it one deadline
             super().connect()
         except OSError as error:  # ssl.SSLError included: the handshake is part of connecting
             raise NotConnected(f"{type(error).__name__}: {error}") from error
+
+    def send(self, data) -> None:
+        if self.sock is None:
+            self.connect()
+        self.sock.settimeout(self.exchange.time_left())  # sendall keeps to one timeout for all its data
+        super().send(data)
+
+    def response_class(self, sock, *args, **kwargs) -> http.client.HTTPResponse:
+        # http.client makes each answer with self.response_class(self.sock, ...)
+        return http.client.HTTPResponse(_DeadlineSocket(sock, self.exchange), *args, **kwargs)
+
+
+class _HTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+@dataclasses.dataclass
+class _Kept:
+    conn: _HTTPConnection | _HTTPSConnection
+    response: http.client.HTTPResponse  # its last answer
+    used_at: float  # time.monotonic()
+
+    def reusable(self) -> bool:
+        return (
+            self.conn.sock is not None
+            and self.response.isclosed()  # read whole: http.client closes an answer at its end
+            and time.monotonic() - self.used_at <= MAX_IDLE
+            and not select.select([self.conn.sock], [], [], 0)[0]  # readable while idle: the server closed it
+        )
+
+
+class _NoAnswer(Exception):
+    """A reused connection failed before a byte of the answer came."""
 
 
 class _KeepAliveHandler(urllib.request.BaseHandler):
@@ -50,28 +138,36 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
     that POSTs job after job that is most of the cost, on both sides. A kept
     connection is reused only if its last answer was read whole and it has been
     idle less than MAX_IDLE (well under a server's idle timeout). Failing to
-    connect raises NotConnected (nothing sent); any failure on a connection that
-    was reused counts, like any other after connecting, as "may have been delivered".
+    connect raises NotConnected (nothing sent). A reused connection that fails
+    before a byte of the answer came was closed by the server as idle just as we
+    sent (no idle check can close that race): the request is sent again, once,
+    on a new connection. Any other failure after connecting counts as "may have
+    been delivered".
     """
 
     handler_order = 100  # before urllib's own http/https handlers, which build_opener adds too
 
     def __init__(self):
-        self._local = threading.local()
-        self._all: set[http.client.HTTPConnection] = set()  # every thread's, to close them all at the end
+        # Only the connections kept for a thread's next POST: one that fails, or is
+        # not kept, is closed and forgotten, so memory stays flat however many come and go.
+        self._kept: dict[tuple[int, str, str], _Kept] = {}
         self._lock = threading.Lock()
 
-    def forget(self, host: str) -> None:
-        """Close this thread's kept connections to `host`."""
-        kept = self._local.__dict__.get("connections", {})
-        for key in [key for key in kept if key[1] == host]:
-            kept.pop(key)[0].close()
+    def release(self, req: urllib.request.Request) -> None:
+        """This thread's request is over: keep its connection only if the answer was read whole."""
+        key = self._key(req)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None or kept.response.isclosed():
+                return
+            del self._kept[key]
+        kept.conn.close()
 
     def close_all(self) -> None:
         with self._lock:
-            connections, self._all = self._all, set()
-        for conn in connections:
-            conn.close()
+            kept, self._kept = self._kept, {}
+        for connection in kept.values():
+            connection.conn.close()
 
     def http_open(self, req):
         return self._open(_HTTPConnection, req)
@@ -80,30 +176,39 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
         return self._open(_HTTPSConnection, req)
 
     def _open(self, connection_class, req):
-        kept = self._local.__dict__.setdefault("connections", {})
-        key = (connection_class, req.host)
-        conn, last_response, last_used = kept.pop(key, (None, None, 0.0))
-        if conn is not None and (
-            conn.sock is None
-            or not last_response.isclosed()
-            or time.monotonic() - last_used > MAX_IDLE
-            or select.select([conn.sock], [], [], 0)[0]  # readable while idle: the server closed it
-        ):
-            conn.close()
-            conn = None
-        if conn is None:
-            conn = connection_class(req.host, timeout=req.timeout)
-            with self._lock:
-                self._all.add(conn)
+        key = self._key(req)
+        with self._lock:
+            kept = self._kept.pop(key, None)
+        deadline = time.monotonic() + req.timeout
+        if kept is not None and kept.reusable():
+            try:
+                return self._exchange(kept.conn, req, deadline - time.monotonic(), reused=True)
+            except _NoAnswer:
+                pass
+        elif kept is not None:
+            kept.conn.close()
+        return self._exchange(connection_class(req.host, timeout=req.timeout), req, deadline - time.monotonic())
+
+    def _exchange(self, conn, req, timeout: float, reused: bool = False):
+        """Send the request on `conn` and read the answer's head, within `timeout` for both."""
+        exchange = conn.start(timeout)
         try:
             conn.request(req.get_method(), req.selector, req.data, {**req.unredirected_hdrs, **req.headers})
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as error:
             conn.close()
+            # reset, or closed with no answer (RemoteDisconnected is a ConnectionError)
+            if reused and isinstance(error, ConnectionError) and exchange.answered == 0:
+                raise _NoAnswer from error
             raise urllib.error.URLError(error) from error
         response.url, response.msg = req.get_full_url(), response.reason
-        kept[key] = (conn, response, time.monotonic())
+        with self._lock:
+            self._kept[self._key(req)] = _Kept(conn, response, time.monotonic())
         return response
+
+    @staticmethod
+    def _key(req: urllib.request.Request) -> tuple[int, str, str]:
+        return threading.get_ident(), req.type, req.host
 
 
 MAX_IDLE = 1.0
@@ -112,7 +217,8 @@ MAX_ANSWER = 65536  # bytes of the downstream's answer read, at most
 
 class Delivery(enum.Enum):
     ACCEPTED = "accepted"  # any 2xx: wait for the callback
-    NOT_DELIVERED = "not delivered"  # refused, unreachable, or an error answer: it may be sent again
+    NOT_DELIVERED = "not delivered"  # refused or unreachable: never arrived, it may be sent again
+    REJECTED = "rejected"  # any other answer (3xx, 4xx, 5xx but 503): it arrived, so it may have been acted on
     MAYBE_DELIVERED = "maybe delivered"  # timed out or cut off after sending: wait for the callback, never resend
     UNAVAILABLE = "unavailable"  # 503 or Rickover's service_unavailable: resend without using an attempt
 
@@ -141,20 +247,28 @@ class Downstream:
         return f"{self.base_url}/v1/jobs/{urllib.parse.quote(job.name, safe='')}/{job.job_id}"
 
     def post(self, job: QueuedJob) -> tuple[Delivery, str]:
-        """Send one attempt of `job`; what became of it, and a short reason for the logs."""
+        """Send one attempt of `job`; what became of it, and a short reason for the logs.
+
+        The whole exchange (connect, send, the answer's head and its first
+        MAX_ANSWER bytes) has `timeout` seconds; past them the connection is closed.
+        """
         body = json.dumps({"data": job.data, "attempts": job.attempts}).encode()
         request = urllib.request.Request(self.url(job), data=body, headers=self._headers, method="POST")
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                response.read(MAX_ANSWER)
-                if not response.isclosed():  # an answer longer than we read: its connection cannot carry another
-                    self._connections.forget(request.host)
-                return Delivery.ACCEPTED, f"HTTP {response.status}"
+            return self._send(request)
+        finally:
+            self._connections.release(request)
+
+    def _send(self, request: urllib.request.Request) -> tuple[Delivery, str]:
+        try:
+            response = self._opener.open(request, timeout=self.timeout)
+            response.read(MAX_ANSWER)
+            return Delivery.ACCEPTED, f"HTTP {response.status}"
         except urllib.error.HTTPError as error:
             answer = _read_quietly(error)
             if error.code == 503 or _is_service_unavailable(answer):
                 return Delivery.UNAVAILABLE, f"HTTP {error.code}"
-            return Delivery.NOT_DELIVERED, f"HTTP {error.code}"
+            return Delivery.REJECTED, f"HTTP {error.code}"
         except urllib.error.URLError as error:
             if isinstance(error.reason, NotConnected):
                 return Delivery.NOT_DELIVERED, str(error.reason)
@@ -169,8 +283,8 @@ def error_kind(outcome: Delivery, reason: str) -> str:
     """What kind of failure a POST's outcome and reason (from `post`) tell, for the metrics."""
     if outcome is Delivery.UNAVAILABLE:
         return "unavailable"
-    if reason.startswith("HTTP "):
-        return f"http_{reason[5]}xx"
+    if outcome is Delivery.REJECTED:
+        return f"http_{reason[5]}xx"  # "HTTP 500"
     if outcome is Delivery.NOT_DELIVERED:
         return "connect"
     return "timeout" if "timeout" in reason.lower() else "cut_off"

@@ -463,16 +463,35 @@ def _fail_stuck(conn: Connection, locked: store.LockedJob, now: datetime | None)
 
 
 def record_not_delivered(conn: Connection, job: QueuedJob, now: datetime | None = None) -> QueuedJob | ArchivedJob:
-    """The downstream certainly never received this attempt (refused, unreachable, an error answer).
+    """The downstream certainly never received this attempt (refused, unreachable, 503).
 
     Handled as a failed retryable callback, except that an `at_most_once` job is
     retried too while attempts remain: it never reached the downstream.
     """
+    return _record_failed_post(conn, job, delivered=False, now=now)
+
+
+def record_rejected(conn: Connection, job: QueuedJob, now: datetime | None = None) -> QueuedJob | ArchivedJob:
+    """The downstream answered this attempt with an error (not a 503): handled as a failed retryable callback.
+
+    An answer proves the request arrived, and it may have been acted on: an
+    `at_most_once` job is archived failed, an `at_least_once` one retried with back-off.
+    """
+    return _record_failed_post(conn, job, delivered=True, now=now)
+
+
+def _record_failed_post(conn: Connection, job: QueuedJob, delivered: bool, now: datetime | None) -> QueuedJob | ArchivedJob:
     with store.transaction(conn):
         locked = store.lock_job(conn, job.id)
         if locked is None or locked.job.name != job.name:
             raise _not_queued(conn, job.id, job.name)
-        return _fail(conn, locked, job.attempts, retryable=True, now=now, delivered=False)
+        return _fail(conn, locked, job.attempts, retryable=True, now=now, delivered=delivered)
+
+
+def is_in_progress(conn: Connection, job: QueuedJob) -> bool:
+    """Whether `job` is still in progress at the attempt it was claimed for (not called back, nor timed out)."""
+    current = store.get_queued_job(conn, job.id)
+    return current is not None and current.status == IN_PROGRESS and current.attempts == job.attempts
 
 
 def expire_in_progress(conn: Connection, job: QueuedJob, now: datetime | None = None) -> ArchivedJob | None:
@@ -557,23 +576,43 @@ class JobProcessor:
                 break
             if self.stop.wait(UNAVAILABLE_SLEEP_FACTOR.total_seconds() * 2**resend):
                 break
+            if not self._still_to_send(job):
+                return
+            outcome, reason = self._post(job)
+        if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE, Delivery.REJECTED):
+            self._record_failed_post(job, outcome, reason)
+        elif outcome is Delivery.MAYBE_DELIVERED:
+            log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
+
+    def _still_to_send(self, job: QueuedJob) -> bool:
+        """Before a resend: the job is still in progress at this attempt, and not expired.
+
+        A proxy may answer 503 while the downstream works on the job and calls back:
+        once the job is archived or moved on, it is not sent again.
+        """
+        with self.pool.connection() as conn:
+            if not is_in_progress(conn, job):
+                log.info("job %s (%s) was settled while the downstream answered 503: not sent again", job.job_id, job.name)
+                return False
             if job.expires_at is not None and job.expires_at <= datetime.now(timezone.utc):
-                with self.pool.connection() as conn:
-                    expired = expire_in_progress(conn, job)
+                expired = expire_in_progress(conn, job)
                 if expired is not None:
                     self.metrics.outcome(expired)
-                    return
-            outcome, reason = self._post(job)
-        if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE):
+                    return False
+        return True
+
+    def _record_failed_post(self, job: QueuedJob, outcome: Delivery, reason: str) -> None:
+        if outcome is Delivery.REJECTED:
+            log.info("job %s (%s) rejected by the downstream: %s", job.job_id, job.name, reason)
+            record = record_rejected
+        else:
             log.info("job %s (%s) not delivered: %s", job.job_id, job.name, reason)
-            try:
-                with self.pool.connection() as conn:
-                    self.metrics.outcome(record_not_delivered(conn, job))
-            except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
-                pass  # a callback came first after all
-            return
-        if outcome is Delivery.MAYBE_DELIVERED:
-            log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
+            record = record_not_delivered
+        try:
+            with self.pool.connection() as conn:
+                self.metrics.outcome(record(conn, job))
+        except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
+            pass  # a callback came first after all
 
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
         started = time.perf_counter()

@@ -18,6 +18,7 @@ ERROR_500 = "error_500"
 UNAVAILABLE = "unavailable"  # 503
 RICKOVER_UNAVAILABLE = "rickover_unavailable"  # 500 with Rickover's service_unavailable body
 HANG = "hang"  # answer nothing until the client gives up
+CALL_BACK_THEN_UNAVAILABLE = "call_back_then_unavailable"  # call back `succeeded`, then answer 503 (a proxy timing out)
 
 
 class _Server(ThreadingHTTPServer):
@@ -92,7 +93,11 @@ class DownstreamStub:
                 status = "failed" if post.action == ACCEPT_AND_FAIL else "succeeded"
                 threading.Thread(target=self._call_back, args=(post, status), daemon=True).start()
             return
-        if post.action == UNAVAILABLE:
+        if post.action == CALL_BACK_THEN_UNAVAILABLE:
+            self._count(name, +1)
+            self._call_back(post, "succeeded")
+            self._answer(request, 503, b'{"title":"busy","id":"service_unavailable"}')
+        elif post.action == UNAVAILABLE:
             self._answer(request, 503, b'{"title":"busy","id":"service_unavailable"}')
         elif post.action == RICKOVER_UNAVAILABLE:
             self._answer(request, 500, b'{"title":"Service Unavailable","id":"service_unavailable"}')
