@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 MAX_DATA_BYTES = 102400  # Rickover's limit on a job's data
 BAD_JSON = "Invalid request: bad JSON. Double check the types of the fields you sent"
+# What PostgreSQL and Python's datetime both hold, with a day to spare at each end: a
+# retry's run_after (up to a day later) and a time shown in any zone must still fit.
+EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)
+LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone.utc)
+OUTAGE_LOG_INTERVAL = 60.0  # seconds: an outage fails many requests, and is logged once a minute, not per request
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 # (path pattern, {method: handler}); the first pattern that matches the path wins.
@@ -95,7 +100,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
     if isinstance(error, StaleCallback):
         return HttpError(400, "stale_attempt", message)
     if isinstance(error, DatabaseUnavailable):
-        return HttpError(503, "service_unavailable", "The database is unavailable; try again shortly", message, {"Retry-After": "1"})
+        # no detail: the driver's message names hosts, ports and users (APIServer.note_outage logs it)
+        return HttpError(503, "service_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"})
     log.error("unexpected service error: %s", message)
     return HttpError(500, "server_error", "Unexpected server error. Please try again")
 
@@ -181,9 +187,16 @@ def _timestamp(body: dict, field: str) -> datetime | None:
     text = re.sub(r"[Zz]$", "+00:00", value)
     text = re.sub(r"(\.\d{6})\d+", r"\1", text)  # Python keeps microseconds, like Postgres
     try:
-        return datetime.fromisoformat(text.replace("t", "T"))
+        moment = datetime.fromisoformat(text.replace("t", "T"))
     except ValueError:
         raise HttpError(400, "invalid_request", BAD_JSON, f"{field} is not a valid date and time") from None
+    try:
+        in_range = EARLIEST <= moment.astimezone(timezone.utc) <= LATEST
+    except OverflowError:  # its UTC instant is before year 1 or after 9999
+        in_range = False
+    if not in_range:
+        raise HttpError(400, "invalid_parameter", f"Invalid {field}: must be between 0001-01-02 and 9999-12-30 (UTC)")
+    return moment
 
 
 def _host_of(url: str) -> str | None:
@@ -230,6 +243,8 @@ class Handler(ProtocolHandler):
         except HttpError as error:
             self.send_error_answer(error)
         except JobrunnerError as error:
+            if isinstance(error, DatabaseUnavailable):
+                self.server.note_outage(error)
             self.send_error_answer(_error_for(error))
         except TimeoutError:
             raise  # a silent client: the stdlib drops the connection
@@ -357,7 +372,8 @@ class Handler(ProtocolHandler):
         # cheap first: the data cannot be larger than the whole body (its length was checked on reading)
         if int(self.headers.get("Content-Length", "0")) <= MAX_DATA_BYTES:
             return False
-        return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_DATA_BYTES
+        # a lone surrogate ("\ud800") is measured, not a crash: the database refuses it with a 400, whatever the size
+        return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")) > MAX_DATA_BYTES
 
     def handle_record_status(self, name: str, id_text: str) -> None:
         body = self._read_json()
@@ -386,10 +402,13 @@ class Handler(ProtocolHandler):
         self.send_json(200, job_json(job))
 
     def handle_replay(self, name: str | None, id_text: str) -> None:
-        self.read_body()  # ignored, as Rickover did; read so the connection stays usable
+        body = self.read_body()  # optional: Rickover's clients send none, or {}
+        new_id_text = _string(self._json_object(body), "id", required=False) if body else None
+        new_id = parse_job_id(new_id_text) if new_id_text else None  # the client's: a second replay under it is the first
         job_id = parse_job_id(id_text)
+        chosen = {"new_id": new_id} if new_id else {}  # until services.replay takes new_id (helper B): then pass it always
         with self._db() as conn:
-            job = services.replay(conn, job_id, name)
+            job = services.replay(conn, job_id, name, **chosen)
         self.server.metrics.enqueued.inc(job.name)
         self.send_json(201, job_json(job))
 
@@ -513,6 +532,14 @@ class APIServer(ProtocolServer):
         self.metrics = counted or ServiceMetrics()  # this process's
         self.publisher = publisher  # with the other processes of its supervisor, for /metrics (None: this one alone)
         self.authorizer = authorizer
+        self._outage_logged_at = -OUTAGE_LOG_INTERVAL
+
+    def note_outage(self, error: DatabaseUnavailable) -> None:
+        """Log why the database is unavailable, once a minute while the outage lasts (the answers say only that it is)."""
+        now = time.monotonic()
+        if now >= self._outage_logged_at + OUTAGE_LOG_INTERVAL:
+            self._outage_logged_at = now
+            log.warning("answering 503: %s", error)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.metrics.http_requests.inc(route, str(status))

@@ -178,6 +178,36 @@ def test_enqueue_errors(email):
     assert_error(email.put(f"/v1/jobs/email/{job_id()}", {"data": "nul\u0000"}), 400, "invalid_parameter")
 
 
+@pytest.mark.parametrize("field", ["run_after", "expires_at"])
+@pytest.mark.parametrize(
+    "value",
+    ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "9999-12-31T00:00:00Z", "0001-01-01T12:00:00Z"],
+)
+def test_a_timestamp_outside_what_postgres_and_python_both_hold_is_refused_and_nothing_stored(email, field, value):
+    """A day's margin at each end of Python's datetime, so a retry's later run_after still fits (issue 14, defect 1)."""
+    jid = job_id()
+    refused = email.put(f"/v1/jobs/email/{jid}", {"data": {}, field: value})
+    assert_error(refused, 400, "invalid_parameter")
+    assert field in refused.json["title"]
+    assert_error(email.get(f"/v1/jobs/email/{jid}"), 404, "not_found")
+    assert email.get("/v1/jobs/email/jobs").json["jobs"] == []
+
+
+def test_timestamps_at_the_edges_of_the_range_are_stored(email):
+    jid = job_id()
+    stored = email.put(f"/v1/jobs/email/{jid}", {"data": {}, "run_after": "0001-01-02T00:00:00Z", "expires_at": "9999-12-30T23:59:59Z"})
+    assert stored.status == 202, stored.body
+    assert email.get(f"/v1/jobs/email/{jid}").json["expires_at"] == "9999-12-30T23:59:59Z"
+
+
+def test_a_big_body_with_a_lone_surrogate_is_a_400_as_a_small_one_is(email):
+    """Over 100 KiB the data's size is measured: a lone surrogate must not turn that into a 500 (issue 14, defect 5)."""
+    small = email.put(f"/v1/jobs/email/{job_id()}", {"data": {"s": "\ud800"}})
+    big = email.put(f"/v1/jobs/email/{job_id()}", {"data": {"pad": "x" * 100_000, "s": "\ud800"}, "other": "y" * 5000})
+    assert_error(small, 400, small.json["id"])
+    assert_error(big, 400, small.json["id"])
+
+
 def test_enqueue_of_an_archived_id_or_an_id_of_another_type(email):
     email.post("/v1/jobs", {**EMAIL, "name": "sms"})
     jid = job_id()
@@ -305,6 +335,23 @@ def test_replay(email):
         assert replayed.json["expires_at"] is not None
     assert_error(email.post(f"/v1/jobs/sms/{jid}/replay"), 404, "job_not_found")
     assert_error(email.post(f"/v1/jobs/{job_id()}/replay"), 404, "not_found")
+
+
+def test_a_replay_under_a_client_chosen_id_is_made_once(email):
+    """`{"id": "job_<uuid>"}` names the new job: sent twice (a double click, a retry), one replay (issue 14, 12c)."""
+    jid = job_id()
+    email.put(f"/v1/jobs/email/{jid}", {"data": {"again": 1}})
+    email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
+    chosen = job_id()
+    first = email.post(f"/v1/jobs/email/{jid}/replay", {"id": chosen})
+    again = email.post(f"/v1/jobs/{jid}/replay", {"id": chosen, "note": "extra keys are accepted"})
+    assert (first.status, first.json["id"], first.json["data"]) == (201, chosen, {"again": 1})
+    assert again.status in (200, 201) and again.json["id"] == chosen
+    assert [job["id"] for job in email.get("/v1/jobs/email/jobs?status=queued").json["jobs"]] == [chosen]
+    assert email.post(f"/v1/jobs/email/{jid}/replay", {}).json["id"] not in (jid, chosen)  # as Rickover's clients send
+    assert_error(email.post(f"/v1/jobs/email/{jid}/replay", {"id": "job_123"}), 400, "invalid_uuid")
+    assert_error(email.post(f"/v1/jobs/email/{jid}/replay", {"id": 5}), 400, "invalid_request")
+    assert_error(email.post(f"/v1/jobs/email/{jid}/replay", b"[1]"), 400, "invalid_request")
 
 
 def test_cancel_a_queued_job_but_not_one_in_progress(email, db_url):
@@ -459,6 +506,7 @@ def test_the_database_going_away_gives_503_then_recovers_by_itself():
 
             down = api.get("/v1/jobs/email")
             assert_error(down, 503, "service_unavailable")
+            assert "detail" not in down.json and "5432" not in down.body.decode()  # the driver's message (host, port, user) stays in the log
             health = api.get("/healthz", auth=None)
             assert_error(health, 503, "service_unavailable")
             assert "detail" not in health.json  # no credentials needed here: the driver's message stays inside
