@@ -258,7 +258,8 @@ class GroupCommit:
 
     def _handle(self, batch: list["_Request"]) -> None:
         try:
-            with self._pool.connection() as conn:
+            # one transaction with the read-back: a row that cannot be decoded leaves the whole batch undone
+            with self._pool.connection() as conn, store.transaction(conn):
                 results = self._handle_batch(conn, [request.item for request in batch])
             for request, result in zip(batch, results):
                 request.result = result
@@ -357,7 +358,8 @@ def cancel(conn: Connection, job_id: UUID, name: str | None = None, now: datetim
     """
     job = get_job(conn, job_id, name)
     if isinstance(job, QueuedJob):
-        archived = store.archive_job(conn, job_id, job.name, CANCELLED, 0, expected_status=QUEUED, now=now)
+        with store.transaction(conn):  # with the read-back, as a succeeded callback
+            archived = store.archive_job(conn, job_id, job.name, CANCELLED, 0, expected_status=QUEUED, now=now)
         if archived is not None:
             return archived
         job = get_job(conn, job_id, name)
@@ -420,10 +422,12 @@ def handle_status_callback(
     `failed` callback must name the attempt in progress; otherwise it is stale.
     """
     if status == SUCCEEDED:
-        archived = store.archive_job(conn, job_id, name, SUCCEEDED, attempts_used=0, now=now)
-        if archived is None:
-            raise _not_queued(conn, job_id, name)
-        return archived
+        # one transaction with the read-back: a row that cannot be decoded leaves the job as it was
+        with store.transaction(conn):
+            archived = store.archive_job(conn, job_id, name, SUCCEEDED, attempts_used=0, now=now)
+            if archived is None:
+                raise _not_queued(conn, job_id, name)
+            return archived
     if status != FAILED:
         raise InvalidField("status", f"must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
     with store.transaction(conn):

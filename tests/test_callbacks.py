@@ -6,7 +6,7 @@ import pytest
 from conftest import make_type, new_id
 from freezegun import freeze_time
 
-from jobrunner import services
+from jobrunner import services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobNameMismatch, StaleCallback, UnknownJob
 from jobrunner.models import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, ArchivedJob, QueuedJob
 
@@ -142,3 +142,57 @@ def test_retry_backoff_uses_the_types_total_attempts_and_is_capped():
     assert services.retry_delay(total_attempts=255, remaining_attempts=1) == services.MAX_RETRY_DELAY
     # attempts lowered below what a job still has: no negative exponent
     assert services.retry_delay(total_attempts=2, remaining_attempts=5) == timedelta(seconds=1)
+
+
+# --- a row that cannot be read back: nothing is changed, so the error answered is true ---------
+
+# Year 10000 in UTC: PostgreSQL stores it, Python cannot hold it (an old database, a manual UPDATE).
+UNREADABLE_TIMESTAMP = "9999-12-31T23:59:59-01:00"
+
+
+def make_unreadable(conn, job):
+    conn.execute("UPDATE queued_jobs SET expires_at = %s WHERE id = %s", (UNREADABLE_TIMESTAMP, job.id))
+
+
+def where_is(conn, job) -> tuple[int, int]:
+    """(queued rows, archived rows) of the job, counted without reading its columns."""
+    queued = conn.execute("SELECT count(*) FROM queued_jobs WHERE id = %s", (job.id,)).fetchone()[0]
+    archived = conn.execute("SELECT count(*) FROM archived_jobs WHERE id = %s", (job.id,)).fetchone()[0]
+    return queued, archived
+
+
+def test_a_succeeded_callback_whose_archived_row_cannot_be_read_changes_nothing(conn):
+    make_type(conn)
+    job = dispatch(conn)
+    make_unreadable(conn, job)
+
+    with pytest.raises(InvalidField, match="too large"):
+        services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
+
+    assert where_is(conn, job) == (1, 0)  # still in progress: the error answered is not a lie
+
+
+def test_a_batch_of_succeeded_callbacks_with_a_row_that_cannot_be_read_changes_nothing(conn, db_url):
+    make_type(conn)
+    job = dispatch(conn)
+    make_unreadable(conn, job)
+    pool = store.Pool(db_url, 2, timeout=5)
+    batcher = services.CallbackBatcher(pool)
+    try:
+        with pytest.raises(InvalidField, match="too large"):
+            batcher.handle_status_callback(job.id, "email", "succeeded", 3)
+    finally:
+        batcher.close()
+        pool.close()
+    assert where_is(conn, job) == (1, 0)
+
+
+def test_a_cancel_whose_archived_row_cannot_be_read_changes_nothing(conn):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", {})
+    make_unreadable(conn, job)
+
+    with pytest.raises(InvalidField, match="too large"):
+        services.cancel(conn, job.id)
+
+    assert where_is(conn, job) == (1, 0)
