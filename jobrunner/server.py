@@ -599,7 +599,7 @@ def build(
     authorizer = authorizer or plugins.build_authorizer(config)  # first: if the application's factory raises, nothing is open yet
     if sock is None:
         sock = socket.create_server((config.host, config.port), backlog=1024)
-    pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server")
+    pool = store.Pool(config.database_url, config.server_pool_size, config.db_timeout, name="server", prepared_statements=config.prepared_statements)
     return APIServer(sock, config, pool, authorizer, counted, publisher)
 
 
