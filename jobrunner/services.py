@@ -342,12 +342,35 @@ def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJo
     return job
 
 
-def replay(conn: Connection, job_id: UUID, name: str | None = None, now: datetime | None = None) -> QueuedJob:
-    """Enqueue an archived job again under a new id, with its data and expires_at."""
+def replay(
+    conn: Connection, job_id: UUID, name: str | None = None, new_id: UUID | None = None, now: datetime | None = None
+) -> QueuedJob | ArchivedJob:
+    """Enqueue an archived job again, with its data and expires_at, under `new_id` (or a fresh id).
+
+    With `new_id` a replay is idempotent, like an enqueue: replaying again with the
+    same id answers the job the first replay made, queued or archived since, so
+    a double click makes one job. An id held by any other job is JobIdInUse.
+    """
     job = get_job(conn, job_id, name)
     if isinstance(job, QueuedJob):
         raise NotReplayable(job.job_id, job.status)
-    return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+    if new_id is None:
+        return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+    if new_id == job.id:
+        raise JobIdInUse(format_job_id(new_id), job.name)
+    try:
+        made = store.enqueue_job(conn, new_id, job.name, job.data, None, job.expires_at, now)
+    except JobAlreadyArchived:  # archived while we inserted: read below
+        made = None
+    if made is not None:
+        return made
+    # ON CONFLICT waited for a concurrent replay's insert to commit: read what it made
+    earlier = store.get_queued_job(conn, new_id) or store.get_archived_job(conn, new_id)
+    if earlier is None:
+        raise UnknownJobType(job.name)  # the type was deleted
+    if (earlier.name, earlier.data, earlier.expires_at) != (job.name, job.data, job.expires_at):
+        raise JobIdInUse(format_job_id(new_id), earlier.name)
+    return earlier
 
 
 def cancel(conn: Connection, job_id: UUID, name: str | None = None, now: datetime | None = None) -> ArchivedJob:

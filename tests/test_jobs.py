@@ -1,9 +1,10 @@
 """Enqueue (idempotent), get (queued, then archived) and replay."""
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import enqueue_while_archiving, make_type, new_id, utcnow
+from conftest import enqueue_while_archiving, make_type, new_id, utcnow, wait_until
 
 from jobrunner import services
 from jobrunner.errors import (
@@ -163,3 +164,92 @@ def test_enqueue_racing_the_archive_of_the_same_id_never_leaves_it_both_queued_a
     assert isinstance(outcome, JobAlreadyArchived), outcome
     assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
     assert services.get_job(conn, job.id).status == SUCCEEDED
+
+
+# --- replay with a client-chosen id: a double click makes one job ------------------
+
+
+def archived_job(conn, data=None):
+    make_type(conn)
+    job = services.enqueue(conn, new_id(), "email", data if data is not None else {"x": 1})
+    return services.cancel(conn, job.id)
+
+
+def queued_count(conn) -> int:
+    return conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0]
+
+
+def test_a_replay_with_a_new_id_given_twice_makes_one_job_and_answers_it_both_times(conn):
+    job = archived_job(conn)
+    chosen = new_id()
+
+    first = services.replay(conn, job.id, "email", new_id=chosen)
+    again = services.replay(conn, job.id, "email", new_id=chosen)
+
+    assert first.id == chosen and (first.name, first.data, first.status) == ("email", {"x": 1}, QUEUED)
+    assert again == first
+    assert queued_count(conn) == 1
+
+
+def test_a_replay_repeated_after_its_job_was_archived_answers_the_archived_job(conn):
+    job = archived_job(conn)
+    chosen = new_id()
+    services.replay(conn, job.id, new_id=chosen)
+    services.handle_status_callback(conn, chosen, "email", "succeeded", 3)
+
+    again = services.replay(conn, job.id, new_id=chosen)
+
+    assert (again.id, again.status) == (chosen, SUCCEEDED)
+    assert queued_count(conn) == 0
+
+
+def test_a_replay_to_an_id_another_job_holds_is_refused_and_changes_nothing(conn):
+    job = archived_job(conn)
+    make_type(conn, "sms")
+    other_data = services.enqueue(conn, new_id(), "email", {"x": 2})
+    other_type = services.enqueue(conn, new_id(), "sms", {"x": 1})
+    other_archived = services.cancel(conn, services.enqueue(conn, new_id(), "email", {"x": 3}).id)
+
+    for taken in (other_data.id, other_type.id, other_archived.id, job.id):
+        with pytest.raises(JobIdInUse):
+            services.replay(conn, job.id, new_id=taken)
+    assert queued_count(conn) == 2
+
+
+def test_two_replays_racing_with_one_new_id_make_one_job(conn, connect):
+    """A double click on Replay: the second waits for the first's insert, then answers the same job."""
+    job = archived_job(conn)
+    chosen = new_id()
+    first, second = connect(), connect()
+    answers = []
+
+    with first.transaction():
+        made = services.replay(first, job.id, new_id=chosen)
+        thread = threading.Thread(target=lambda: answers.append(services.replay(second, job.id, new_id=chosen)))
+        thread.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        wait_until(lambda: conn.execute(waiting).fetchone()[0] > 0, "the second replay to wait on the first")
+    thread.join(timeout=10)
+
+    assert answers == [made]
+    assert queued_count(conn) == 1
+
+
+def test_replays_in_many_threads_with_one_new_id_make_one_job(conn, connect):
+    job = archived_job(conn)
+    chosen = new_id()
+    connections = [connect() for _ in range(4)]
+    start = threading.Barrier(len(connections))
+    answers = []
+
+    def replay(connection):
+        start.wait()
+        answers.append(services.replay(connection, job.id, new_id=chosen).id)
+
+    threads = [threading.Thread(target=replay, args=(connection,)) for connection in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert answers == [chosen] * len(connections)
+    assert queued_count(conn) == 1
