@@ -18,7 +18,6 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -214,14 +213,8 @@ class ProtocolHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
-    def __getattr__(self, name: str) -> Callable[[], None]:
-        # Every method, known or not, goes through the router: an unknown one is a 405, not a 501.
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
     def dispatch(self) -> None:
-        """Answer the request whose head has been read: the subclass's routes."""
+        """Answer the request whose head has been read, whatever its method (an unknown one is the routes' 405, not a 501)."""
         raise NotImplementedError
 
     # --- bodies and answers ---
