@@ -406,9 +406,8 @@ class Handler(ProtocolHandler):
         new_id_text = _string(self._json_object(body), "id", required=False) if body else None
         new_id = parse_job_id(new_id_text) if new_id_text else None  # the client's: a second replay under it is the first
         job_id = parse_job_id(id_text)
-        chosen = {"new_id": new_id} if new_id else {}  # until services.replay takes new_id (helper B): then pass it always
         with self._db() as conn:
-            job = services.replay(conn, job_id, name, **chosen)
+            job = services.replay(conn, job_id, name, new_id=new_id)
         self.server.metrics.enqueued.inc(job.name)
         self.send_json(201, job_json(job))
 
