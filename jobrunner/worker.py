@@ -314,8 +314,8 @@ class Worker:
             self._free += count
             self._busy[name] -= count
             starved, self._starved = self._starved, set()
-        for name in starved:
-            self._wakes.put(name)
+        for waiting in starved:
+            self._wakes.put(waiting)
 
     # --- waking up ---
 
