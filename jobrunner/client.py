@@ -101,9 +101,10 @@ class Client:
     def get(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}", retry=True)
 
-    def replay(self, job_id: str) -> dict:
-        """A new job with the archived job's type and data."""
-        return self._request("POST", f"/v1/jobs/{job_id}/replay", {})
+    def replay(self, job_id: str, new_id: str | None = None) -> dict:
+        """A new job (its id: `new_id`, or a new one) with the archived job's type and data; safe to retry, as it is done under that id."""
+        body = {"id": new_id or f"job_{uuid.uuid4()}"}
+        return self._request("POST", f"/v1/jobs/{job_id}/replay", body, retry=True)
 
     def cancel(self, job_id: str, name: str | None = None) -> dict:
         """Archive a queued job as cancelled (before it is sent)."""

@@ -21,7 +21,7 @@ import urllib.parse
 from base64 import b64encode
 from datetime import datetime, timedelta, timezone
 
-from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob
+from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, format_job_id, new_job_id
 from .services import Overview
 from .store import JobTypeCounts
 
@@ -151,7 +151,8 @@ function askConcurrency(button) {
 
 async function act(button) {
   const {action, name, id} = button.dataset;
-  const body = action === "resume" ? askConcurrency(button) : null;
+  // a replay names its new job, so a second click (or a retry) finds the first one instead of making another
+  const body = action === "resume" ? askConcurrency(button) : action === "replay" ? JSON.stringify({id: button.dataset.newId}) : null;
   if (body === undefined) return;
   if (action === "cancel" && !confirm("Cancel " + id + "? It will never be sent.")) return;
   const path = "/v1/jobs/" + encodeURIComponent(name) + (id ? "/" + encodeURIComponent(id) : "") + "/" + action;
@@ -381,7 +382,8 @@ def _failures_section(jobs: list[ArchivedJob], now: datetime) -> str:
         f'<tr data-job="{_escape(job.job_id)}"><td>{_when(job.created_at, now)}</td><td>{_job(job)}</td>'
         f'<td><span class="badge {_escape(job.status)}">{_escape(job.status)}</span></td>'
         f'<td>{_data(job.data)}</td>'
-        f'<td><button data-action="replay" data-name="{_escape(job.name)}" data-id="{_escape(job.job_id)}">Replay</button></td></tr>'
+        f'<td><button data-action="replay" data-name="{_escape(job.name)}" data-id="{_escape(job.job_id)}"'
+        f' data-new-id="{format_job_id(new_job_id())}">Replay</button></td></tr>'
         for job in jobs
     )
     return f"""<section id="failures">{heading}

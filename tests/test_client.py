@@ -49,6 +49,17 @@ def test_cancel_then_replay(client):
     assert replayed["id"] != job["id"] and replayed["data"] == {"n": 7} and replayed["status"] == "queued"
 
 
+def test_a_replay_under_a_chosen_id_is_done_once(client):
+    client.create_type("email", "at_least_once", 3, 0)
+    job = client.enqueue("email", {"n": 8})
+    client.cancel(job["id"])
+    chosen = f"job_{uuid.uuid4()}"
+    first = client.replay(job["id"], new_id=chosen)
+    again = client.replay(job["id"], new_id=chosen)  # a retry after a lost answer, or a double click
+    assert first["id"] == again["id"] == chosen
+    assert [j["id"] for j in client.jobs("email", status="queued")] == [chosen]
+
+
 def test_jobs_come_page_after_page_newest_first_up_to_the_limit(client):
     client.create_type("email", "at_least_once", 3, 0)
     ids = [client.enqueue("email", {"n": n})["id"] for n in range(7)]

@@ -76,9 +76,12 @@ def test_the_dashboard_shows_jobs_and_acts_on_them(api, conn, browser):
     assert browser.alert_text() is None
     assert "later@example.com" in browser.text(f'#waiting tr[data-job="{later_id}"]')
 
-    browser.click(f'#failures tr[data-job="{failed_id}"] button[data-action="replay"]')
+    replay = f'#failures tr[data-job="{failed_id}"] button[data-action="replay"]'
+    new_id = browser.find_all(replay)[0].get_attribute("data-new-id")
+    browser.click(replay)
     wait_until(lambda: any(job["data"] == HOSTILE for job in queued_jobs(api)), "the replayed job to be queued")
     [replayed] = [job for job in queued_jobs(api) if job["data"] == HOSTILE]
+    assert replayed["id"] == new_id  # the page names the new job, so a second click finds this one
     wait_until(lambda: browser.text("#status") == f"Replayed {failed_id} as {replayed['id']}", "the replay's result")
     wait_until(lambda: browser.find_all(f'#waiting tr[data-job="{replayed["id"]}"]'), "the replayed job on the page")
 

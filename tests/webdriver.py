@@ -52,6 +52,9 @@ class Element:
     def text(self) -> str:
         return self.browser.command("GET", f"/element/{self.id}/text")
 
+    def get_attribute(self, name: str) -> str | None:
+        return self.browser.command("GET", f"/element/{self.id}/attribute/{name}")
+
 
 class Browser:
     """One chromedriver process and one headless browser session; `close()` ends both."""
