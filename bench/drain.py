@@ -1,7 +1,7 @@
 """Drain: N jobs enqueued with the workers paused, then released; jobs/s against the database's own ceiling.
 
     python bench/drain.py [--jobs 30000] [--rounds 3] [--concurrency 50] [--workers 2] [--threads 16]
-                          [--servers 1] [--rickover DIR] [--profile] [--ceiling-seconds 15]
+                          [--servers 1] [--compare ENV=VALUE] [--rickover DIR] [--profile] [--ceiling-seconds 15]
 
 On a private PostgreSQL (default settings, fsync on), for each concurrency C and
 round, in turn:
@@ -16,7 +16,9 @@ round, in turn:
    which answers each POST at once and calls back `succeeded` over kept-alive
    connections. The job type `drain` is created with concurrency 0 (paused); N
    jobs are written straight into the database (1,000 per transaction, not
-   timed); then `POST /v1/jobs/drain {"concurrency": C}` releases them.
+   timed); then `POST /v1/jobs/drain {"concurrency": C}` releases them. Each
+   --compare ENV=VALUE drains again in the same round with that setting, so both
+   meet the same machine (JOBRUNNER_PREPARED_STATEMENTS=off: its cost).
 3. with --rickover (a directory holding Rickover's `server` and `dequeuer`, or
    its bin/): Rickover's own method on the same database and downstream, the
    jobs written the same way, then its dequeuer started.
@@ -130,13 +132,13 @@ class Profiler:
         return lines
 
 
-def drain_jobrunner(database: Database, args, concurrency: int, servers: str) -> dict:
+def drain_jobrunner(database: Database, args, concurrency: int, servers: str, settings: dict[str, str] | None = None) -> dict:
     database.conn.execute("TRUNCATE queued_jobs, archived_jobs")
     services.update_job_type(database.conn, JOB_TYPE, concurrency=0)
     port = free_port()
     downstream = Downstream(port)
     service = Service(database, {"JOBRUNNER_WORKERS": str(args.workers), "JOBRUNNER_DISPATCH_THREADS": str(args.threads),
-                                 "JOBRUNNER_SERVERS": servers, **downstream_settings(downstream)}, port)
+                                 "JOBRUNNER_SERVERS": servers, **downstream_settings(downstream), **(settings or {})}, port)
     try:
         enqueue_paused(database, args.jobs)
         processes = {name.removeprefix("jr-"): pid for name, pid in service.processes().items()}
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="jobrunner worker processes")
     parser.add_argument("--threads", type=int, default=16, help="dispatch threads per worker")
     parser.add_argument("--servers", default="1", help="jobrunner server processes (JOBRUNNER_SERVERS), comma-separated")
+    parser.add_argument("--compare", action="append", default=[], metavar="ENV=VALUE",
+                        help="also drain, in each round, with this setting (e.g. JOBRUNNER_PREPARED_STATEMENTS=off); repeatable")
     parser.add_argument("--rickover", help="directory of Rickover's server and dequeuer binaries")
     parser.add_argument("--profile", action="store_true", help="py-spy the server and workers; top statements")
     parser.add_argument("--ceiling-seconds", type=int, default=15)
@@ -231,6 +235,10 @@ def main() -> None:
                 runs = [("jobrunner" if n == "1" else f"jobrunner {n} servers",
                          lambda database, args, concurrency, n=n: drain_jobrunner(database, args, concurrency, n))
                         for n in args.servers.split(",")]
+                runs += [(f"jobrunner {setting}",
+                          lambda database, args, concurrency, setting=setting: drain_jobrunner(
+                              database, args, concurrency, args.servers.split(",")[0], dict([setting.split("=", 1)])))
+                         for setting in args.compare]
                 runs += [("rickover", drain_rickover)] if args.rickover else []
                 for name, drain in runs:
                     result = drain(database, args, concurrency)
