@@ -238,3 +238,18 @@ def test_with_asynchronous_replication_what_the_standby_had_not_received_is_lost
         assert not kept & set(unreceived)
     finally:
         pair.stop()
+
+
+def test_a_standby_that_refuses_writes_answers_503_and_names_it_not_500():
+    """DATABASE_URL on a standby (no target_session_attrs, or a name not yet moved): the database is there but
+    read-only. That is an unavailable database for jobrunner (503, retry later), never a bug (500)."""
+    from conftest import running_server
+
+    pair = Pair(synchronous=False)
+    try:
+        migrate(pair.url())
+        with running_server(pair.direct(pair.b)) as api:
+            response = api.post("/v1/jobs", {"name": "mail", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": 1})
+            assert response.status == 503, response.body
+    finally:
+        pair.stop()
