@@ -4,7 +4,9 @@ What we send is what Rickover sent (CONTRACT.md §6.3): `POST <DOWNSTREAM_URL>/v
 body exactly `{"data": ..., "attempts": N}`, HTTP Basic auth user `jobs`.
 Failures are told apart by their type, never by their message: an attempt that
 certainly never reached the downstream may be sent again; one that may have
-reached it must wait for its callback.
+reached it must wait for its callback; an error answer proves that it arrived.
+The timeout is one deadline for the whole POST, not for each read: a downstream
+that drips its answer is cut off like one that says nothing.
 """
 
 import base64
@@ -80,7 +82,7 @@ class _DeadlineConnection:
     """The part our http and https connections share: the whole exchange (connect, send, the
     answer) has one deadline, set by `start`; a socket timeout alone bounds only each read."""
 
-    exchange = _Exchange(0.0)
+    exchange: _Exchange  # set by start, before each request
 
     def start(self, timeout: float) -> _Exchange:
         self.exchange = _Exchange(timeout)
@@ -141,7 +143,9 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
     connect raises NotConnected (nothing sent). A reused connection that fails
     before a byte of the answer came was closed by the server as idle just as we
     sent (no idle check can close that race): the request is sent again, once,
-    on a new connection. Any other failure after connecting counts as "may have
+    on a new connection, as browsers do. (A downstream that dies after reading a
+    request on a kept connection looks the same; it must not close one without
+    an answer otherwise.) Any other failure after connecting counts as "may have
     been delivered".
     """
 

@@ -484,3 +484,21 @@ def test_a_kept_connection_cut_after_part_of_an_answer_is_not_retried(answer):
             connection.close()
         listener.close()
     assert len(connections) == 1
+
+
+@pytest.mark.parametrize(
+    "outcome, reason, kind",
+    [
+        (Delivery.REJECTED, "HTTP 500", "http_5xx"),
+        (Delivery.REJECTED, "HTTP 404", "http_4xx"),
+        (Delivery.REJECTED, "HTTP 302", "http_3xx"),
+        (Delivery.UNAVAILABLE, "HTTP 503", "unavailable"),
+        (Delivery.UNAVAILABLE, "HTTP 500", "unavailable"),  # Rickover's service_unavailable body
+        (Delivery.NOT_DELIVERED, "ConnectionRefusedError: [Errno 111] Connection refused", "connect"),
+        (Delivery.NOT_DELIVERED, "TimeoutError: timed out", "connect"),
+        (Delivery.MAYBE_DELIVERED, "TimeoutError", "timeout"),
+        (Delivery.MAYBE_DELIVERED, "RemoteDisconnected", "cut_off"),
+    ],
+)
+def test_each_failed_post_is_counted_under_its_kind(outcome, reason, kind):
+    assert downstream_module.error_kind(outcome, reason) == kind
