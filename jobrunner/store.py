@@ -47,6 +47,9 @@ def translated_errors(field: str = "request") -> Iterator[None]:
         yield
     except (pg_errors.DataError, pg_errors.IntegrityError) as error:
         raise InvalidField(field, _reason(error)) from None
+    except pg_errors.ReadOnlySqlTransaction as error:
+        # a standby (or a primary being demoted): no write can succeed here until a failover ends
+        raise DatabaseUnavailable(f"The database is read-only, a standby? ({_reason(error)})") from None
     except pg_errors.UndefinedTable as error:
         raise SchemaMissing(f"The database has no jobrunner schema ({_reason(error)}): run `jobrunner migrate`") from None
     except psycopg.OperationalError as error:
