@@ -4,6 +4,7 @@ A handler decodes and validates the request, calls one service, and turns the
 result or the error into JSON. Jobs change state only through the services.
 """
 
+import importlib.resources
 import json
 import logging
 import re
@@ -52,6 +53,10 @@ LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone.utc)
 OUTAGE_LOG_INTERVAL = 60.0  # seconds: an outage fails many requests, and is logged once a minute, not per request
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
+# Answered without credentials: a load balancer's probe, and the API's own description (nothing not in the repository).
+PUBLIC_ROUTES = ("healthz", "openapi")
+OPENAPI = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
+
 # (path pattern, {method: handler}); the first pattern that matches the path wins.
 ROUTES = (
     (re.compile(r"/v1/jobs"), {"GET": "list_job_types", "POST": "create_job_type"}),
@@ -65,6 +70,7 @@ ROUTES = (
     (re.compile(r"/v1/jobs/([^\s/]+)/resume"), {"POST": "resume"}),
     (re.compile(r"/"), {"GET": "homepage"}),
     (re.compile(r"/healthz"), {"GET": "healthz"}),
+    (re.compile(r"/openapi\.json"), {"GET": "openapi"}),
     (re.compile(r"/metrics"), {"GET": "metrics"}),
 )
 
@@ -229,7 +235,7 @@ class Handler(ProtocolHandler):
             route = methods.get(self.command, "none") if match else "none"
             self._check_proxy()
             self._check_origin()
-            if route not in ("healthz",) and not (route == "metrics" and self.server.config.metrics_open):
+            if route not in PUBLIC_ROUTES and not (route == "metrics" and self.server.config.metrics_open):
                 self._authenticate_or_close()
             if match is None:
                 raise HttpError(404, "not_found", "Resource not found", f"{self.command} {path}")
@@ -476,6 +482,10 @@ class Handler(ProtocolHandler):
             # no detail: this route needs no credentials, and the driver's message names hosts and users
             raise HttpError(503, "service_unavailable", "The database is unavailable") from None
         self.send_json(200, {"status": "ok"})
+
+    def handle_openapi(self) -> None:
+        """The API's OpenAPI 3.1 document (jobrunner/openapi.json), for client generators."""
+        self.send_answer(200, OPENAPI, {"Content-Type": "application/json; charset=utf-8"})
 
     def handle_metrics(self) -> None:
         server = self.server
