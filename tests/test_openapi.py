@@ -500,7 +500,7 @@ class Checked:
         media_type = response.headers["content-type"].split(";")[0].strip()
         found = find_operation(self.document, method, path.partition("?")[0])
         if found is None:  # no such operation (405, 404): the answer any route may give
-            assert_valid(self.validator, json.loads(response.body), {"$ref": "#/components/schemas/Error"}, what)
+            assert_valid(self.validator, json.loads(response.body), {"$ref": "#/components/schemas/ApiError"}, what)
             return response
         _, operation, parameters = found
         if 200 <= response.status < 300:  # a refused query may be the test's point
