@@ -14,7 +14,6 @@ generated today; the test holds the server and the docs to exactly what is docum
 """
 
 import configparser
-import http.client
 import importlib.resources
 import itertools
 import json
@@ -22,7 +21,7 @@ import re
 import shlex
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -291,11 +290,11 @@ def shapes(pattern: str) -> list[str]:
 
 
 def route_for(path: str):
-    """(route index, methods) of the route the server picks for `path`: the first pattern that matches, as Handler._route does."""
-    for index, (pattern, methods) in enumerate(server.ROUTES):
-        if pattern.fullmatch(path):
-            return index, methods
-    return None, {}
+    """(index in server.ROUTES, methods) of the route the server picks for `path`, by its own rule (Handler._route keeps no state)."""
+    match, methods = server.Handler._route(None, path)
+    if match is None:
+        return None, {}
+    return [pattern for pattern, _ in server.ROUTES].index(match.re), methods
 
 
 def _examples(parameter: dict, validator: Validator) -> list:
