@@ -59,10 +59,10 @@ class JobAlreadyArchived(JobrunnerError):
 
 
 class JobIdInUse(JobrunnerError):
-    """Enqueue of an id that is already queued under another job type (Rickover returned that job)."""
+    """An id already used by another job: an enqueue under another type (Rickover returned that job), or a replay's chosen id."""
 
     def __init__(self, job_id: str, actual_name: str):
-        super().__init__(f"Job {job_id} is already queued under job type {actual_name!r}")
+        super().__init__(f"Job {job_id} is already used by another job (type {actual_name!r})")
         self.job_id = job_id
         self.actual_name = actual_name
 

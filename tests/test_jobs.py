@@ -65,7 +65,7 @@ def test_enqueue_refuses_unknown_type_archived_id_and_id_of_another_type(conn):
         services.enqueue(conn, new_id(), "nope", {})
 
     job = services.enqueue(conn, new_id(), "email", {})
-    with pytest.raises(JobIdInUse, match="already queued under job type 'email'"):
+    with pytest.raises(JobIdInUse, match=r"already used by another job \(type 'email'\)"):
         services.enqueue(conn, job.id, "sms", {})
 
     services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
