@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 
 from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, format_job_id, new_job_id
 from .services import Overview
-from .store import JobTypeCounts
+from .store import JobTypeCounts, JobTypeError
 
 REFRESH_SECONDS = 5
 CHART_MINUTES = 60
@@ -265,10 +265,22 @@ def _type_row(counts: JobTypeCounts, overview: Overview) -> str:
     finished = "".join(_count_cell(count, status) for count, status in zip(hour + day, STATUS_COLUMNS * 2))
     return (
         f'<tr data-type="{_escape(name)}"><td><span class="name">{_escape(name)}</span>'
-        f'<span class="sub">{_escape(strategy)}, {job_type.attempts} attempt{"s" if job_type.attempts != 1 else ""}</span></td>'
+        f'<span class="sub">{_escape(strategy)}, {job_type.attempts} attempt{"s" if job_type.attempts != 1 else ""}</span>'
+        f"{_type_error(overview.type_errors.get(name), overview.now)}</td>"
         f'<td class="n">{_concurrency(job_type.concurrency, overview.paused.get(name))}</td>'
         f"{_count_cell(counts.queued)}{_count_cell(counts.due)}{_count_cell(counts.in_progress)}{finished}"
         f"<td>{_pause_button(name, job_type.concurrency, overview.paused.get(name))}</td></tr>"
+    )
+
+
+def _type_error(error: JobTypeError | None, now: datetime) -> str:
+    """A type whose claims fail right now (the other types go on): since when, how often, why."""
+    if error is None:
+        return ""
+    tries = f"{error.failures:,} failed tr{'y' if error.failures == 1 else 'ies'}"
+    return (
+        f'<span class="badge failed">{_escape(error.stage)} failing</span>'
+        f'<span class="sub type-error">{tries} since {_when(error.since, now)}: {_escape(error.message)}</span>'
     )
 
 

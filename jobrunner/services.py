@@ -158,6 +158,7 @@ class Overview:
     per_minute: list[tuple[datetime, str, int]]  # last hour, all types: (minute, status, jobs archived)
     recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
     waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
+    type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
 
 
 def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
@@ -177,6 +178,7 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
             per_minute=sorted((minute, status, count) for (minute, status), count in minutes.items()),
             recent_failures=store.recent_failures(conn, limit, now),
             waiting=store.waiting_jobs(conn, limit),
+            type_errors=store.type_errors(conn),
         )
 
 
