@@ -423,7 +423,10 @@ def test_pause_and_resume(email):
     assert (paused.status, paused.json["concurrency"]) == (200, 0)
     resumed = email.post("/v1/jobs/email/resume")
     assert (resumed.status, resumed.json["concurrency"]) == (200, EMAIL["concurrency"])
+    assert email.post("/v1/jobs/email/pause").json["concurrency"] == 0
+    # a paused type resumed with a concurrency takes that one, not the one it had before the pause
     assert email.post("/v1/jobs/email/resume", {"concurrency": 9}).json["concurrency"] == 9
+    assert email.get("/v1/jobs/email").json["concurrency"] == 9
     assert_error(email.post("/v1/jobs/nope/pause"), 404, "not_found")
     assert_error(email.post("/v1/jobs/email/resume", {"concurrency": "x"}), 400, "invalid_request")
     email.post("/v1/jobs/email", {"concurrency": 0})

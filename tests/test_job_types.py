@@ -109,6 +109,16 @@ def test_pause_keeps_the_concurrency_and_resume_gives_it_back(conn):
     assert services.resume_job_type(conn, "email").concurrency == 7  # not paused: left as it is
 
 
+def test_resuming_a_paused_type_with_a_concurrency_uses_that_concurrency_not_the_remembered_one(conn):
+    """docs/api.md: resume gives back the concurrency before the pause, "or the one given"."""
+    make_type(conn, "email", concurrency=7)
+    services.pause_job_type(conn, "email")
+    assert services.resume_job_type(conn, "email", concurrency=3).concurrency == 3
+    assert services.get_job_type(conn, "email").concurrency == 3
+    services.pause_job_type(conn, "email")
+    assert services.resume_job_type(conn, "email").concurrency == 3  # the explicit value was the one remembered next
+
+
 def test_resume_with_a_concurrency_and_a_type_stopped_by_hand(conn):
     make_type(conn, "email", concurrency=7)
     services.update_job_type(conn, "email", concurrency=0)  # stopped by hand: nothing to go back to

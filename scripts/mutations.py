@@ -1,0 +1,180 @@
+"""The one-line mutations scripts/mutate applies, one at a time, to the lifecycle code.
+
+Each names the rule it breaks (as docs/lifecycle.md and docs/api.md state it),
+the exact text changed (it must occur once in the file), the replacement, and
+the tests that must notice. A mutation that survives on purpose says why in
+`survives`; any other survivor is a hole in the suite.
+
+When code moves, a mutation turns `not-applicable`: point it at the new place.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    id: str
+    rule: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+    survives: str = ""  # why surviving is acceptable; empty: it must be killed
+
+
+SERVICES = "jobrunner/services.py"
+STORE = "jobrunner/store.py"
+PROMISES = "tests/test_promises.py"
+
+MUTATIONS = [
+    # --- pause / resume ------------------------------------------------------------------
+    Mutation(
+        "resume-explicit",
+        "resume with an explicit concurrency uses it, not the remembered one",
+        SERVICES,
+        "concurrency = concurrency or remembered",
+        "concurrency = remembered or concurrency",
+        ("tests/test_job_types.py", "tests/test_http_api.py::test_pause_and_resume"),
+    ),
+    Mutation(
+        "pause-forgets",
+        "pause remembers the concurrency for resume",
+        SERVICES,
+        "        store.remember_concurrency(conn, name)\n",
+        "",
+        ("tests/test_job_types.py",),
+    ),
+    Mutation(
+        "hand-set-kept",
+        "a concurrency set by hand while paused is not undone by resume",
+        SERVICES,
+        "store.forget_concurrency(conn, name)  # set by hand",
+        "None  # set by hand",
+        ("tests/test_job_types.py",),
+    ),
+    # --- callbacks -----------------------------------------------------------------------
+    Mutation(
+        "stale-attempt",
+        "a failed callback must name the attempt in progress",
+        SERVICES,
+        "if job.status != IN_PROGRESS or job.attempts != attempt:",
+        "if job.status != IN_PROGRESS:",
+        ("tests/test_callbacks.py",),
+    ),
+    Mutation(
+        "callback-other-type",
+        "a callback under another type's name does not touch the job",
+        SERVICES,
+        "if locked is None or locked.job.name != name:",
+        "if locked is None:",
+        ("tests/test_callbacks.py",),
+    ),
+    Mutation(
+        "last-attempt-retried",
+        "a failed last attempt is archived failed, not retried",
+        SERVICES,
+        "remaining <= 0",
+        "remaining < 0",
+        ("tests/test_callbacks.py",),
+    ),
+    Mutation(
+        "group-commit-never-batches",
+        "concurrent PUTs and callbacks share a transaction (group commit)",
+        SERVICES,
+        "max_batch: int = 200",
+        "max_batch: int = 1",
+        (PROMISES,),
+    ),
+    # --- at_most_once --------------------------------------------------------------------
+    Mutation(
+        "at-most-once-not-delivered",
+        "an at_most_once job that never reached the downstream is retried while attempts remain",
+        SERVICES,
+        "return _record_failed_post(conn, job, delivered=False, now=now)",
+        "return _record_failed_post(conn, job, delivered=True, now=now)",
+        ("tests/test_callbacks.py", "tests/test_delivery.py"),
+    ),
+    Mutation(
+        "at-most-once-rejected",
+        "an at_most_once job answered with an error is archived failed, never sent again",
+        SERVICES,
+        "return _record_failed_post(conn, job, delivered=True, now=now)",
+        "return _record_failed_post(conn, job, delivered=False, now=now)",
+        ("tests/test_callbacks.py", "tests/test_delivery.py"),
+    ),
+    # --- back-off ------------------------------------------------------------------------
+    Mutation(
+        "backoff-flat",
+        "a retry waits 2^(attempts used) seconds",
+        SERVICES,
+        "exponent = max(0, total_attempts - remaining_attempts)",
+        "exponent = 1",
+        ("tests/test_callbacks.py", "tests/test_timing.py"),
+    ),
+    Mutation(
+        "backoff-database-clock",
+        "the back-off counts from the database's clock when no `now` is given (production)",
+        STORE,
+        "run_after = coalesce(%(now)s, now()) + %(delay)s,",
+        "run_after = coalesce(%(now)s, now() - %(delay)s) + %(delay)s,",
+        (PROMISES,),
+    ),
+    # --- stuck jobs ----------------------------------------------------------------------
+    Mutation(
+        "stuck-not-retried",
+        "a stuck job is failed as a retryable callback would (retried while attempts remain)",
+        SERVICES,
+        "return _fail(conn, locked, locked.job.attempts, retryable=True, now=now)",
+        "return _fail(conn, locked, locked.job.attempts, retryable=False, now=now)",
+        ("tests/test_stuck_jobs.py",),
+    ),
+    Mutation(
+        "stuck-database-clock",
+        "stuck detection counts from the database's clock when no `now` is given (production)",
+        STORE,
+        "q.updated_at < coalesce(%(now)s, now()) - %(older_than)s",
+        "q.updated_at < coalesce(%(now)s, now() + %(older_than)s) - %(older_than)s",
+        (PROMISES,),
+    ),
+    # --- claim, concurrency, expiry ------------------------------------------------------
+    Mutation(
+        "claim-past-concurrency",
+        "a claim never takes a type past its concurrency",
+        STORE,
+        "LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))",
+        "LIMIT %(limit)s",
+        ("tests/test_claim.py",),
+    ),
+    Mutation(
+        "claim-not-due",
+        "a claim takes only due jobs (run_after passed)",
+        STORE,
+        "WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())\n      AND (expires_at IS NULL",
+        "WHERE name = %(name)s AND status = 'queued'\n      AND (expires_at IS NULL",
+        ("tests/test_claim.py",),
+    ),
+    Mutation(
+        "claim-sends-expired",
+        "a claim never sends an expired job",
+        STORE,
+        "AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))",
+        "AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()) - interval '1 day')",
+        ("tests/test_claim.py",),
+    ),
+    Mutation(
+        "expired-during-503s",
+        "a job that expires while its 503s are resent is archived expired, not sent again",
+        SERVICES,
+        "                expired = expire_in_progress(conn, job)\n",
+        "                expired = None\n",
+        (PROMISES,),
+    ),
+    Mutation(
+        "resent-after-settled",
+        "a job settled (called back) while the downstream answered 503 is not sent again",
+        SERVICES,
+        "            if not is_in_progress(conn, job):\n",
+        "            if False:\n",
+        ("tests/test_worker.py", "tests/test_delivery.py"),
+    ),
+]
