@@ -334,3 +334,169 @@ def enqueue_while_archiving(conn, connect, job, enqueue):
     thread.join(timeout=10)
     assert not thread.is_alive()
     return outcome[0]
+
+
+# --- helpers shared by test files (import them from here, not from another test file) ---
+
+
+def count_rows(conn, table: str, status: str | None = None) -> int:
+    """Rows of `queued_jobs` or `archived_jobs` (of one status if given)."""
+    assert table in ("queued_jobs", "archived_jobs")
+    if status is None:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    return conn.execute(f"SELECT count(*) FROM {table} WHERE status = %s", (status,)).fetchone()[0]
+
+
+def create_type(api, name="email", strategy="at_least_once", attempts=3, concurrency=5):
+    """Create a job type over HTTP."""
+    response = api.post("/v1/jobs", {"name": name, "delivery_strategy": strategy, "attempts": attempts, "concurrency": concurrency})
+    assert response.status == 201, response.body
+
+
+def enqueue(api, name="email", data=None, **fields) -> str:
+    """PUT a new job over HTTP; its id."""
+    job_id = f"job_{uuid.uuid4()}"
+    response = api.put(f"/v1/jobs/{name}/{job_id}", {"data": data if data is not None else {"n": 1}, **fields})
+    assert response.status == 202, response.body
+    return job_id
+
+
+def status_of(api, job_id) -> str:
+    return api.get(f"/v1/jobs/{job_id}").json["status"]
+
+
+def wait_for_status(api, job_id, status, timeout=15) -> dict:
+    wait_until(lambda: status_of(api, job_id) == status, f"{job_id} to be {status}", timeout)
+    return api.get(f"/v1/jobs/{job_id}").json
+
+
+# --- `jobrunner run` as a real process tree ----------------------------------------
+
+
+class Service:
+    """A running `jobrunner run`: its process, the NOTIFY_SOCKET messages it sent, its log so far."""
+
+    def __init__(self, process, notifications: list[str], config_path: str, log_path: str):
+        self.process = process
+        self.notifications = notifications
+        self.config_path = config_path
+        self.log_path = log_path
+        self.port = None
+
+    @property
+    def api(self) -> Api:
+        return Api(self.port)
+
+    def log(self) -> str:
+        """Everything the supervisor and its children wrote to stderr so far."""
+        with open(self.log_path) as file:
+            return file.read()
+
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
+        wait_until(lambda: text in self.log(), f"{text!r} in the log", timeout, interval=0.02)
+
+    def children(self) -> dict[str, int]:
+        """comm name -> pid of each live child."""
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/comm") as comm:
+                    name = comm.read().strip()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid and fields[0] != "Z":
+                found[name] = int(pid)
+        return found
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def notified(self, message: str) -> bool:
+        return self.notified_count(message) > 0
+
+    def notified_count(self, message: str) -> int:
+        return sum(message in notification.split("\n") for notification in list(self.notifications))
+
+    def wait_for_exit(self, timeout: float) -> int:
+        import subprocess
+
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`jobrunner run` still running {timeout} s later; its log:\n{self.log()}") from None
+
+
+@contextlib.contextmanager
+def running_service(db_url: str, downstream_url: str, config: str = "workers = 2\n", **environment):
+    """`jobrunner run` with a NOTIFY_SOCKET of its own, its stderr in a file; killed on exit if still running.
+
+    `environment` adds or overrides variables (JOBRUNNER_GRACEFUL_TIMEOUT is 10 unless given).
+    """
+    import subprocess
+    import sys
+
+    workdir = tempfile.mkdtemp(prefix="jobrunner-run-")
+    notify_path = os.path.join(workdir, "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(0.2)
+    notifications: list[str] = []
+    reading = threading.Event()
+
+    def read_notifications():
+        while not reading.is_set():
+            try:
+                notifications.append(listener.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read_notifications, daemon=True)
+    reader.start()
+    config_path = os.path.join(workdir, "jobrunner.ini")
+    with open(config_path, "w") as file:
+        file.write("[jobrunner]\n" + config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DATABASE_URL", "DOWNSTREAM", "PORT", "WATCHDOG_", "NOTIFY_SOCKET"))}
+    if "database_url" not in config:
+        env["DATABASE_URL"] = db_url
+    env.update(
+        JOBRUNNER_USERS=f"{API_USER}:{API_PASSWORD}",
+        DOWNSTREAM_URL=downstream_url,
+        DOWNSTREAM_WORKER_AUTH=DOWNSTREAM_PASSWORD,
+        JOBRUNNER_HOST="127.0.0.1",
+        PORT="0",
+        JOBRUNNER_GRACEFUL_TIMEOUT="10",
+        JOBRUNNER_DOWNSTREAM_TIMEOUT="1",
+        NOTIFY_SOCKET=notify_path,
+    )
+    env.update(environment)
+    log_path = os.path.join(workdir, "stderr.log")
+    with open(log_path, "w") as log_file:
+        command = [sys.executable, "-m", "jobrunner", "--config", config_path, "run"]
+        process = subprocess.Popen(command, env=env, stderr=log_file, text=True)
+    service = Service(process, notifications, config_path, log_path)
+    try:
+        wait_until(lambda: service.notified("READY=1") or process.poll() is not None, "READY=1", timeout=30)
+        assert process.poll() is None, service.log()
+        status = next(line for n in notifications for line in n.split("\n") if line.startswith("STATUS="))
+        service.port = int(status.rsplit(" ", 1)[1])
+        yield service
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        reading.set()
+        reader.join(timeout=5)
+        listener.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def detached_downstream():
+    """A downstream stub for a `jobrunner run` whose port is known only once it runs: set `.api_port` then."""
+    from downstream_stub import DownstreamStub
+
+    stub = DownstreamStub(0, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+    yield stub
+    stub.close()
