@@ -56,8 +56,14 @@ ALTER TYPE archived_job_status ADD VALUE IF NOT EXISTS 'cancelled';
 -- Added by a later Rickover migration; a no-op where it exists.
 ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with time zone;
 
--- The claim: due jobs of one type, oldest run_after first (Rickover's index).
+-- Rickover's claim index; kept for Rickover's code, which orders by run_after alone.
 CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHERE status = 'queued';
+
+-- jobrunner: the claim. Its ORDER BY (run_after, id) is this index's order after
+-- the name, so the only sensible plan is an index scan that stops after the
+-- batch, even when the statistics say the queue is empty (after a burst onto a
+-- quiet queue, an ORDER BY the index did not cover sorted the whole backlog).
+CREATE INDEX IF NOT EXISTS queued_jobs_claim ON queued_jobs (name, run_after, id) WHERE status = 'queued';
 
 -- jobrunner: due jobs whose expires_at has passed, archived at claim time
 -- without scanning the backlog. Only jobs with an expires_at are in it.

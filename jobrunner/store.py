@@ -561,14 +561,16 @@ WITH free_slots AS (
 ),
 candidates AS MATERIALIZED (
     -- MATERIALIZED: a LIMIT subquery inlined into the UPDATE may run more than once
-    -- and claim more rows than asked. Oldest due first (run_after: the index order,
-    -- so the scan stops after `limit` rows however long the backlog); rows another
-    -- transaction holds (a cancel, a callback) are skipped, not waited for.
+    -- and claim more rows than asked. Oldest due first, in exactly the order of the
+    -- index queued_jobs_claim (name, run_after, id): the scan stops after `limit`
+    -- rows whatever the statistics say and however long the backlog. (Ties were
+    -- broken by created_at; by id, only jobs due at the same instant change order.)
+    -- Rows another transaction holds (a cancel, a callback) are skipped, not waited for.
     SELECT id
     FROM queued_jobs
     WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
       AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
-    ORDER BY run_after, created_at
+    ORDER BY run_after, id
     LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
     FOR UPDATE SKIP LOCKED
 ),
@@ -603,7 +605,7 @@ claimed AS (
 SELECT false AS expired, * FROM claimed
 UNION ALL
 SELECT true AS expired, * FROM expired
-ORDER BY run_after, created_at
+ORDER BY run_after, id
 """
 # At most this many expired jobs are archived by one claim; the next claim takes the rest.
 EXPIRE_BATCH = 1000
@@ -725,7 +727,7 @@ def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | No
 CLAIMABLE_JOB_IDS = """
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
- ORDER BY run_after, created_at LIMIT %(limit)s)
+ ORDER BY run_after, id LIMIT %(limit)s)
 UNION
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND expires_at <= coalesce(%(now)s, now())
@@ -997,9 +999,9 @@ LIMIT %(limit)s
 WAITING_JOBS = """
 SELECT q.* FROM jobs j
 CROSS JOIN LATERAL (
-    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after, created_at LIMIT %(limit)s
+    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after, id LIMIT %(limit)s
 ) q
-ORDER BY q.run_after, q.created_at
+ORDER BY q.run_after, q.id
 LIMIT %(limit)s
 """
 

@@ -96,7 +96,9 @@ def test_lowering_attempts_twice_keeps_the_total_each_job_was_enqueued_with(conn
     services.update_job_type(conn, "email", attempts=2)
 
     assert fail_once(conn, first, now).run_after == now + timedelta(seconds=2)
-    assert fail_once(conn, second, now).run_after == now + timedelta(seconds=2)
+    # a microsecond later, so that the first is due before the second again (a tie's order is the ids')
+    a_moment = timedelta(microseconds=1)
+    assert fail_once(conn, second, now + a_moment).run_after == now + a_moment + timedelta(seconds=2)
     # the second failure of the first job: two of its five attempts used
     assert fail_once(conn, first, now + timedelta(seconds=2)).run_after == now + timedelta(seconds=2 + 4)
 
