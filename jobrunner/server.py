@@ -567,15 +567,19 @@ class APIServer(ProtocolServer):
 
 
 def serve(
-    config, sock: socket.socket, stop: threading.Event, ready: Callable[[], None] | None = None, metrics_dir: str | None = None
+    config,
+    sock: socket.socket,
+    stop: threading.Event,
+    ready: Callable[[], None] | None = None,
+    counted: ServiceMetrics | None = None,
+    publisher: metrics.Publisher | None = None,
 ) -> None:
     """Answer HTTP on `sock` until `stop` is set, then stop gracefully; the caller owns `sock`'s binding.
 
     `ready` is called once requests are being served and the database has answered.
-    /metrics adds up what every process publishes in `metrics_dir` (see metrics.py).
+    The server counts in `counted`; its /metrics adds up what every process
+    publishes beside `publisher` (see metrics.py), or shows `counted` alone.
     """
-    counted = ServiceMetrics()
-    publisher = metrics.Publisher(counted, metrics_dir) if metrics_dir else None
     server = build(config, sock=sock, counted=counted, publisher=publisher)
     thread = threading.Thread(target=server.serve_forever, name="http-accept")
     thread.start()
@@ -586,8 +590,6 @@ def serve(
     finally:
         server.stop()
         thread.join()
-        if publisher:
-            publisher.close()
 
 
 def build(

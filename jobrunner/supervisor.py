@@ -1,10 +1,12 @@
 """The supervisor: the parent process that owns the config, the listening socket and the children.
 
-It binds the socket, forks (multiprocessing, fork context) the servers
-(JOBRUNNER_SERVERS, all accepting on that socket), N workers and one watcher, replaces children that die, reloads on SIGHUP and
-stops gracefully on SIGTERM. Signal handlers only record the signal; the loop
-acts. The loop waits on the children's sentinels and a wake-up pipe, so it
-sleeps until something happens.
+It binds the socket, forks (multiprocessing, fork context) the children the
+config wants of each kind in children.KINDS (JOBRUNNER_SERVERS servers, all
+accepting on that socket, one watcher, N workers), replaces children that die,
+reloads on SIGHUP and stops gracefully on SIGTERM: it spawns, reaps and reloads
+generations; what a child does is its kind's business (children.py). Signal
+handlers only record the signal; the loop acts. The loop waits on the
+children's sentinels and a wake-up pipe, so it sleeps until something happens.
 
 | signal  | supervisor                                                          |
 |---------|---------------------------------------------------------------------|
@@ -32,7 +34,7 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 
 from . import metrics
-from .children import child_main, child_name, set_process_title
+from .children import KINDS, child_main, child_name, set_process_title, wanted_children
 from .config import Config, ConfigError, changes_needing_restart
 from .systemd import Notifier
 
@@ -57,7 +59,7 @@ class GiveUp(Exception):
 
 @dataclasses.dataclass
 class Child:
-    kind: str  # server, worker, watcher, downstream
+    kind: str  # a name in children.KINDS
     number: int
     generation: int
     process: multiprocessing.Process
@@ -118,15 +120,15 @@ class Supervisor:
 
     def _run(self) -> int:
         # every label an alert watches is there from the start, at 0: increase() cannot see a series' first sample
-        for kind in ("server", "worker", "watcher"):
-            self.metrics.restarts.inc(kind, amount=0)
+        for kind in KINDS.values():
+            if kind.can_run(self.sockets):
+                self.metrics.restarts.inc(kind.name, amount=0)
         for result in ("ok", "rejected", "failed"):
             self.metrics.reloads.inc(result, amount=0)
         if self.metrics_dir:
             self.publisher = metrics.Publisher(self.metrics, self.metrics_dir, every=None)
             self.publisher.publish()
         set_process_title("jr-supervisor")
-        preload_children_code()
         self._install_signal_handlers()
         self.generation = 1
         for kind, number in self.wanted(self.config):
@@ -209,12 +211,8 @@ class Supervisor:
         return [child for child in self.children if child.retiring_since is not None]
 
     def wanted(self, config: Config) -> list[tuple[str, int]]:
-        """The children `config` asks for."""
-        kinds = [("server", n) for n in range(1, config.servers + 1)] + [("watcher", 1)]
-        kinds += [("worker", n) for n in range(1, config.workers + 1)]
-        if "downstream" in self.sockets:
-            kinds.append(("downstream", 1))
-        return kinds
+        """The children `config` asks for: (kind, number) of each."""
+        return wanted_children(config, self.sockets)
 
     def spawn(self, kind: str, number: int, config: Config, generation: int) -> Child:
         ready = self.context.Event()
@@ -418,14 +416,3 @@ def _kill(child: Child, signum: int) -> None:
     except (ProcessLookupError, TypeError):
         pass
 
-
-def preload_children_code() -> None:
-    """Import what the children run before the first fork, so that they share its memory.
-
-    Each child would otherwise import the same modules into private memory (a
-    worker: ~10 MB of its ~13 MB). The price, as with gunicorn's preload_app: a
-    SIGHUP reloads the config, not the code; a new version needs a restart.
-    """
-    from . import children, example_downstream, server, watcher, worker  # noqa: F401
-
-    gc.collect()

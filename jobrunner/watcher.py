@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from . import services, store
 from .errors import DatabaseUnavailable
-from .metrics import Publisher, ServiceMetrics
+from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _repeat(batch) -> int:
             return total
 
 
-def run(config, stop: threading.Event, metrics_dir: str | None = None) -> None:
+def run(config, stop: threading.Event, counted: ServiceMetrics | None = None) -> None:
     def connection():
         # one connection per round, closed after it: the watcher holds none while it waits
         timeout = max(2, round(config.db_timeout))
@@ -100,10 +100,4 @@ def run(config, stop: threading.Event, metrics_dir: str | None = None) -> None:
             store.connect(config.database_url, "watcher", connect_timeout=timeout, prepared_statements=config.prepared_statements)
         )
 
-    counted = ServiceMetrics()
-    publisher = Publisher(counted, metrics_dir) if metrics_dir else None
-    try:
-        Watcher(config, connection, counted).run(stop)
-    finally:
-        if publisher:
-            publisher.close()
+    Watcher(config, connection, counted).run(stop)

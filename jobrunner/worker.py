@@ -371,15 +371,9 @@ class Worker:
             listener.close()
 
 
-def run(config, stop: threading.Event, ready: Callable[[], None] | None = None, metrics_dir: str | None = None) -> None:
+def run(config, stop: threading.Event, ready: Callable[[], None] | None = None, counted: ServiceMetrics | None = None) -> None:
     """The worker process's body: run until `stop` is set; `ready` is called once it has reached the database."""
-    counted = ServiceMetrics()
-    publisher = Publisher(counted, metrics_dir) if metrics_dir else None
     worker = Worker(config, stop, counted)
     stopper = threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True)
     stopper.start()
-    try:
-        worker.run(ready)
-    finally:
-        if publisher:
-            publisher.close()
+    worker.run(ready)
