@@ -1,5 +1,7 @@
 """jobrunner.client against the real server: every call, paging, errors, and retries of what is safe to repeat."""
 
+import http.client
+import http.server
 import socket
 import threading
 import uuid
@@ -101,3 +103,108 @@ def test_a_read_is_retried_until_the_server_comes_up(db_url):
 def test_an_unreachable_server_is_reported_after_the_retries():
     with pytest.raises(Unreachable):
         Client(f"http://127.0.0.1:{free_port()}", timeout=1).get(f"job_{uuid.uuid4()}")
+
+
+class ScriptedProxy:
+    """An HTTP proxy in front of the real server; `script(n, method, path, forward)` answers request n (from 0).
+
+    `forward()` sends the request on to the server and returns (status, body);
+    the script returns what the client gets, so it can lose an answer the server gave.
+    """
+
+    def __init__(self, api_port: int, script):
+        self.requests: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                number = len(proxy.requests)
+                proxy.requests.append((self.command, self.path))
+
+                def forward():
+                    connection = http.client.HTTPConnection("127.0.0.1", api_port, timeout=30)
+                    try:
+                        connection.request(self.command, self.path, body=body or None, headers=dict(self.headers))
+                        answer = connection.getresponse()
+                        return answer.status, answer.read()
+                    finally:
+                        connection.close()
+
+                status, answer = script(number, self.command, self.path, forward)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            do_GET = do_PUT = do_POST = do_any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+UNAVAILABLE = (503, b'{"id": "service_unavailable", "title": "busy"}')
+
+
+@pytest.fixture
+def proxied(api):
+    proxies = []
+
+    def make(script):
+        proxies.append(ScriptedProxy(api.port, script))
+        return Client(proxies[-1].url, API_USER, API_PASSWORD), proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_a_503_is_retried_for_a_request_safe_to_repeat_and_not_for_others(client, proxied):
+    client.create_type("email", "at_least_once", 3, 0)
+    retrying, proxy = proxied(lambda n, method, path, forward: UNAVAILABLE if n < 2 else forward())
+    assert [t["name"] for t in retrying.types()] == ["email"]  # answered on the third try
+    assert len(proxy.requests) == 3
+
+    once, proxy = proxied(lambda n, method, path, forward: UNAVAILABLE)
+    with pytest.raises(ApiError) as error:
+        once.pause("email")  # a change that is not known to be safe to repeat: the 503 is the answer
+    assert (error.value.status, error.value.id, error.value.retried) == (503, "service_unavailable", False)
+    assert len(proxy.requests) == 1
+    assert client.type("email")["concurrency"] == 0
+
+
+def test_an_enqueue_whose_answer_was_lost_and_whose_job_already_ran_returns_the_archived_job(client, proxied, api):
+    client.create_type("email", "at_least_once", 3, 0)
+
+    def lose_the_first_answer(n, method, path, forward):
+        status, body = forward()
+        if n == 0:
+            assert status == 202, body
+            job_id = path.rsplit("/", 1)[1]
+            api.post(f"/v1/jobs/email/{job_id}", {"status": "succeeded", "attempt": 3})  # it runs meanwhile
+            return UNAVAILABLE  # a proxy timing out: the client never learns the PUT was done
+        return status, body
+
+    retrying, proxy = proxied(lose_the_first_answer)
+    job = retrying.enqueue("email", {"n": 1})
+    assert (job["status"], job["data"]) == ("succeeded", {"n": 1})
+    assert [method for method, _ in proxy.requests] == ["PUT", "PUT", "GET"]  # the retry met 409, then the job was read
+
+
+def test_job_already_archived_on_a_first_enqueue_is_an_error(client):
+    client.create_type("email", "at_least_once", 3, 0)
+    job = client.enqueue("email", {"n": 1})
+    client.cancel(job["id"])
+    with pytest.raises(ApiError) as error:
+        client.enqueue("email", {"n": 1}, id=job["id"])  # not a retry: the id was reused by the caller
+    assert (error.value.status, error.value.id, error.value.retried) == (400, "job_already_archived", False)

@@ -546,3 +546,35 @@ def test_a_server_woken_for_a_connection_another_server_took_does_not_block(db_u
     api_server.callbacks_batcher.close()
     pool.close()
     assert not blocked, "the server blocked in accept()"
+
+
+# --- behind a proxy; OPTIONS ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, auth", [("/v1/jobs", True), ("/healthz", False)])
+def test_a_request_a_proxy_received_unencrypted_is_refused(email, path, auth):
+    """docs/security.md: behind a TLS-terminating proxy, X-Forwarded-Proto: http means the client sent it in clear."""
+    credentials = {} if auth else {"auth": None}
+    assert_error(email.get(path, headers={"X-Forwarded-Proto": "http"}, **credentials), 403, "insecure_request")
+    assert email.get(path, headers={"X-Forwarded-Proto": "https"}, **credentials).status == 200
+    assert email.get(path, **credentials).status == 200  # no proxy: nothing to say
+    change = email.post("/v1/jobs/email/pause", headers={"X-Forwarded-Proto": "http"})
+    assert_error(change, 403, "insecure_request")
+    assert email.get("/v1/jobs/email").json["concurrency"] == EMAIL["concurrency"]
+
+
+def test_allow_unencrypted_proxy_traffic_accepts_it(db_url):
+    with running_server(db_url, allow_unencrypted_proxy_traffic="true") as api:
+        assert api.get("/v1/jobs", headers={"X-Forwarded-Proto": "http"}).status == 200
+
+
+def test_options_lists_the_routes_methods_and_changes_nothing(email):
+    response = email.request("OPTIONS", "/v1/jobs/email")
+    assert (response.status, response.body) == (200, b"")
+    allowed = [method.strip() for method in response.headers["allow"].split(",")]
+    assert "OPTIONS" in allowed and {"GET", "POST"} <= set(allowed) and "PUT" not in allowed and "DELETE" not in allowed
+    job_route = [method.strip() for method in email.request("OPTIONS", f"/v1/jobs/email/{job_id()}").headers["allow"].split(",")]
+    assert {"PUT", "POST", "OPTIONS"} <= set(job_route)
+    assert email.request("OPTIONS", "/v1/jobs/email", auth=None).status == 401  # credentials as for the route itself
+    assert_error(email.request("OPTIONS", "/v1/nowhere"), 404, "not_found")
+    assert email.get("/v1/jobs/email").json["concurrency"] == EMAIL["concurrency"]
