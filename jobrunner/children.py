@@ -50,10 +50,15 @@ class ChildContext:
     sockets: dict[str, socket.socket]  # bound by the supervisor before any fork: "api", "downstream" in development
 
 
+RunChild = Callable[[Config, threading.Event, Callable[[], None], ChildContext], None]  # run(config, stop, ready, context)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChildKind:
+    """A kind of child process: how many of it the config wants, and the function one runs."""
+
     name: str
-    run: Callable[[Config, threading.Event, Callable[[], None], ChildContext], None]
+    run: RunChild
     count: Callable[[Config], int]  # how many the config wants
     serves_on: str | None = None  # the supervisor's socket it accepts on: none is started where there is no such socket
     numbered: bool = False  # named with its number even when alone (worker-1)
@@ -69,8 +74,11 @@ class ChildKind:
         return f"{self.name}-{number}" if self.numbered or number > 1 else self.name
 
 
+# --- each kind's run ---
+
+
 def _run_server(config: Config, stop: threading.Event, ready: Callable[[], None], context: ChildContext) -> None:
-    # its /metrics adds up what every process publishes beside its own
+    # with the publisher, its /metrics adds up what every process publishes
     server.serve(config, context.sockets["api"], stop, ready, counted=context.metrics, publisher=context.publisher)
 
 

@@ -3,13 +3,15 @@
 import os
 import signal
 import socket
+import threading
 
 import pytest
-from conftest import wait_until
+from conftest import API_PASSWORD, API_USER, make_type, new_id, running_worker, wait_until
 
-from jobrunner import metrics
-from jobrunner.children import KINDS, ChildKind, child_name
+from jobrunner import metrics, services
+from jobrunner.children import KINDS, ChildContext, ChildKind, child_name
 from jobrunner.config import load_config
+from jobrunner.models import ArchivedJob
 from jobrunner.supervisor import Supervisor
 from jobrunner.systemd import Notifier
 
@@ -105,3 +107,31 @@ def test_a_kind_that_raises_exits_non_zero_with_its_counts_published(probe_super
     assert not child.ready.is_set()
     assert metrics.collect(tmp_path).stuck.value("probe") == 1
 
+
+
+# --- the kinds' run functions, as the wrapper calls them ---------------------------
+
+
+def test_the_server_and_development_downstream_kinds_take_a_job_through_on_the_supervisors_sockets(db_url, conn):
+    config = load_config({}, overrides={"database_url": db_url, "users": f"{API_USER}:{API_PASSWORD}", "db_timeout": "2"})
+    stop = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as api, socket.create_server(("127.0.0.1", 0)) as downstream:
+        context = ChildContext(metrics.ServiceMetrics(), None, {"api": api, "downstream": downstream})
+        ready = {"server": threading.Event(), "downstream": threading.Event()}
+        threads = [threading.Thread(target=KINDS[kind].run, args=(config, stop, ready[kind].set, context)) for kind in ready]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_until(lambda: all(event.is_set() for event in ready.values()), "the server and the downstream to be ready", timeout=30)
+            make_type(conn)
+            job = services.enqueue(conn, new_id(), "email", {"to": "someone"})
+            with running_worker(db_url, f"http://127.0.0.1:{downstream.getsockname()[1]}"):
+                # the downstream's callback reached the server through the "api" socket
+                wait_until(lambda: isinstance(services.get_job(conn, job.id), ArchivedJob), "the job to be called back", timeout=30)
+            assert services.get_job(conn, job.id).status == "succeeded"
+            assert context.metrics.http_requests.value("record_status", "200") == 1  # counted where the wrapper said
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert not any(thread.is_alive() for thread in threads), "a kind did not stop"
