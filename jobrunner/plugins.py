@@ -1,13 +1,15 @@
 """What an application plugs into jobrunner, and how jobrunner finds it by import path.
 
-A **Worker** does one attempt of a job (Rickover's `dequeuer.Worker`). The
-default, `services.JobProcessor`, POSTs the job to the downstream, whose
-callback later says how it went. Another worker, named in the configuration as
+A **job handler** does one attempt of a job; its public name is `jobrunner.Worker`
+(Rickover's `dequeuer.Worker`, and the `default_worker`/`job_workers` settings).
+The default, `delivery.HttpDelivery`, POSTs the job to the downstream, whose
+callback later says how it went. Another handler, named in the configuration as
 `package.module:factory` (`default_worker`, or per job type in `job_workers`),
 runs in the worker process and says how it went by returning `Succeeded()` or
-`Failed(retryable=...)`; jobrunner records that through
-`services.handle_status_callback`, the path HTTP callbacks take, so retries,
-back-off, concurrency, timeouts and the watcher treat both alike.
+`Failed(retryable=...)`. Either way the worker process records the outcome
+through `services.record_outcome`, where an application's result takes the path
+HTTP callbacks take, so retries, back-off, concurrency, timeouts and the watcher
+treat both alike.
 
 An **Authorizer** decides who may use the API (Rickover's `server.Authorizer`).
 The default checks the configured users; another can be named in `authorizer`.
@@ -15,7 +17,6 @@ The default checks the configured users; another can be named in `authorizer`.
 Each factory is called with the `Config` and returns the object.
 """
 
-import dataclasses
 import hmac
 import importlib
 from collections.abc import Callable
@@ -23,21 +24,10 @@ from typing import Any, Protocol
 
 from .errors import Unauthorized
 from .models import QueuedJob
+from .outcomes import Failed, Succeeded  # what a handler returns (jobrunner.Succeeded, jobrunner.Failed)
 
 
-@dataclasses.dataclass(frozen=True)
-class Succeeded:
-    """The attempt did the job: it is archived `succeeded`."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed:
-    """The attempt failed: retried with back-off while attempts remain, unless not `retryable`."""
-
-    retryable: bool = True
-
-
-class Worker(Protocol):
+class JobHandler(Protocol):
     def do_work(self, job: QueuedJob) -> Succeeded | Failed | None:
         """Do one attempt of `job` (its `attempts` is the attempt's number, as callbacks name it).
 
@@ -50,9 +40,13 @@ class Worker(Protocol):
     def sleep(self, failed_attempts: int) -> float:
         """Seconds until the next safety poll (which covers lost notifications), after `failed_attempts` polls so far.
 
-        Asked of the default worker only, and optional: without it, the built-in
+        Asked of the default handler only, and optional: without it, the built-in
         pacing (10 ms x sleep_factor^n, capped).
         """
+
+
+# The public name (jobrunner.Worker, docs/library.md, examples/): Rickover's dequeuer.Worker
+Worker = JobHandler
 
 
 class Authorizer(Protocol):
@@ -92,11 +86,11 @@ def import_factory(path: str) -> Callable[..., Any]:
     return factory
 
 
-def build_workers(config, default: Worker) -> tuple[Worker, dict[str, Worker]]:
-    """The default worker, and each job type's own (one object per import path, shared by its types)."""
-    made: dict[str, Worker] = {}
+def build_handlers(config, default: JobHandler) -> tuple[JobHandler, dict[str, JobHandler]]:
+    """The default handler, and each job type's own (one object per import path, shared by its types)."""
+    made: dict[str, JobHandler] = {}
 
-    def make(path: str) -> Worker:
+    def make(path: str) -> JobHandler:
         if path not in made:
             made[path] = import_factory(path)(config)
         return made[path]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import dashboard, metrics, plugins, services, store
+from . import batching, dashboard, metrics, plugins, services, store
 from .config import ConfigError
 from .errors import (
     DatabaseUnavailable,
@@ -536,8 +536,8 @@ class APIServer(ProtocolServer):
         super().__init__(sock, Handler, config.read_timeout, config.max_request_threads, config.max_body_bytes)
         self.config = config
         self.pool = pool
-        self.enqueuer = services.EnqueueBatcher(pool)
-        self.callbacks_batcher = services.CallbackBatcher(pool)
+        self.enqueuer = batching.EnqueueBatcher(pool)
+        self.callbacks_batcher = batching.CallbackBatcher(pool)
         self.metrics = counted or ServiceMetrics()  # this process's
         self.publisher = publisher  # with the other processes of its supervisor, for /metrics (None: this one alone)
         self.authorizer = authorizer

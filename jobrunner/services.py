@@ -11,19 +11,14 @@ database clock decides.
 
 import base64
 import dataclasses
+import importlib
 import logging
 import math
-import queue
-import random
-import threading
-import time
-from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from . import store
-from .downstream import Delivery, Downstream, error_kind
 from .errors import (
     DatabaseUnavailable,
     InvalidField,
@@ -58,20 +53,44 @@ from .models import (
     validate_delivery_strategy,
     validate_job_type_name,
 )
-from .metrics import ServiceMetrics
+from .outcomes import (
+    Accepted,
+    ExpiredMeanwhile,
+    Failed,
+    MaybeDelivered,
+    NotDelivered,
+    Outcome,
+    Rejected,
+    SettledMeanwhile,
+    Succeeded,
+)
 from .store import Claim, Connection
 
 # How long a dispatched job may wait for its callback before it counts as failed.
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-# Base of the back-off between resends of a job the downstream answered 503 to.
-UNAVAILABLE_SLEEP_FACTOR = timedelta(milliseconds=500)
 # Retry back-off is 2^k seconds, capped (Rickover's overflowed past 2^33).
 MAX_RETRY_DELAY = timedelta(days=1)
 
 log = logging.getLogger(__name__)
 
-IDLE_SLEEP_BASE = timedelta(milliseconds=10)
-IDLE_SLEEP_MAX_MULTIPLIER = 2**10
+# Rickover's services package held these too: they stay one import away from the
+# seed's `services.X`, though they live with the HTTP delivery and the worker's pacing
+# now. Loaded on first use, because those modules import this one.
+_MOVED = {
+    "JobProcessor": "delivery",
+    "UNAVAILABLE_SLEEP_FACTOR": "delivery",
+    "get_sleep_duration": "worker",
+    # not the seed's: only until tests/test_store_hardening.py imports them from batching
+    "EnqueueBatcher": "batching",
+    "CallbackBatcher": "batching",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+
 STUCK_JOBS_BATCH = 100
 MAX_PAGE = 500
 
@@ -199,8 +218,7 @@ def enqueue(
     `run_after` defaults to now. An `expires_at` in the past is accepted: the job is
     archived as expired when it comes due, and never sent.
     """
-    _require_aware("run_after", run_after)
-    _require_aware("expires_at", expires_at)
+    validate_schedule(run_after, expires_at)
     job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now)
     if job is not None:
         return job
@@ -215,123 +233,19 @@ def enqueue(
     raise UnknownJobType(name)
 
 
-class GroupCommit:
-    """Runs one store function for the items of many threads at once: one transaction per batch.
+def enqueue_many(conn: Connection, jobs: list[store.NewJob]) -> list[QueuedJob | None]:
+    """Queue many jobs in one statement (the server's group commit, `batching`), their times checked by the caller.
 
-    Under load the database then does one round trip and one commit per batch
-    instead of one per item, which is what bounds the throughput of enqueues and
-    callbacks. `submit` answers the function's result for its item, or None when
-    the batch did not handle it (or the database refused the batch): the caller
-    then does it alone, the slow way, which also says exactly why.
+    None for each job the batch did not insert (an id queued or archived already,
+    an unknown type): `enqueue` it alone, which answers the stored job or says why.
     """
-
-    def __init__(self, pool: store.Pool, handle_batch: Callable[[Connection, list], list], name: str, max_batch: int = 200):
-        self._pool = pool
-        self._handle_batch = handle_batch
-        self._max_batch = max_batch
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, item: Any) -> Any:
-        request = _Request(item)
-        self._requests.put(request)
-        with request.done:  # released by the batch thread when the request is done
-            pass
-        if isinstance(request.error, DatabaseUnavailable):
-            raise request.error
-        return request.result
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._requests.get()]
-            while len(batch) < self._max_batch and not self._requests.empty():
-                batch.append(self._requests.get())
-            stopping = None in batch
-            batch = [request for request in batch if request is not None]
-            if batch:
-                self._handle(batch)
-            if stopping:
-                return
-
-    def _handle(self, batch: list["_Request"]) -> None:
-        try:
-            # one transaction with the read-back: a row that cannot be decoded leaves the whole batch undone
-            with self._pool.connection() as conn, store.transaction(conn):
-                results = self._handle_batch(conn, [request.item for request in batch])
-            for request, result in zip(batch, results):
-                request.result = result
-        except Exception as error:  # the callers go the slow way; none is left waiting
-            if not isinstance(error, JobrunnerError):
-                log.exception("%s: batch failed", self._thread.name)
-            for request in batch:
-                request.error = error
-        finally:
-            for request in batch:
-                request.done.release()
+    return store.enqueue_jobs(conn, jobs)
 
 
-def _acquired_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
-@dataclasses.dataclass
-class _Request:
-    item: Any
-    result: Any = None
-    error: Exception | None = None
-    # held until the request is done: a bare lock, because an Event's set() (a
-    # Condition's notify in Python) was 15% of the server's CPU in a drain
-    done: threading.Lock = dataclasses.field(default_factory=_acquired_lock)
-
-
-class EnqueueBatcher:
-    """`enqueue` for many threads at once, through a GroupCommit."""
-
-    def __init__(self, pool: store.Pool):
-        self._pool = pool
-        self._group = GroupCommit(pool, store.enqueue_jobs, "enqueue-batcher")
-
-    def enqueue(
-        self, job_id: UUID, name: str, data: Any, run_after: datetime | None = None, expires_at: datetime | None = None
-    ) -> QueuedJob:
-        _require_aware("run_after", run_after)
-        _require_aware("expires_at", expires_at)
-        job = self._group.submit(store.NewJob(job_id, name, data, run_after, expires_at))
-        if job is not None:
-            return job
-        with self._pool.connection() as conn:
-            return enqueue(conn, job_id, name, data, run_after, expires_at)
-
-    def close(self) -> None:
-        self._group.close()
-
-
-class CallbackBatcher:
-    """`handle_status_callback` for many threads at once: `succeeded` callbacks share a transaction."""
-
-    def __init__(self, pool: store.Pool):
-        self._pool = pool
-        self._group = GroupCommit(pool, store.archive_succeeded_jobs, "callback-batcher")
-
-    def handle_status_callback(
-        self, job_id: UUID, name: str, status: str, attempt: int, retryable: bool = True
-    ) -> QueuedJob | ArchivedJob:
-        if status == SUCCEEDED:
-            archived = self._group.submit((job_id, name))
-            if archived is not None:
-                return archived
-        with self._pool.connection() as conn:
-            return handle_status_callback(conn, job_id, name, status, attempt, retryable)
-
-    def close(self) -> None:
-        self._group.close()
+def validate_schedule(run_after: datetime | None, expires_at: datetime | None) -> None:
+    """A job's run_after and expires_at, when given, must be timestamps with a time zone."""
+    _require_aware("run_after", run_after)
+    _require_aware("expires_at", expires_at)
 
 
 def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJob | ArchivedJob:
@@ -462,6 +376,15 @@ def handle_status_callback(
         return _fail(conn, locked, attempt, retryable, now)
 
 
+def succeed_many(conn: Connection, callbacks: list[tuple[UUID, str]]) -> list[ArchivedJob | None]:
+    """Archive many jobs `succeeded` in one statement (the server's group commit): (job id, type) each.
+
+    None for each the batch did not archive (not queued, another type, a repeat):
+    `handle_status_callback` it alone, which says why.
+    """
+    return store.archive_succeeded_jobs(conn, callbacks)
+
+
 def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | None = None) -> list[QueuedJob | ArchivedJob]:
     """Fail every in-progress job not updated within `older_than`, as a failed retryable callback would.
 
@@ -515,6 +438,38 @@ def _record_failed_post(conn: Connection, job: QueuedJob, delivered: bool, now: 
         if locked is None or locked.job.name != job.name:
             raise _not_queued(conn, job.id, job.name)
         return _fail(conn, locked, job.attempts, retryable=True, now=now, delivered=delivered)
+
+
+def release_unsent_jobs(conn: Connection, jobs: list[QueuedJob]) -> list[UUID]:
+    """Queue again claimed jobs never sent because the claim's COMMIT got no answer (store.ClaimOutcomeUnknown); no attempt used.
+
+    The ids of those that had been claimed (the others' claim never committed).
+    """
+    return store.release_unsent_jobs(conn, jobs)
+
+
+def record_outcome(conn: Connection, job: QueuedJob, outcome: Outcome, now: datetime | None = None) -> QueuedJob | ArchivedJob | None:
+    """Record what one attempt of `job` came to: the job as it is now, or None when there is nothing to record.
+
+    The one place where an attempt's outcome, from the HTTP delivery or an
+    application's handler, becomes a change of the job's state; an application's
+    `Succeeded`/`Failed` takes the path of an HTTP callback. Raises as those paths
+    do (StaleCallback, JobAlreadyArchived...) when the job has moved on meanwhile.
+    """
+    if isinstance(outcome, Succeeded):
+        return handle_status_callback(conn, job.id, job.name, SUCCEEDED, job.attempts, now=now)
+    if isinstance(outcome, Failed):
+        return handle_status_callback(conn, job.id, job.name, FAILED, job.attempts, outcome.retryable, now=now)
+    if isinstance(outcome, NotDelivered):
+        return record_not_delivered(conn, job, now)
+    if isinstance(outcome, Rejected):
+        return record_rejected(conn, job, now)
+    if isinstance(outcome, ExpiredMeanwhile):
+        # not yet expired by the database's clock (a moment behind the worker's): the 503s stand
+        return expire_in_progress(conn, job, now) or record_not_delivered(conn, job, now)
+    if isinstance(outcome, (Accepted, MaybeDelivered, SettledMeanwhile)):
+        return None  # its callback, or the timeout, settles it (or has)
+    raise TypeError(f"not an outcome: {outcome!r}")
 
 
 def is_in_progress(conn: Connection, job: QueuedJob) -> bool:
@@ -571,93 +526,6 @@ def _require_aware(field: str, value: datetime | None) -> None:
         raise InvalidField(field, "must be a timestamp with a time zone")
 
 
-# --- the default worker: POST to the downstream ----------------------------------
-
-UNAVAILABLE_RESENDS = 3
-
-
-class JobProcessor:
-    """The default Worker (plugins.Worker): POST each claimed job to the downstream; its callback, or the timeout, decides.
-
-    `timeout` is how long a sent job may wait for its callback; `sleep_factor`
-    how fast an idle worker's safety poll slows down (`get_sleep_duration`).
-    """
-
-    def __init__(
-        self,
-        pool: store.Pool,
-        downstream: Downstream,
-        stop: threading.Event,
-        timeout: timedelta = DEFAULT_TIMEOUT,
-        sleep_factor: float = 2.0,
-        counted: ServiceMetrics | None = None,
-    ):
-        self.pool, self.downstream, self.stop = pool, downstream, stop
-        self.timeout, self.sleep_factor = timeout, sleep_factor
-        self.metrics = counted or ServiceMetrics()
-
-    def do_work(self, job: QueuedJob) -> None:
-        """Send one attempt and record what is certain; the callback (or the timeout) reports the outcome."""
-        outcome, reason = self._post(job)
-        for resend in range(UNAVAILABLE_RESENDS):
-            # 503: the downstream is busy; try again soon without using an attempt
-            if outcome is not Delivery.UNAVAILABLE:
-                break
-            if self.stop.wait(UNAVAILABLE_SLEEP_FACTOR.total_seconds() * 2**resend):
-                break
-            if not self._still_to_send(job):
-                return
-            outcome, reason = self._post(job)
-        if outcome in (Delivery.NOT_DELIVERED, Delivery.UNAVAILABLE, Delivery.REJECTED):
-            self._record_failed_post(job, outcome, reason)
-        elif outcome is Delivery.MAYBE_DELIVERED:
-            log.info("job %s (%s) may have been delivered (%s): waiting for its callback", job.job_id, job.name, reason)
-
-    def _still_to_send(self, job: QueuedJob) -> bool:
-        """Before a resend: the job is still in progress at this attempt, and not expired.
-
-        A proxy may answer 503 while the downstream works on the job and calls back:
-        once the job is archived or moved on, it is not sent again.
-        """
-        with self.pool.connection() as conn:
-            if not is_in_progress(conn, job):
-                log.info("job %s (%s) was settled while the downstream answered 503: not sent again", job.job_id, job.name)
-                return False
-            if job.expires_at is not None and job.expires_at <= datetime.now(timezone.utc):
-                expired = expire_in_progress(conn, job)
-                if expired is not None:
-                    self.metrics.outcome(expired)
-                    return False
-        return True
-
-    def _record_failed_post(self, job: QueuedJob, outcome: Delivery, reason: str) -> None:
-        if outcome is Delivery.REJECTED:
-            log.info("job %s (%s) rejected by the downstream: %s", job.job_id, job.name, reason)
-            record = record_rejected
-        else:
-            log.info("job %s (%s) not delivered: %s", job.job_id, job.name, reason)
-            record = record_not_delivered
-        try:
-            with self.pool.connection() as conn:
-                self.metrics.outcome(record(conn, job))
-        except (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch):
-            pass  # a callback came first after all
-
-    def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
-        started = time.perf_counter()
-        outcome, reason = self.downstream.post(job)
-        self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
-        if outcome is Delivery.ACCEPTED:
-            self.metrics.dispatched.inc(job.name)
-        else:
-            self.metrics.downstream_errors.inc(job.name, error_kind(outcome, reason))
-        return outcome, reason
-
-    def sleep(self, failed_attempts: int) -> float:
-        """Seconds of idle back-off after `failed_attempts` empty polls (`get_sleep_duration`)."""
-        return get_sleep_duration(self.sleep_factor, failed_attempts).total_seconds()
-
-
 # --- timing ------------------------------------------------------------------
 
 
@@ -667,19 +535,3 @@ def retry_delay(total_attempts: int, remaining_attempts: int) -> timedelta:
     if exponent >= math.log2(MAX_RETRY_DELAY.total_seconds()):
         return MAX_RETRY_DELAY
     return timedelta(seconds=2**exponent)
-
-
-def get_sleep_duration(sleep_factor: float, failed_attempts: int) -> timedelta:
-    """How long an idle worker sleeps after `failed_attempts` empty claims in a row.
-
-    10 ms x sleep_factor^failed_attempts, the multiplier capped at 2^10, jittered
-    uniformly by x0.8-1.2 so that idle workers do not wake in step. A
-    sleep_factor of 0 means no sleep.
-    """
-    if sleep_factor <= 0:
-        return timedelta(0)
-    if sleep_factor > 1 and failed_attempts * math.log(sleep_factor) >= math.log(IDLE_SLEEP_MAX_MULTIPLIER):
-        multiplier = IDLE_SLEEP_MAX_MULTIPLIER
-    else:
-        multiplier = min(sleep_factor**failed_attempts, IDLE_SLEEP_MAX_MULTIPLIER)
-    return IDLE_SLEEP_BASE * multiplier * random.uniform(0.8, 1.2)

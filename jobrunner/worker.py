@@ -10,6 +10,11 @@ ones, and a timer wakes the loop when a delayed job comes due. Callbacks are
 never polled per job: a sent job waits in the database, and one statement per
 tick fails those whose callback is overdue.
 
+Each claimed job goes to its type's handler (`plugins.JobHandler`: the built-in
+`delivery.HttpDelivery`, or an application's), which returns an outcome; the
+loop records every outcome the same way (`_record`), and a certain one the
+database did not take is tried again until it answers.
+
 Errors stay with the type they happen to: a claim of one type that fails is
 logged once, counted, recorded for the dashboard and backed off for that type
 alone, while the others flow; only an unreachable database stops every type.
@@ -18,7 +23,9 @@ never keeps another's jobs waiting.
 """
 
 import logging
+import math
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from . import plugins, services, store
+from .delivery import HttpDelivery
 from .downstream import Downstream
-from .errors import DatabaseUnavailable, JobrunnerError
+from .errors import DatabaseUnavailable, JobAlreadyArchived, JobNameMismatch, JobrunnerError, StaleCallback, UnknownJob
 from .metrics import Publisher, ServiceMetrics
 from .models import QueuedJob, format_job_id
+from .outcomes import OUTCOMES, Accepted, Failed, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,26 @@ MAX_CLAIM = 100  # jobs claimed per type per statement
 POLL_WHILE_DEAF = 1.0  # seconds between polls while the LISTEN connection is down
 EVERY_TYPE = "*"  # a wake-up for all types: poll the database
 STOP = None
+IDLE_SLEEP_BASE = timedelta(milliseconds=10)
+IDLE_SLEEP_MAX_MULTIPLIER = 2**10
+# what a handler's outcome meets when the job was called back or timed out meanwhile
+MOVED_ON = (StaleCallback, JobAlreadyArchived, UnknownJob, JobNameMismatch)
+
+
+def get_sleep_duration(sleep_factor: float, failed_attempts: int) -> timedelta:
+    """How long an idle worker sleeps after `failed_attempts` empty claims in a row.
+
+    10 ms x sleep_factor^failed_attempts, the multiplier capped at 2^10, jittered
+    uniformly by x0.8-1.2 so that idle workers do not wake in step. A
+    sleep_factor of 0 means no sleep.
+    """
+    if sleep_factor <= 0:
+        return timedelta(0)
+    if sleep_factor > 1 and failed_attempts * math.log(sleep_factor) >= math.log(IDLE_SLEEP_MAX_MULTIPLIER):
+        multiplier = IDLE_SLEEP_MAX_MULTIPLIER
+    else:
+        multiplier = min(sleep_factor**failed_attempts, IDLE_SLEEP_MAX_MULTIPLIER)
+    return IDLE_SLEEP_BASE * multiplier * random.uniform(0.8, 1.2)
 
 
 class OutageLog:
@@ -69,10 +98,10 @@ class Worker:
         )
         self.timeout = timedelta(seconds=config.job_timeout)
         self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
-        processor = services.JobProcessor(self.pool, self.downstream, self.stop_event, self.timeout, config.sleep_factor, self.metrics)
-        self.default_worker, self.workers = plugins.build_workers(config, processor)
-        # the default worker paces the safety poll, if it says how (`sleep` is optional for an application's)
-        self._poll_interval = getattr(self.default_worker, "sleep", None) or self._backoff
+        http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
+        self.default_handler, self.handlers = plugins.build_handlers(config, http)
+        # an application's default handler may pace the safety poll (`sleep`, optional); else the built-in pacing
+        self._poll_interval = getattr(self.default_handler, "sleep", None) or self._backoff
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
         self._busy: dict[str, int] = {}  # job type -> its dispatch threads busy (or reserved by its claim)
@@ -160,7 +189,7 @@ class Worker:
     def _release_unsent(self) -> None:
         """Queue again the jobs of a claim whose commit got no answer: they were never sent."""
         with self._connection() as conn:
-            released = store.release_unsent_jobs(conn, self._unsent)
+            released = services.release_unsent_jobs(conn, self._unsent)
         log.warning(
             "%d claimed jobs were never sent (the claim's commit got no answer); %d had been claimed and are queued again",
             len(self._unsent), len(released),
@@ -259,34 +288,60 @@ class Worker:
         return len(claim.jobs)
 
     def _dispatch(self, job: QueuedJob) -> None:
-        worker = self.workers.get(job.name, self.default_worker)
         try:
-            try:
-                outcome = worker.do_work(job)
-            except Exception:
-                if isinstance(worker, services.JobProcessor):
-                    raise  # the POST may have been delivered: its callback, or the timeout, settles it
-                log.exception("job %s (%s): the worker raised; counted as a failed attempt, retried while attempts remain", job.job_id, job.name)
-                outcome = plugins.Failed(retryable=True)
-            if outcome is not None and not isinstance(outcome, (plugins.Succeeded, plugins.Failed)):
-                log.error("job %s (%s): the worker returned %r, not Succeeded(), Failed() or None; counted as a failed attempt", job.job_id, job.name, outcome)
-                outcome = plugins.Failed(retryable=True)
-            if outcome is not None:
-                self._record(job, outcome)
-        except JobrunnerError as error:
-            # the job stays in progress: its callback, or the overdue check, settles it
-            log.warning("job %s (%s): could not record the outcome: %s", job.job_id, job.name, error)
+            self._record(job, self._attempt(job))
         except Exception:
             log.exception("job %s (%s): unexpected error", job.job_id, job.name)  # a bug: the executor would swallow it
         finally:
             self._give_back_threads(job.name, 1)
 
-    def _record(self, job: QueuedJob, outcome: plugins.Succeeded | plugins.Failed) -> None:
-        """An in-process worker's outcome, recorded as its HTTP callback would be."""
-        status, retryable = ("succeeded", True) if isinstance(outcome, plugins.Succeeded) else ("failed", outcome.retryable)
-        with self.pool.connection() as conn:
-            result = services.handle_status_callback(conn, job.id, job.name, status, job.attempts, retryable)
-        self.metrics.outcome(result)
+    def _attempt(self, job: QueuedJob) -> Outcome:
+        """One attempt by the type's handler; raising, or returning what is not an outcome, is a failed attempt."""
+        handler = self.handlers.get(job.name, self.default_handler)
+        try:
+            outcome = handler.do_work(job)
+        except Exception:
+            log.exception("job %s (%s): the worker raised; counted as a failed attempt, retried while attempts remain", job.job_id, job.name)
+            return Failed(retryable=True)
+        if outcome is None:
+            return Accepted()  # it will be reported by other means, as an accepted POST is by its callback
+        if not isinstance(outcome, OUTCOMES):
+            log.error("job %s (%s): the worker returned %r, not Succeeded(), Failed() or None; counted as a failed attempt", job.job_id, job.name, outcome)
+            return Failed(retryable=True)
+        return outcome
+
+    def _record(self, job: QueuedJob, outcome: Outcome) -> None:
+        """Record the outcome (`services.record_outcome`), the one way for every handler.
+
+        An outcome is a fact (it succeeded, it never arrived, it was answered with an
+        error): when the database does not take it, it is tried again with back-off
+        until the database answers, the job has moved on, or the worker stops. Lost,
+        the job would wait for the overdue check, which cannot tell that it never arrived.
+        """
+        failures = 0
+        while True:
+            try:
+                with self.pool.connection(stop=self.stop_event) as conn:
+                    result = services.record_outcome(conn, job, outcome)
+                break
+            except MOVED_ON as error:
+                log.info("job %s (%s): %s not recorded, the job moved on meanwhile: %s", job.job_id, job.name, outcome, error)
+                return
+            except DatabaseUnavailable as error:
+                failures += 1
+                if failures == 1:
+                    log.warning("job %s (%s): could not record %s: %s; trying again until the database answers", job.job_id, job.name, outcome, error)
+                if self.stop_event.wait(self._backoff(min(failures, 10))):
+                    log.warning("job %s (%s): stopping before %s was recorded; the overdue check will settle the job", job.job_id, job.name, outcome)
+                    return
+            except JobrunnerError as error:
+                # the job stays in progress: its callback, or the overdue check, settles it
+                log.warning("job %s (%s): could not record the outcome: %s", job.job_id, job.name, error)
+                return
+        if failures:
+            log.warning("job %s (%s): %s recorded after %d failed tries", job.job_id, job.name, outcome, failures)
+        if result is not None:
+            self.metrics.outcome(result)
 
     def _connection(self):
         """A pooled connection for the claim loop: a stop ends the wait for one (the database may be down)."""
@@ -294,7 +349,7 @@ class Worker:
 
     def _backoff(self, failures: int) -> float:
         """Seconds to wait after `failures` failed tries to reach the database."""
-        return services.get_sleep_duration(self.config.sleep_factor, failures).total_seconds()
+        return get_sleep_duration(self.config.sleep_factor, failures).total_seconds()
 
     def _take_threads(self, wanted: int, name: str) -> int:
         """Reserve up to `wanted` free threads for a claim of `name`, within the type's share."""

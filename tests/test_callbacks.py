@@ -6,7 +6,7 @@ import pytest
 from conftest import make_type, new_id
 from freezegun import freeze_time
 
-from jobrunner import services, store
+from jobrunner import batching, services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobNameMismatch, StaleCallback, UnknownJob
 from jobrunner.models import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, ArchivedJob, QueuedJob
 
@@ -177,7 +177,7 @@ def test_a_batch_of_succeeded_callbacks_with_a_row_that_cannot_be_read_changes_n
     job = dispatch(conn)
     make_unreadable(conn, job)
     pool = store.Pool(db_url, 2, timeout=5)
-    batcher = services.CallbackBatcher(pool)
+    batcher = batching.CallbackBatcher(pool)
     try:
         with pytest.raises(InvalidField, match="too large"):
             batcher.handle_status_callback(job.id, "email", "succeeded", 3)

@@ -39,7 +39,7 @@ def test_a_job_called_back_before_its_503_answer_is_not_sent_again(api, downstre
     """A proxy that times out answers 503 while the downstream keeps working and calls back."""
     create_type(api, strategy="at_most_once", attempts=1)
     downstream.policy = lambda post: stub.CALL_BACK_THEN_UNAVAILABLE
-    with caplog.at_level(logging.INFO, logger="jobrunner.services"), running_worker(db_url, downstream.url):
+    with caplog.at_level(logging.INFO, logger="jobrunner.delivery"), running_worker(db_url, downstream.url):
         job_id = enqueue(api)
         wait_for_status(api, job_id, "succeeded")
         # the first resend would come UNAVAILABLE_SLEEP_FACTOR (0.5 s) after the 503

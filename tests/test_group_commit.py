@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from conftest import enqueue_while_archiving, make_type, new_id
 
-from jobrunner import services, store
+from jobrunner import batching, services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJob, UnknownJobType
 from jobrunner.models import SUCCEEDED, ArchivedJob
 
@@ -21,7 +21,7 @@ def pool(db_url):
 
 @pytest.fixture
 def batcher(pool):
-    enqueuer = services.EnqueueBatcher(pool)
+    enqueuer = batching.EnqueueBatcher(pool)
     yield enqueuer
     enqueuer.close()
 
@@ -107,7 +107,7 @@ def test_naive_timestamps_are_refused_before_batching(batcher):
 
 @pytest.fixture
 def callbacks(pool):
-    batcher = services.CallbackBatcher(pool)
+    batcher = batching.CallbackBatcher(pool)
     yield batcher
     batcher.close()
 

@@ -306,3 +306,30 @@ def test_a_worker_started_before_the_schema_waits_for_it(make_database, downstre
             downstream.api_port = api.port
             create_type(api)
             wait_for_status(api, enqueue(api), "succeeded", timeout=30)
+
+
+def test_a_not_delivered_outcome_the_database_dropped_is_recorded_once_it_answers(api, downstream, db_url, connect):
+    """found.md E5: the worker's connection dies while it records "not delivered" (503s to every resend).
+
+    Lost, the fact would leave the job in progress until the overdue check archived
+    this at_most_once job `failed`, though it never reached the downstream. Kept and
+    recorded again, the job is sent once more (attempt 1) and succeeds.
+    """
+    from jobrunner.models import parse_job_id
+
+    create_type(api, strategy="at_most_once", attempts=2)
+    downstream.policy = lambda post: stub.UNAVAILABLE if post.attempts == 2 else stub.ACCEPT
+    locker, admin = connect(), connect()
+    with running_worker(db_url, downstream.url, job_timeout="8") as worker:
+        job_id = enqueue(api)
+        wait_until(lambda: downstream.posts_for(job_id), "the first POST")
+        with store.transaction(locker):  # the worker's "not delivered" waits on this row lock...
+            locker.execute("SELECT 1 FROM queued_jobs WHERE id = %s FOR UPDATE", [parse_job_id(job_id)])
+            waiting = "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%FOR UPDATE OF q%%'"
+            wait_until(lambda: admin.execute(waiting).fetchall(), "the worker to record the job", timeout=15)
+            [(pid,)] = admin.execute(waiting).fetchall()
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])  # ...and its connection dies there
+        archived = wait_for_status(api, job_id, "succeeded", timeout=30)
+    assert [post.attempts for post in downstream.posts_for(job_id)] == [2, 2, 2, 2, 1]
+    assert archived["attempts"] == 1
+    assert worker.metrics.retried.value("email") == 1  # the "not delivered", counted once it was recorded
