@@ -500,3 +500,73 @@ def detached_downstream():
     stub = DownstreamStub(0, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
     yield stub
     stub.close()
+
+
+class PostgresRelay:
+    """A TCP relay to the test's PostgreSQL (which listens on a Unix socket only), that can be cut and restored.
+
+    `url` reaches the database through the relay; `cut()` closes every relayed
+    connection and refuses new ones (an outage), `restore()` ends the outage.
+    `connections` counts the connections it relayed.
+    """
+
+    def __init__(self, db_url: str):
+        from psycopg.conninfo import conninfo_to_dict
+
+        target = conninfo_to_dict(db_url)
+        self._target = os.path.join(target["host"], f".s.PGSQL.{target.get('port', 5432)}")
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = make_conninfo(db_url, host="127.0.0.1", port=str(self._listener.getsockname()[1]))
+        self.connections = 0
+        self._down = threading.Event()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self._down.set()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._down.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self._down.is_set():
+                client.close()
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self._target)
+            with self._lock:
+                self.connections += 1
+                self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def relay(db_url):
+    relayed = PostgresRelay(db_url)
+    yield relayed
+    relayed.close()
