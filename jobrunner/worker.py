@@ -36,7 +36,7 @@ from . import plugins, services, store
 from .delivery import HttpDelivery
 from .downstream import Downstream
 from .errors import DatabaseUnavailable, JobAlreadyArchived, JobNameMismatch, JobrunnerError, StaleCallback, UnknownJob
-from .metrics import Publisher, ServiceMetrics
+from .metrics import ServiceMetrics
 from .models import QueuedJob, format_job_id
 from .outcomes import OUTCOMES, Accepted, Failed, Outcome
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import make_type, new_id
 from freezegun import freeze_time
 
-from jobrunner import batching, services, store
+from jobrunner import batching, outcomes, services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobNameMismatch, StaleCallback, UnknownJob
 from jobrunner.models import FAILED, IN_PROGRESS, QUEUED, SUCCEEDED, ArchivedJob, QueuedJob
 
@@ -196,3 +196,63 @@ def test_a_cancel_whose_archived_row_cannot_be_read_changes_nothing(conn):
         services.cancel(conn, job.id)
 
     assert where_is(conn, job) == (1, 0)
+
+
+# --- record_outcome: every handler's outcome, recorded one way -------------------------
+
+OUTCOME_CASES = [
+    # (outcome, delivery strategy) -> (status after, attempts after)
+    (outcomes.Succeeded(), "at_most_once", SUCCEEDED, 2),
+    (outcomes.Failed(), "at_least_once", QUEUED, 1),
+    (outcomes.Failed(retryable=False), "at_least_once", FAILED, 1),
+    (outcomes.NotDelivered("refused"), "at_most_once", QUEUED, 1),  # it never arrived: at_most_once retried too
+    (outcomes.Rejected("HTTP 500"), "at_most_once", FAILED, 1),  # it arrived: never again
+    (outcomes.Rejected("HTTP 500"), "at_least_once", QUEUED, 1),
+]
+
+
+@pytest.mark.parametrize("outcome, strategy, status, attempts", OUTCOME_CASES, ids=[f"{c[0]!r}-{c[1]}" for c in OUTCOME_CASES])
+def test_each_outcome_that_settles_an_attempt_is_recorded_by_its_rule(conn, outcome, strategy, status, attempts):
+    make_type(conn, strategy=strategy, attempts=2)
+    job = dispatch(conn)
+
+    recorded = services.record_outcome(conn, job, outcome)
+
+    assert (recorded.status, recorded.attempts) == (status, attempts)
+    assert services.get_job(conn, job.id) == recorded
+
+
+@pytest.mark.parametrize("outcome", [outcomes.Accepted(), outcomes.MaybeDelivered("TimeoutError"), outcomes.SettledMeanwhile()])
+def test_an_outcome_that_waits_for_the_callback_changes_nothing(conn, outcome):
+    make_type(conn, strategy="at_most_once", attempts=2)
+    job = dispatch(conn)
+
+    assert services.record_outcome(conn, job, outcome) is None
+    assert services.get_job(conn, job.id) == job
+
+
+def test_expired_meanwhile_archives_expired_or_if_not_yet_by_the_database_clock_counts_as_not_delivered(conn):
+    make_type(conn, strategy="at_most_once", attempts=2)
+    past, future = datetime.now(timezone.utc) - timedelta(minutes=1), datetime.now(timezone.utc) + timedelta(hours=1)
+    expired = services.enqueue(conn, new_id(), "email", {}, expires_at=past + timedelta(seconds=1), now=past)
+    [claimed] = services.claim(conn, "email", limit=1, now=past).jobs  # claimed before it expired
+    assert claimed.id == expired.id
+    assert services.record_outcome(conn, claimed, outcomes.ExpiredMeanwhile()).status == "expired"
+
+    later = services.enqueue(conn, new_id(), "email", {}, expires_at=future)
+    [claimed] = services.claim(conn, "email", limit=1).jobs
+    assert claimed.id == later.id
+    recorded = services.record_outcome(conn, claimed, outcomes.ExpiredMeanwhile())
+    assert (recorded.status, recorded.attempts) == (QUEUED, 1)
+
+
+def test_an_outcome_for_a_job_that_moved_on_is_refused_as_a_late_callback_is(conn):
+    make_type(conn, attempts=2)
+    job = dispatch(conn)
+    services.handle_status_callback(conn, job.id, "email", "failed", job.attempts)
+
+    with pytest.raises(StaleCallback):
+        services.record_outcome(conn, job, outcomes.NotDelivered("refused"))
+    services.handle_status_callback(conn, job.id, "email", "succeeded", 1)
+    with pytest.raises(JobAlreadyArchived):
+        services.record_outcome(conn, job, outcomes.Succeeded())

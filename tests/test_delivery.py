@@ -1,11 +1,17 @@
 """What the default worker does with each way a POST ends: an answer proves arrival, a callback ends the resends."""
 
 import logging
+import threading
+from datetime import datetime, timedelta, timezone
 
 import downstream_stub as stub
 import pytest
-from conftest import running_worker, wait_until
+from conftest import DOWNSTREAM_PASSWORD, free_port, make_type, new_id, running_worker, wait_until
 from test_worker import create_type, enqueue, wait_for_status
+
+from jobrunner import outcomes, services, store
+from jobrunner.delivery import HttpDelivery
+from jobrunner.downstream import Downstream
 
 
 @pytest.mark.parametrize("action", [stub.ERROR_500, stub.RICKOVER_UNAVAILABLE])
@@ -49,3 +55,61 @@ def test_a_job_called_back_before_its_503_answer_is_not_sent_again(api, downstre
         )
     assert len(downstream.posts_for(job_id)) == 1
     assert downstream.callback_errors == []
+
+
+# --- HttpDelivery alone: what each way a POST ends comes to, as an outcome ------------------
+
+
+@pytest.fixture
+def deliver(db_url, conn):
+    """do_work of an HttpDelivery posting to `url`, for one claimed job of type email (at_most_once, 2 attempts)."""
+    pool = store.Pool(db_url, 2, timeout=5)
+    made = []
+
+    def deliver_to(url, expires_at=None, pool=pool):
+        make_type(conn, strategy="at_most_once", attempts=2)
+        services.enqueue(conn, new_id(), "email", {"n": 1}, expires_at=expires_at)
+        [job] = services.claim(conn, "email", 1).jobs
+        made.append(Downstream(url, DOWNSTREAM_PASSWORD, timeout=5))
+        return job, HttpDelivery(pool, made[-1], threading.Event()).do_work(job)
+
+    yield deliver_to
+    for downstream in made:
+        downstream.close()
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "action, outcome",
+    [(stub.ACCEPT_SILENTLY, outcomes.Accepted()), (stub.ERROR_500, outcomes.Rejected("HTTP 500")), (stub.UNAVAILABLE, outcomes.NotDelivered("HTTP 503"))],
+)
+def test_each_answer_comes_to_its_outcome_and_nothing_is_recorded_by_the_delivery(deliver, downstream, conn, action, outcome):
+    downstream.policy = lambda post: action
+    job, delivered = deliver(downstream.url)
+    assert delivered == outcome
+    assert services.get_job(conn, job.id) == job  # still in progress: the worker records the outcome
+    assert len(downstream.posts_for(job.job_id)) == (4 if action == stub.UNAVAILABLE else 1)
+
+
+def test_a_refused_connection_is_not_delivered(deliver):
+    _, delivered = deliver(f"http://127.0.0.1:{free_port()}")
+    assert isinstance(delivered, outcomes.NotDelivered)
+
+
+def test_a_job_that_expires_while_503s_are_resent_comes_to_expired_meanwhile(deliver, downstream):
+    downstream.policy = lambda post: stub.UNAVAILABLE
+    job, delivered = deliver(downstream.url, expires_at=datetime.now(timezone.utc) + timedelta(seconds=0.3))
+    assert delivered == outcomes.ExpiredMeanwhile()
+    assert len(downstream.posts_for(job.job_id)) == 1
+
+
+def test_a_database_error_before_a_resend_is_not_delivered_not_raised(deliver, downstream):
+    """The 503s stand: the worker records them once the database answers (before, the error left the job to time out)."""
+    downstream.policy = lambda post: stub.UNAVAILABLE
+    unreachable = store.Pool(f"postgresql://nobody@127.0.0.1:{free_port()}/none?connect_timeout=1", 1, timeout=0.5)
+    try:
+        job, delivered = deliver(downstream.url, pool=unreachable)
+    finally:
+        unreachable.close()
+    assert delivered == outcomes.NotDelivered("HTTP 503")
+    assert len(downstream.posts_for(job.job_id)) == 1
