@@ -570,3 +570,110 @@ def relay(db_url):
     relayed = PostgresRelay(db_url)
     yield relayed
     relayed.close()
+
+
+def run_concurrently(calls, timeout: float = 30.0) -> list:
+    """Call each of `calls` in its own thread, released together; their results in the order of `calls`.
+
+    Fails if a thread is still running after `timeout` seconds or raised (its error is re-raised).
+    """
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls))
+
+    def run(index, call):
+        try:
+            barrier.wait(timeout)
+            results[index] = call()
+        except BaseException as error:  # collected, and raised in the test's thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index, call)) for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(thread.is_alive() for thread in threads)
+    assert not stuck, f"{stuck} of {len(calls)} calls still running after {timeout} s"
+    if errors:
+        raise errors[0]
+    return results
+
+
+# --- HTTP spoken by hand, for what http.client will not send ------------------------
+
+
+def basic(user: str = API_USER, password: str = API_PASSWORD) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def raw_request(method="GET", target="/healthz", headers=(), body=b"", version="HTTP/1.1", auth=True) -> bytes:
+    """A request written by hand; `headers` are "Name: value" lines (duplicates allowed)."""
+    lines = [f"{method} {target} {version}", "Host: 127.0.0.1"]
+    if auth:
+        lines.append(f"Authorization: {basic()}")
+    lines += headers
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class RawClient:
+    """HTTP spoken by hand over a plain socket, for what http.client will not send."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> bool:
+        """Read what the server sent next; False once it has closed (EOF or reset)."""
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        self.buffer += chunk
+        return bool(chunk)
+
+    def read_response(self) -> Response:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise AssertionError(f"the connection closed without a complete answer; got {self.buffer[:300]!r}")
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        version, status, *_ = status_line.split(" ", 2)
+        assert version.startswith("HTTP/1."), status_line
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            while len(self.buffer) < length and self._fill():
+                pass
+        else:
+            while self._fill():
+                pass
+            length = len(self.buffer)
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        assert len(body) == length, f"the body was cut short: {body!r}"
+        return Response(int(status), headers, body)
+
+    def wait_for_close(self, within: float) -> float:
+        """Read until the server closes the connection and return how long that took; fail after `within` s."""
+        started = time.monotonic()
+        deadline = started + within
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the server kept the connection open for {within} s")
+            self.sock.settimeout(remaining)
+            try:
+                if not self._fill():
+                    return time.monotonic() - started
+            except TimeoutError:
+                raise AssertionError(f"the server kept the connection open for {within} s") from None

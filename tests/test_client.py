@@ -98,6 +98,7 @@ def test_a_read_is_retried_until_the_server_comes_up(db_url):
         stop.set()
         serving.join(timeout=30)
         listening[0].close()
+    assert not serving.is_alive(), "the server did not stop"
 
 
 def test_an_unreachable_server_is_reported_after_the_retries():

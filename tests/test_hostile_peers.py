@@ -129,6 +129,7 @@ class HostileDownstream:
         for thread in list(self._threads):
             thread.join(timeout=10)
         self._sock.close()
+        assert not [thread for thread in self._threads if thread.is_alive()], "a peer thread did not end"
 
     def _accept(self) -> None:
         while not self._stopping.is_set():

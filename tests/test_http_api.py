@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import running_server, wait_until
+from conftest import run_concurrently, running_server, wait_until
 
 from jobrunner import services, store
 from jobrunner.cli import schema_sql
@@ -146,18 +146,7 @@ def test_enqueue_is_idempotent(email):
 
 def test_twenty_concurrent_identical_puts_make_exactly_one_job(email, db_url):
     jid = job_id()
-    responses = []
-    barrier = threading.Barrier(20)
-
-    def put():
-        barrier.wait()
-        responses.append(email.put(f"/v1/jobs/email/{jid}", {"data": {"same": True}}))
-
-    threads = [threading.Thread(target=put) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    responses = run_concurrently([lambda: email.put(f"/v1/jobs/email/{jid}", {"data": {"same": True}})] * 20)
 
     assert [r.status for r in responses] == [202] * 20
     assert len({r.body for r in responses}) == 1
@@ -275,18 +264,7 @@ def test_callbacks_racing_each_other_take_effect_exactly_once(email, db_url):
     jid = job_id()
     email.put(f"/v1/jobs/email/{jid}", {"data": {}})
     claim_one(db_url)
-    responses = []
-    barrier = threading.Barrier(10)
-
-    def callback():
-        barrier.wait()
-        responses.append(email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3}))
-
-    threads = [threading.Thread(target=callback) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    responses = run_concurrently([lambda: email.post(f"/v1/jobs/email/{jid}", {"status": "failed", "attempt": 3})] * 10)
 
     assert sorted(r.status for r in responses) == [200] + [400] * 9
     assert {r.json["id"] for r in responses if r.status == 400} == {"stale_attempt"}

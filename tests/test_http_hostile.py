@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import API_PASSWORD, API_USER, Response, running_server, wait_until
+from conftest import API_PASSWORD, API_USER, RawClient, Response, basic, raw_request, running_server, wait_until
 
 from jobrunner import protocol
 
@@ -29,24 +29,11 @@ CALLBACK = {"status": "succeeded", "attempt": 3, "retryable": True}
 # --- helpers ---------------------------------------------------------------------
 
 
-def basic(user: str = API_USER, password: str = API_PASSWORD) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 def body_with(base: dict, **literals: str) -> bytes:
     """`base` as a JSON object, with some fields set to raw JSON text (NaN, 1e999, 10**400, ...)."""
     fields = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in base.items() if key not in literals]
     fields += [f"{json.dumps(key)}: {text}" for key, text in literals.items()]
     return ("{" + ", ".join(fields) + "}").encode()
-
-
-def raw_request(method="GET", target="/healthz", headers=(), body=b"", version="HTTP/1.1", auth=True) -> bytes:
-    """A request written by hand; `headers` are "Name: value" lines (duplicates allowed)."""
-    lines = [f"{method} {target} {version}", "Host: 127.0.0.1"]
-    if auth:
-        lines.append(f"Authorization: {basic()}")
-    lines += headers
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def assert_json_error(response: Response, status: int | None = None, error_id: str | None = None) -> dict:
@@ -61,68 +48,6 @@ def assert_json_error(response: Response, status: int | None = None, error_id: s
     if error_id is not None:
         assert error["id"] == error_id, error
     return error
-
-
-class RawClient:
-    """HTTP spoken by hand over a plain socket, for what http.client will not send."""
-
-    def __init__(self, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> bool:
-        """Read what the server sent next; False once it has closed (EOF or reset)."""
-        try:
-            chunk = self.sock.recv(65536)
-        except ConnectionResetError:
-            chunk = b""
-        self.buffer += chunk
-        return bool(chunk)
-
-    def read_response(self) -> Response:
-        while b"\r\n\r\n" not in self.buffer:
-            if not self._fill():
-                raise AssertionError(f"the connection closed without a complete answer; got {self.buffer[:300]!r}")
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        version, status, *_ = status_line.split(" ", 2)
-        assert version.startswith("HTTP/1."), status_line
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            while len(self.buffer) < length and self._fill():
-                pass
-        else:
-            while self._fill():
-                pass
-            length = len(self.buffer)
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        assert len(body) == length, f"the body was cut short: {body!r}"
-        return Response(int(status), headers, body)
-
-    def wait_for_close(self, within: float) -> float:
-        """Read until the server closes the connection and return how long that took; fail after `within` s."""
-        started = time.monotonic()
-        deadline = started + within
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"the server kept the connection open for {within} s")
-            self.sock.settimeout(remaining)
-            try:
-                if not self._fill():
-                    return time.monotonic() - started
-            except TimeoutError:
-                raise AssertionError(f"the server kept the connection open for {within} s") from None
 
 
 @pytest.fixture
@@ -527,10 +452,42 @@ def poll_until(stop: threading.Event, port: int, path: str, statuses: list) -> N
     conn.close()
 
 
+class SilentCrowd:
+    """`count` connections that never send a byte, each replaced as soon as the server drops it (after its
+    first-byte timeout): the crowd lasts as long as the test, however slow the machine."""
+
+    def __init__(self, port: int, count: int):
+        self.port = port
+        self.sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        self.replaced = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep_up, daemon=True)
+        self._thread.start()
+
+    def _keep_up(self) -> None:
+        while not self._stop.wait(0.05):
+            dropped = select.select(self.sockets, [], [], 0)[0]  # readable: EOF, the server hung up
+            for sock in dropped:
+                sock.close()
+                self.sockets[self.sockets.index(sock)] = socket.create_connection(("127.0.0.1", self.port))
+                self.replaced += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+        for sock in self.sockets:
+            sock.close()
+
+
 def test_idle_sockets_and_unauthenticated_pollers_leave_the_api_to_authenticated_clients(db_url):
-    """Silent connections hold no request slot and a 401 closes its connection: the API stays available."""
+    """Silent connections hold no request slot and a 401 closes its connection: the API stays available.
+
+    Were a silent connection to hold a slot, the 2 x 4 silent ones would take all 4 and the
+    authenticated requests would be refused 503: their statuses say it, not their timing.
+    """
     with running_server(db_url, max_request_threads="4") as api:
-        silent = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(2 * 4)]  # connected, never a byte
+        silent = SilentCrowd(api.port, 2 * 4)
         stop = threading.Event()
         statuses: list = []
         pollers = [
@@ -541,17 +498,14 @@ def test_idle_sockets_and_unauthenticated_pollers_leave_the_api_to_authenticated
             poller.start()
         try:
             wait_until(lambda: len(statuses) > 20, "the pollers to be answered")
-            for _ in range(20):
-                started = time.monotonic()
-                answer = api.get("/v1/jobs")
-                assert answer.status == 200, answer.body
-                assert time.monotonic() - started < 2.0
+            answers = [api.get("/v1/jobs") for _ in range(20)]
+            assert [answer.status for answer in answers] == [200] * 20, [answer.body for answer in answers if answer.status != 200]
         finally:
             stop.set()
             for poller in pollers:
                 poller.join(timeout=10)
-            for sock in silent:
-                sock.close()
+            silent.close()
+        assert not [poller for poller in pollers if poller.is_alive()], "a poller got no answer"
         assert {status for status, _ in statuses} == {200, 401}
         assert all(connection == "close" for status, connection in statuses if status == 401)
 
@@ -686,11 +640,12 @@ def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsiv
     attackers = [threading.Thread(target=bad_credentials) for _ in range(4)]
     for attacker in attackers:
         attacker.start()
+    latencies = []
     try:
         for _ in range(20):  # meanwhile, a client with the right credentials
             started = time.monotonic()
             assert api.get("/v1/jobs").status == 200
-            assert time.monotonic() - started < 2.0  # the attackers share this process's GIL with the server
+            latencies.append(time.monotonic() - started)
         wait_until(lambda: len(statuses) > 100, "100 requests with bad credentials")
     finally:
         hammering.set()
@@ -698,6 +653,11 @@ def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsiv
             attacker.join(timeout=10)
         for sock in idle:
             sock.close()
+    assert not [attacker for attacker in attackers if attacker.is_alive()], "an attacker got no answer"
     assert set(statuses) == {401}
+    # The attackers share this process's GIL with the server and a loaded 2-core machine may stall any one
+    # request: the median says whether the server starves its honest clients, the slowest only that none hung.
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 10, latencies
     # every connection's thread ends with its connection: nothing accumulates
     wait_until(lambda: handlers() == 0, "the connections' threads to end")

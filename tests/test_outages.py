@@ -3,7 +3,6 @@
 import logging
 import threading
 import uuid
-from datetime import timedelta
 
 from conftest import create_type, enqueue, make_type, running_worker, wait_for_status, wait_until
 
