@@ -24,6 +24,8 @@ class Mutation:
 
 SERVICES = "jobrunner/services.py"
 STORE = "jobrunner/store.py"
+BATCHING = "jobrunner/batching.py"
+DELIVERY = "jobrunner/delivery.py"
 PROMISES = "tests/test_promises.py"
 
 MUTATIONS = [
@@ -80,7 +82,7 @@ MUTATIONS = [
     Mutation(
         "group-commit-never-batches",
         "concurrent PUTs and callbacks share a transaction (group commit)",
-        SERVICES,
+        BATCHING,
         "max_batch: int = 200",
         "max_batch: int = 1",
         (PROMISES,),
@@ -163,18 +165,34 @@ MUTATIONS = [
     ),
     Mutation(
         "expired-during-503s",
-        "a job that expires while its 503s are resent is archived expired, not sent again",
+        "a job that expires while its 503s are resent is not sent again",
+        DELIVERY,
+        "            return ExpiredMeanwhile()\n",
+        "            return None\n",
+        (PROMISES,),
+    ),
+    Mutation(
+        "expired-meanwhile-not-archived",
+        "a job that expired while its 503s were resent is archived expired, using no attempt",
         SERVICES,
-        "                expired = expire_in_progress(conn, job)\n",
-        "                expired = None\n",
+        "return expire_in_progress(conn, job, now) or record_not_delivered(conn, job, now)",
+        "return record_not_delivered(conn, job, now)",
         (PROMISES,),
     ),
     Mutation(
         "resent-after-settled",
         "a job settled (called back) while the downstream answered 503 is not sent again",
-        SERVICES,
-        "            if not is_in_progress(conn, job):\n",
-        "            if False:\n",
+        DELIVERY,
+        "        if not in_progress:\n",
+        "        if False:\n",
         ("tests/test_worker.py", "tests/test_delivery.py"),
+    ),
+    Mutation(
+        "settled-meanwhile-recorded",
+        "a job settled meanwhile (or called back before its POST was answered) is left as its callback left it",
+        SERVICES,
+        "    if isinstance(outcome, (Accepted, MaybeDelivered, SettledMeanwhile)):\n        return None",
+        "    if isinstance(outcome, (Accepted, MaybeDelivered, SettledMeanwhile)):\n        return record_not_delivered(conn, job, now)",
+        ("tests/test_callbacks.py", "tests/test_delivery.py"),
     ),
 ]
