@@ -9,8 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import downstream_stub as stub
 import pytest
-from conftest import wait_until
-from test_supervisor import Service, downstream, running_service  # noqa: F401 (downstream is a fixture)
+from conftest import Service, running_service, wait_until
 
 from jobrunner import metrics
 
@@ -112,6 +111,12 @@ def test_retiring_into_a_directory_that_is_gone_is_logged_not_fatal(tmp_path, ca
 # --- the real service -------------------------------------------------------------
 
 
+@pytest.fixture
+def downstream(detached_downstream):
+    """The stub a `jobrunner run` sends to; its API port is set once the service runs."""
+    return detached_downstream
+
+
 def scrape(service: Service) -> dict:
     response = service.api.get("/metrics")
     assert response.status == 200, response.body
@@ -152,7 +157,7 @@ def wait_for_expected(service: Service) -> None:
 
 
 @pytest.mark.parametrize("servers", [2])
-def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, downstream, servers):  # noqa: F811
+def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, downstream, servers):
     posts_of_flaky = []
 
     def policy(post):
@@ -204,18 +209,18 @@ def test_metrics_add_up_every_process_and_survive_a_kill_and_reloads(db_url, dow
 
 
 
-def test_without_a_directory_for_the_metrics_the_service_still_runs(db_url, downstream, tmp_path):  # noqa: F811
+def test_without_a_directory_for_the_metrics_the_service_still_runs(db_url, downstream, tmp_path):
     with running_service(db_url, downstream.url, RUNTIME_DIRECTORY=str(tmp_path / "missing")) as service:
         assert scrape(service)  # this server's own counts, and the queue's gauges
         os.kill(service.children()["jr-worker-1"], signal.SIGKILL)  # retiring it must not fail either
         wait_until(lambda: sample(scrape(service), "jobrunner_database_up") == 1 and "jr-worker-1" in service.children(), "a new worker-1")
         service.signal(signal.SIGTERM)
         assert service.process.wait(timeout=15) == 0
-        stderr = service.process.stderr.read()
+        stderr = service.log()
     assert "no directory for the metrics" in stderr
 
 
-def test_the_metrics_live_in_the_runtime_directory_and_go_with_the_service(db_url, downstream, tmp_path):  # noqa: F811
+def test_the_metrics_live_in_the_runtime_directory_and_go_with_the_service(db_url, downstream, tmp_path):
     with running_service(db_url, downstream.url, RUNTIME_DIRECTORY=str(tmp_path)) as service:
         [directory] = tmp_path.iterdir()
         wait_until(lambda: len(list(directory.glob("*-*.json"))) >= 2, "the supervisor's and the server's files")
