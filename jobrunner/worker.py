@@ -321,7 +321,8 @@ class Worker:
         failures = 0
         while True:
             try:
-                with self.pool.connection(stop=self.stop_event) as conn:
+                # no `stop` in the wait: stopping, the outcomes in hand are still recorded
+                with self.pool.connection() as conn:
                     result = services.record_outcome(conn, job, outcome)
                 break
             except MOVED_ON as error:

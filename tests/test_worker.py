@@ -333,3 +333,43 @@ def test_a_not_delivered_outcome_the_database_dropped_is_recorded_once_it_answer
     assert [post.attempts for post in downstream.posts_for(job_id)] == [2, 2, 2, 2, 1]
     assert archived["attempts"] == 1
     assert worker.metrics.retried.value("email") == 1  # the "not delivered", counted once it was recorded
+
+
+def test_a_not_delivered_outcome_met_by_a_database_restart_is_recorded_once_it_is_back(caplog):
+    """The database goes away while a job's 503s are resent, and comes back: the at_most_once job is sent again, not failed."""
+    import logging
+    import os
+    import tempfile
+
+    from conftest import API_PASSWORD, API_USER, running_server
+    from downstream_stub import DownstreamStub
+
+    from jobrunner.cli import schema_sql
+    from jobrunner.localdb import LocalPostgres
+
+    workdir = tempfile.mkdtemp(prefix="jobrunner-restart-")
+    os.chmod(workdir, 0o755)
+    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
+    url = cluster.start()
+    conn = store.connect(url)
+    store.apply_schema(conn, schema_sql())
+    conn.close()
+    caplog.set_level(logging.WARNING, logger="jobrunner.worker")
+    try:
+        with running_server(url, db_timeout="1") as api:
+            downstream = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+            downstream.policy = lambda post: stub.UNAVAILABLE if post.attempts == 2 else stub.ACCEPT
+            create_type(api, strategy="at_most_once", attempts=2)
+            with running_worker(url, downstream.url, db_timeout="1", job_timeout="30"):
+                job_id = enqueue(api)
+                wait_until(lambda: downstream.posts_for(job_id), "the first POST")
+                cluster.stop()
+                wait_until(lambda: "could not record" in caplog.text, "the worker to try to record the 503s", timeout=20)
+                cluster.start()
+                wait_until(lambda: api.get("/healthz", auth=None).status == 200, "the database to be back", timeout=30)
+                archived = wait_for_status(api, job_id, "succeeded", timeout=45)
+            downstream.close()
+    finally:
+        cluster.stop()
+    assert [post.attempts for post in downstream.posts_for(job_id)][-1] == 1
+    assert archived["attempts"] == 1
