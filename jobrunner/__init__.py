@@ -21,7 +21,8 @@ _PUBLIC = {
     "Failed": "plugins",
     "Unauthorized": "errors",
     "Forbidden": "errors",
-    "JobProcessor": "services",
+    "JobProcessor": "delivery",  # Rickover's name for the built-in HTTP delivery
+    "HttpDelivery": "delivery",
     "run": "cli",
 }
 __all__ = sorted(_PUBLIC)
