@@ -27,8 +27,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobAlreadyArchived, JobTypeExists, SchemaMissing
-from .models import EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, format_job_id
+from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobTypeExists, SchemaMissing
+from .models import EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob
 
 Connection = psycopg.Connection
 
@@ -258,7 +258,7 @@ def list_job_types_with_counts(conn: Connection, now: datetime | None = None) ->
 # attempts change, its queued jobs keep their total here (a table of jobrunner's
 # own: Rickover reads every column of queued_jobs). An earlier total is truer
 # and stays. The type's row is locked first: FOR UPDATE waits for enqueues in
-# flight (they hold a key-share lock on it, see ENQUEUE_JOB), so they are in the
+# flight (they hold a key-share lock on it, see ENQUEUE_JOBS), so they are in the
 # snapshot, and makes later ones wait and read the new attempts.
 LOCK_JOB_TYPE_FOR_CHANGE = "SELECT 1 FROM jobs WHERE name = %(name)s FOR UPDATE"
 

@@ -1,10 +1,9 @@
 """schema.sql: idempotent, safe to apply over a database Rickover's migrations built, and concurrent-safe."""
 
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import make_type, new_id
+from conftest import make_type, new_id, run_concurrently
 
 from jobrunner import services, store
 from jobrunner.cli import schema_sql
@@ -104,22 +103,10 @@ def test_a_database_without_the_schema_says_to_migrate(make_database):
 def test_concurrent_migrations_wait_for_each_other(make_database):
     url = make_database(template="template0")
     connections = [store.connect(url) for _ in range(4)]
-    errors = []
-    barrier = threading.Barrier(len(connections))
-
-    def migrate(conn):
-        barrier.wait()
-        try:
-            store.apply_schema(conn, schema_sql())
-        except Exception as error:  # reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=migrate, args=(c,)) for c in connections]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert errors == []
-    assert connections[0].execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
-    for conn in connections:
-        conn.close()
+    try:
+        # each migration raises if it fails; one still running after the timeout fails the test
+        run_concurrently([lambda conn=conn: store.apply_schema(conn, schema_sql()) for conn in connections])
+        assert connections[0].execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+    finally:
+        for conn in connections:
+            conn.close()

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from conftest import make_type, new_id, utcnow
 
-from jobrunner import services, store
+from jobrunner import batching, services, store
 from jobrunner.errors import InvalidField
 from jobrunner.models import QUEUED
 from jobrunner.watcher import Watcher
@@ -49,7 +49,7 @@ def test_a_batch_enqueue_that_cannot_be_read_back_stores_nothing_and_each_job_le
                 store.enqueue_jobs(batch_conn, batch)
         assert stored_jobs(conn) == 0
         # the server's path: the batch fails, each job goes alone and learns which field
-        batcher = services.EnqueueBatcher(pool)
+        batcher = batching.EnqueueBatcher(pool)
         try:
             with pytest.raises(InvalidField) as raised:
                 batcher.enqueue(new_id(), "email", {}, expires_at=AFTER_YEAR_9999)
