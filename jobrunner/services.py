@@ -80,9 +80,6 @@ _MOVED = {
     "JobProcessor": "delivery",
     "UNAVAILABLE_SLEEP_FACTOR": "delivery",
     "get_sleep_duration": "worker",
-    # not the seed's: only until tests/test_store_hardening.py imports them from batching
-    "EnqueueBatcher": "batching",
-    "CallbackBatcher": "batching",
 }
 
 
@@ -90,6 +87,7 @@ def __getattr__(name: str) -> Any:
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+
 
 STUCK_JOBS_BATCH = 100
 MAX_PAGE = 500
