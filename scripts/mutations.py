@@ -26,6 +26,7 @@ SERVICES = "jobrunner/services.py"
 STORE = "jobrunner/store.py"
 BATCHING = "jobrunner/batching.py"
 DELIVERY = "jobrunner/delivery.py"
+WORKER = "jobrunner/worker.py"
 PROMISES = "tests/test_promises.py"
 
 MUTATIONS = [
@@ -62,6 +63,9 @@ MUTATIONS = [
         "if job.status != IN_PROGRESS or job.attempts != attempt:",
         "if job.status != IN_PROGRESS:",
         ("tests/test_callbacks.py",),
+        survives="equivalent: the archive and retry statements match only `expected_attempts`, so a stale attempt "
+        "changes no row and _fail raises the same StaleCallback from its result-is-None branch; the check is a second guard "
+        "(only a job Rickover left both queued and archived would answer its archived copy instead)",
     ),
     Mutation(
         "callback-other-type",
@@ -77,6 +81,14 @@ MUTATIONS = [
         SERVICES,
         "remaining <= 0",
         "remaining < 0",
+        ("tests/test_callbacks.py",),
+    ),
+    Mutation(
+        "not-retryable-retried",
+        "a failed callback with retryable false is archived failed whatever attempts remain",
+        SERVICES,
+        "if not retryable or remaining <= 0",
+        "if remaining <= 0",
         ("tests/test_callbacks.py",),
     ),
     Mutation(
@@ -194,5 +206,13 @@ MUTATIONS = [
         "    if isinstance(outcome, (Accepted, MaybeDelivered, SettledMeanwhile)):\n        return None",
         "    if isinstance(outcome, (Accepted, MaybeDelivered, SettledMeanwhile)):\n        return record_not_delivered(conn, job, now)",
         ("tests/test_callbacks.py", "tests/test_delivery.py"),
+    ),
+    Mutation(
+        "one-type-takes-every-thread",
+        "no type holds every dispatch thread: a hanging downstream of one type leaves threads to the others",
+        WORKER,
+        "taken = max(0, min(wanted, self._free, self._share - busy))",
+        "taken = max(0, min(wanted, self._free))",
+        ("tests/test_isolation.py::test_a_type_whose_downstream_hangs_never_holds_every_dispatch_thread",),
     ),
 ]
