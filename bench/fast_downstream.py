@@ -1,7 +1,7 @@
 """A fast downstream for benchmarks: answer every job POST with 202 at once, then call back `succeeded`.
 
     python bench/fast_downstream.py --port P --api http://127.0.0.1:Q --user U --password W
-        [--callback-connections 8] [--arrivals -]
+        [--callback-connections 8] [--fresh-callbacks] [--arrivals -]
     python bench/fast_downstream.py --selftest [--seconds 5] [--close]   # its own ceiling, with wrk
 
 Stdlib only, one asyncio loop. It accepts `POST /v1/jobs/<name>/<id>` (CONTRACT.md §6.3)
@@ -9,7 +9,9 @@ on HTTP/1.1 keep-alive or one-shot connections, answers `202 {"status": "accepte
 (what Rickover's downstream-benchmark-server says), and queues a callback
 `POST /v1/jobs/<name>/<id> {"status":"succeeded","attempt":N}` (N = the `attempts`
 it was sent) that a few kept-alive connections to the API send, one request at a
-time each. TCP_NODELAY everywhere; every response is one write.
+time each. With --fresh-callbacks every callback opens a new connection and asks
+`Connection: close` (a Python `requests.post` without a session, or Go's default
+client under load, which keeps only 2 idle connections per host). TCP_NODELAY everywhere; every response is one write.
 
 `GET /stats` answers counters as JSON. `--arrivals -` prints
 `<time.monotonic()> <name> <id>` for every POST to stdout (a pipe; the clock is
@@ -73,7 +75,7 @@ async def read_message(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes,
 
 
 class Downstream:
-    def __init__(self, api: str, user: str, password: str, callback_connections: int, arrivals):
+    def __init__(self, api: str, user: str, password: str, callback_connections: int, arrivals, fresh: bool = False):
         parsed = urllib.parse.urlsplit(api)
         self.api_host, self.api_port = parsed.hostname, parsed.port or 80
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -82,6 +84,9 @@ class Downstream:
             "Content-Type: application/json\r\nContent-Length: "
         ).encode()
         self.callback_connections = callback_connections
+        self.fresh = fresh
+        if fresh:
+            self.callback_head = self.callback_head.replace(b"Content-Type", b"Connection: close\r\nContent-Type", 1)
         self.arrivals = arrivals
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stats = {"posts": 0, "bad_requests": 0, "callbacks_ok": 0, "callbacks_failed": 0, "connections": 0}
@@ -146,7 +151,7 @@ class Downstream:
                     if message is None:
                         raise ConnectionError("the API closed the connection")
                     status_line, headers, answer = message
-                    if headers.get(b"connection", b"").lower() == b"close":
+                    if self.fresh or headers.get(b"connection", b"").lower() == b"close":
                         writer.close()
                         reader = writer = None
                     status = int(status_line.split(b" ", 2)[1])
@@ -261,6 +266,7 @@ def main() -> None:
     parser.add_argument("--user", default="")
     parser.add_argument("--password", default="")
     parser.add_argument("--callback-connections", type=int, default=32)
+    parser.add_argument("--fresh-callbacks", action="store_true", help="a new connection for every callback")
     parser.add_argument("--arrivals", choices=["-"], help="print '<monotonic> <name> <id>' per POST to stdout")
     parser.add_argument("--selftest", action="store_true", help="measure this downstream's own ceiling (needs wrk)")
     parser.add_argument("--seconds", type=int, default=5)
@@ -276,7 +282,7 @@ def main() -> None:
         if args.port is None or not args.api:
             parser.error("--port and --api are needed")
         downstream = Downstream(args.api, args.user, args.password, args.callback_connections,
-                                sys.stdout if args.arrivals else None)
+                                sys.stdout if args.arrivals else None, args.fresh_callbacks)
         asyncio.run(downstream.run(args.host, args.port))
 
 

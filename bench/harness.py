@@ -189,12 +189,13 @@ class Service:
 class Downstream:
     """bench/fast_downstream.py, calling back `succeeded` on the API at `api_port` (it connects when it first calls back)."""
 
-    def __init__(self, api_port: int, arrivals: bool = False, user: str = USER, password: str = PASSWORD):
+    def __init__(self, api_port: int, arrivals: bool = False, user: str = USER, password: str = PASSWORD, fresh: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, str(BENCH / "fast_downstream.py"), "--port", str(self.port), "--api",
-             f"http://127.0.0.1:{api_port}", "--user", user, "--password", password, *(["--arrivals", "-"] if arrivals else [])],
+             f"http://127.0.0.1:{api_port}", "--user", user, "--password", password, *(["--arrivals", "-"] if arrivals else []),
+             *(["--fresh-callbacks"] if fresh else [])],
             stdout=subprocess.PIPE if arrivals else subprocess.DEVNULL, text=True,
         )
         wait_for(lambda: self._answers(), "fast_downstream")
