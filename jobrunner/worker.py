@@ -43,6 +43,7 @@ from .outcomes import OUTCOMES, Accepted, Failed, Outcome
 log = logging.getLogger(__name__)
 
 MAX_CLAIM = 100  # jobs claimed per type per statement
+FAILURE_BACKOFF_FACTOR = 2  # failures back off by doubling even when sleep_factor is 1 (a steady poll)
 POLL_WHILE_DEAF = 1.0  # seconds between polls while the LISTEN connection is down
 EVERY_TYPE = "*"  # a wake-up for all types: poll the database
 STOP = None
@@ -101,7 +102,7 @@ class Worker:
         http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
         self.default_handler, self.handlers = plugins.build_handlers(config, http)
         # an application's default handler may pace the safety poll (`sleep`, optional); else the built-in pacing
-        self._poll_interval = getattr(self.default_handler, "sleep", None) or self._backoff
+        self._poll_interval = getattr(self.default_handler, "sleep", None) or self._idle_interval
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
         self._free = config.dispatch_threads  # dispatch threads not busy with a POST
         self._busy: dict[str, int] = {}  # job type -> its dispatch threads busy (or reserved by its claim)
@@ -136,6 +137,7 @@ class Worker:
         finally:
             self.stop_event.set()  # also when the loop died: the listener must end too
             self.dispatch.shutdown(wait=True)  # in-flight POSTs finish
+            self._release_unsent_before_stopping()
             self.downstream.close()
             listener.join()
             self.pool.close()
@@ -159,7 +161,13 @@ class Worker:
             self._db_outage.recovered()
         except JobrunnerError as error:  # unreachable, or refusing: keep trying, slower and slower
             self._db_outage.failed(error)
-            self._next_poll = now + self._backoff(min(self._db_outage.failures, 10))
+            retry_at = now + self._backoff(min(self._db_outage.failures, 10))
+            # Nothing is tried before then, not even a type that is due: a database that
+            # refuses at once (a standby, a read-only setting) would otherwise be asked again at once.
+            self._next_poll = retry_at
+            self._next_stuck_check = max(self._next_stuck_check, retry_at)
+            for name in self._due_at:
+                self._held_until[name] = max(self._held_until.get(name, 0.0), retry_at)
             return 0
         return claimed
 
@@ -195,6 +203,16 @@ class Worker:
             len(self._unsent), len(released),
         )
         self._unsent = []
+
+    def _release_unsent_before_stopping(self) -> None:
+        """One last try (the stop cuts the wait for a connection short) for a claim whose commit got no answer."""
+        if not self._unsent:
+            return
+        try:
+            self._release_unsent()
+        except JobrunnerError as error:
+            ids = ", ".join(job.job_id for job in self._unsent)
+            log.error("stopping with claimed jobs never sent, left in progress until the overdue check fails them (%s): %s", error, ids)
 
     def _fail_overdue_jobs_alone(self, now: float) -> None:
         """Fail overdue jobs; an error other than an outage is logged once and never stops the claims."""
@@ -349,8 +367,12 @@ class Worker:
         return self.pool.connection(stop=self.stop_event)
 
     def _backoff(self, failures: int) -> float:
-        """Seconds to wait after `failures` failed tries to reach the database."""
-        return get_sleep_duration(self.config.sleep_factor, failures).total_seconds()
+        """Seconds to wait after `failures` failed tries: 10 ms doubling, up to ~10 s, whatever sleep_factor says."""
+        return get_sleep_duration(FAILURE_BACKOFF_FACTOR, failures).total_seconds()
+
+    def _idle_interval(self, polls: int) -> float:
+        """Seconds between safety polls after `polls` of them: sleep_factor paces the idle poll."""
+        return get_sleep_duration(self.config.sleep_factor, polls).total_seconds()
 
     def _take_threads(self, wanted: int, name: str) -> int:
         """Reserve up to `wanted` free threads for a claim of `name`, within the type's share."""
