@@ -4,35 +4,24 @@ import base64
 import random
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import downstream_stub as stub
 import pytest
-from conftest import DOWNSTREAM_PASSWORD, running_worker, wait_until, worker_processes
+from conftest import (
+    DOWNSTREAM_PASSWORD,
+    count_rows,
+    create_type,
+    enqueue,
+    free_port,
+    running_worker,
+    status_of,
+    wait_for_status,
+    wait_until,
+    worker_processes,
+)
 
 from jobrunner import services, store
-
-
-def create_type(api, name="email", strategy="at_least_once", attempts=3, concurrency=5):
-    response = api.post("/v1/jobs", {"name": name, "delivery_strategy": strategy, "attempts": attempts, "concurrency": concurrency})
-    assert response.status == 201, response.body
-
-
-def enqueue(api, name="email", data=None, **fields):
-    job_id = f"job_{uuid.uuid4()}"
-    response = api.put(f"/v1/jobs/{name}/{job_id}", {"data": data if data is not None else {"n": 1}, **fields})
-    assert response.status == 202, response.body
-    return job_id
-
-
-def status_of(api, job_id):
-    return api.get(f"/v1/jobs/{job_id}").json["status"]
-
-
-def wait_for_status(api, job_id, status, timeout=15):
-    wait_until(lambda: status_of(api, job_id) == status, f"{job_id} to be {status}", timeout)
-    return api.get(f"/v1/jobs/{job_id}").json
 
 
 def test_a_job_is_posted_exactly_as_rickover_did_then_archived_by_its_callback(api, downstream, db_url):
@@ -108,7 +97,7 @@ def test_an_error_answer_to_an_at_most_once_job_is_never_followed_by_a_resend(ap
 
 def test_a_refused_connection_is_not_delivered_and_the_job_waits_to_be_retried(api, db_url):
     create_type(api, strategy="at_most_once", attempts=3)
-    closed_port = _closed_port()
+    closed_port = free_port()
     with running_worker(db_url, f"http://127.0.0.1:{closed_port}"):
         job_id = enqueue(api)
         wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json["attempts"] == 2, "the refused attempt to be used up")
@@ -162,13 +151,15 @@ def test_a_type_created_and_changed_while_workers_run_is_served_without_restart(
 def test_a_job_enqueued_into_an_idle_system_is_dispatched_on_notification_not_by_polling(api, downstream, db_url):
     create_type(api)
     with running_worker(db_url, downstream.url) as worker:
-        # after 9 empty polls the next is 10 ms x 2^9 = 5 s away
-        wait_until(lambda: worker._polls >= 9, "the worker's safety poll to slow down")
-        started = time.monotonic()
+        # after 9 empty polls the next is 10 ms x 2^9 = ~5 s away (a deaf worker would poll every 1 s)
+        wait_until(lambda: worker._polls >= 9 and not worker._deaf, "the listening worker's safety poll to slow down")
+        polls, next_poll = worker._polls, worker._next_poll
+        assert next_poll - time.monotonic() > 2.0, "the next safety poll is too near to tell it from a notification"
         job_id = enqueue(api)
-        wait_until(lambda: downstream.posts_for(job_id), "the POST", timeout=5)
-    # the 50 ms figure is measured by bench/worker_latency.py; here: far sooner than the next poll
-    assert downstream.posts_for(job_id)[0].at - started < 1.0
+        wait_until(lambda: downstream.posts_for(job_id), "the POST", timeout=next_poll - time.monotonic())
+        assert worker._polls == polls, "the worker polled before it sent the job"
+    # the 50 ms figure is measured by bench/worker_latency.py; here: before the next safety poll was due
+    assert downstream.posts_for(job_id)[0].at < next_poll
 
 
 def test_two_worker_processes_and_a_third_claimer_never_exceed_the_concurrency(api, db_url):
@@ -181,41 +172,55 @@ def test_two_worker_processes_and_a_third_claimer_never_exceed_the_concurrency(a
     create_type(api, concurrency=3)
     job_ids = [enqueue(api, data={"n": n}) for n in range(300)]
     stop = threading.Event()
-    third = threading.Thread(target=_claim_and_post, args=(db_url, downstream, stop))
+    third = ThirdClaimer(db_url, downstream.url, stop)
+    thread = threading.Thread(target=third.run)
     try:
         with worker_processes(2, db_url, downstream.url):
-            third.start()
+            thread.start()
             wait_until(lambda: _archived_count(db_url) == 300, "all 300 jobs to succeed", timeout=120)
     finally:
         stop.set()
-        third.join(timeout=30)
+        thread.join(timeout=30)
         downstream.close()
 
+    assert not thread.is_alive(), "the third claimer did not stop"
+    assert third.errors == []
+    assert third.sent > 0, "the third claimer never claimed a job: the test raced two claimers, not three"
     assert downstream.max_in_flight["email"] == 3
     assert sorted(post.job_id for post in downstream.posts) == sorted(job_ids)  # each sent once
     assert downstream.callback_errors == []
 
 
-def _claim_and_post(db_url, downstream, stop):
-    """A third claimer: claims with the same service the workers use and sends to the same downstream."""
-    from jobrunner.downstream import Downstream
+class ThirdClaimer:
+    """Claims with the same service the workers use and sends to the same downstream; counts what it sent."""
 
-    conn = store.connect(db_url)
-    client = Downstream(downstream.url, DOWNSTREAM_PASSWORD, timeout=5)
-    while not stop.is_set():
-        for job in services.claim(conn, "email", limit=random.randint(1, 3)).jobs:
-            client.post(job)
-        stop.wait(0.002)
-    client.close()
-    conn.close()
+    def __init__(self, db_url, downstream_url, stop):
+        self.db_url, self.downstream_url, self.stop = db_url, downstream_url, stop
+        self.sent = 0
+        self.errors: list[BaseException] = []
+
+    def run(self):
+        from jobrunner.downstream import Downstream
+
+        try:
+            conn = store.connect(self.db_url)
+            client = Downstream(self.downstream_url, DOWNSTREAM_PASSWORD, timeout=5)
+            try:
+                while not self.stop.is_set():
+                    for job in services.claim(conn, "email", limit=random.randint(1, 3)).jobs:
+                        client.post(job)
+                        self.sent += 1
+                    self.stop.wait(0.002)
+            finally:
+                client.close()
+                conn.close()
+        except BaseException as error:  # asserted empty in the test's thread
+            self.errors.append(error)
 
 
 def _archived_count(db_url):
-    conn = store.connect(db_url)
-    try:
-        return conn.execute("SELECT count(*) FROM archived_jobs WHERE status = 'succeeded'").fetchone()[0]
-    finally:
-        conn.close()
+    with store.connect(db_url) as conn:
+        return count_rows(conn, "archived_jobs", "succeeded")
 
 
 def test_at_most_once_jobs_never_reach_the_downstream_twice(api, downstream, db_url):
@@ -237,19 +242,8 @@ def test_at_most_once_jobs_never_reach_the_downstream_twice(api, downstream, db_
 
 
 def _queued_count(db_url):
-    conn = store.connect(db_url)
-    try:
-        return conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def _closed_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with store.connect(db_url) as conn:
+        return count_rows(conn, "queued_jobs")
 
 
 def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
