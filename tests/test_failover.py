@@ -145,6 +145,12 @@ def jobrunner_connections(conn) -> dict[str, int]:
     return dict(rows)
 
 
+def listening(conn) -> int:
+    """The workers' LISTEN connections to this server that have run their LISTEN statement."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'jobrunner-worker-listen%%' AND query LIKE 'LISTEN%%'"
+    return conn.execute(query).fetchone()[0]
+
+
 @pytest.fixture
 def synchronous_pair():
     pair = Pair(synchronous=True)
@@ -159,6 +165,7 @@ def test_a_hard_failover_to_a_synchronous_standby_loses_no_acknowledged_job_and_
     downstream = RetryingDownstream(api_port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD, hold=HOLD)
     try:
         with jobrunner_run(pair.url(), downstream.server.server_address[1], api_port, tmp_path / "jobrunner.log") as (process, api):
+            run_started = time.monotonic()
             for name, (strategy, concurrency) in TYPES.items():
                 assert api.post("/v1/jobs", {"name": name, "delivery_strategy": strategy, "attempts": 3, "concurrency": concurrency}).status == 201
             before = children(process.pid)
@@ -187,15 +194,18 @@ def test_a_hard_failover_to_a_synchronous_standby_loses_no_acknowledged_job_and_
                 sent_twice = [job_id for job_id, name in enqueuer.acknowledged.items() if name == "charge" and len(downstream.posts_for(job_id)) > 1]
                 not_succeeded = {job_id: archived[job_id] for job_id, name in enqueuer.acknowledged.items() if name == "mail" and archived.get(job_id) != "succeeded"}
 
-                # a notification sends a job at once: the idle poll is every ~10 s by now
-                time.sleep(1.5)  # the poll that ended deafness
+                # A notification sends a job at once; a worker that missed it would wait for a poll. Polls come
+                # 10 ms x 2^n apart after n polls (at most 1 s apart while deaf), so once the workers have
+                # run 10 s they are >= 4 s apart (~10 s by now): ten jobs each sent within 2.5 s are not
+                # a poll's luck. The listeners must have LISTENed on the new primary, not only connected.
+                wait_until(lambda: listening(new_primary) == WORKERS, "the workers to LISTEN on the new primary", timeout=30)
+                wait_until(lambda: time.monotonic() - run_started > 10, "the workers' safety poll to slow down", timeout=15)
                 latencies = []
-                for _ in range(3):
+                for _ in range(10):
                     job_id = f"job_{uuid.uuid4()}"
                     enqueued = time.monotonic()
                     assert api.put(f"/v1/jobs/mail/{job_id}", {"data": {}}).status == 202
                     latencies.append(wait_until(lambda: downstream.posts_for(job_id), "the job to be sent", timeout=30)[0].at - enqueued)
-                    time.sleep(1.0)
             finally:
                 new_primary.close()
         print(f"\nfailover: {len(enqueuer.acknowledged)} enqueues acknowledged, {len(downstream.posts)} POSTs; "
@@ -207,7 +217,7 @@ def test_a_hard_failover_to_a_synchronous_standby_loses_no_acknowledged_job_and_
         assert sent_twice == []
         assert not_succeeded == {}
         assert recovered - crashed < 15
-        assert max(latencies) < 1.0, latencies
+        assert max(latencies) < 2.5, latencies
         assert downstream.callback_errors == []
     finally:
         downstream.close()
