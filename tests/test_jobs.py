@@ -1,10 +1,10 @@
 """Enqueue (idempotent), get (queued, then archived) and replay."""
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import enqueue_while_archiving, make_type, new_id, utcnow, wait_until
+from conftest import count_rows, enqueue_while_archiving, make_type, new_id, run_concurrently, utcnow, wait_until
 
 from jobrunner import services
 from jobrunner.errors import (
@@ -175,10 +175,6 @@ def archived_job(conn, data=None):
     return services.cancel(conn, job.id)
 
 
-def queued_count(conn) -> int:
-    return conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0]
-
-
 def test_a_replay_with_a_new_id_given_twice_makes_one_job_and_answers_it_both_times(conn):
     job = archived_job(conn)
     chosen = new_id()
@@ -188,7 +184,7 @@ def test_a_replay_with_a_new_id_given_twice_makes_one_job_and_answers_it_both_ti
 
     assert first.id == chosen and (first.name, first.data, first.status) == ("email", {"x": 1}, QUEUED)
     assert again == first
-    assert queued_count(conn) == 1
+    assert count_rows(conn, "queued_jobs") == 1
 
 
 def test_a_replay_repeated_after_its_job_was_archived_answers_the_archived_job(conn):
@@ -200,7 +196,7 @@ def test_a_replay_repeated_after_its_job_was_archived_answers_the_archived_job(c
     again = services.replay(conn, job.id, new_id=chosen)
 
     assert (again.id, again.status) == (chosen, SUCCEEDED)
-    assert queued_count(conn) == 0
+    assert count_rows(conn, "queued_jobs") == 0
 
 
 def test_a_replay_to_an_id_another_job_holds_is_refused_and_changes_nothing(conn):
@@ -213,7 +209,7 @@ def test_a_replay_to_an_id_another_job_holds_is_refused_and_changes_nothing(conn
     for taken in (other_data.id, other_type.id, other_archived.id, job.id):
         with pytest.raises(JobIdInUse):
             services.replay(conn, job.id, new_id=taken)
-    assert queued_count(conn) == 2
+    assert count_rows(conn, "queued_jobs") == 2
 
 
 def test_two_replays_racing_with_one_new_id_make_one_job(conn, connect):
@@ -221,35 +217,23 @@ def test_two_replays_racing_with_one_new_id_make_one_job(conn, connect):
     job = archived_job(conn)
     chosen = new_id()
     first, second = connect(), connect()
-    answers = []
 
-    with first.transaction():
+    with ThreadPoolExecutor(1) as thread, first.transaction():
         made = services.replay(first, job.id, new_id=chosen)
-        thread = threading.Thread(target=lambda: answers.append(services.replay(second, job.id, new_id=chosen)))
-        thread.start()
+        answer = thread.submit(services.replay, second, job.id, new_id=chosen)
         waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
         wait_until(lambda: conn.execute(waiting).fetchone()[0] > 0, "the second replay to wait on the first")
-    thread.join(timeout=10)
 
-    assert answers == [made]
-    assert queued_count(conn) == 1
+    assert answer.result(timeout=10) == made  # raises the second replay's error, if any
+    assert count_rows(conn, "queued_jobs") == 1
 
 
 def test_replays_in_many_threads_with_one_new_id_make_one_job(conn, connect):
     job = archived_job(conn)
     chosen = new_id()
     connections = [connect() for _ in range(4)]
-    start = threading.Barrier(len(connections))
-    answers = []
 
-    def replay(connection):
-        start.wait()
-        answers.append(services.replay(connection, job.id, new_id=chosen).id)
+    answers = run_concurrently([lambda c=connection: services.replay(c, job.id, new_id=chosen).id for connection in connections])
 
-    threads = [threading.Thread(target=replay, args=(connection,)) for connection in connections]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
     assert answers == [chosen] * len(connections)
-    assert queued_count(conn) == 1
+    assert count_rows(conn, "queued_jobs") == 1
