@@ -85,6 +85,7 @@ class ProtocolHandler(BaseHTTPRequestHandler):
     last_status = 0  # of the response sent last, for the metrics
     # Where the connection is, for the server's reaper and its graceful stop (monotonic seconds):
     waiting_since: float | None = None  # waiting for the first byte of a request
+    lingering_since: float | None = None  # answered, discarding a body before closing: the first to go when full
     head_since: float | None = None  # from that byte until the request line and headers are read
     body_since: float | None = None  # while the body is read
     requests_begun = 0  # 0: a fresh connection, yet to send its first request
@@ -107,6 +108,7 @@ class ProtocolHandler(BaseHTTPRequestHandler):
 
     def _discard_unread_body(self) -> None:
         """Lingering close: the answer and a FIN first, then the body the client may still be sending, within bounds."""
+        self.lingering_since = time.monotonic()
         self.wfile.flush()
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_WR)
@@ -529,7 +531,9 @@ def _spare_fd() -> int | None:
 
 
 def _waiting_on_client_since(handler: ProtocolHandler) -> float:
-    """Since when a connection has waited for its client's request or head (inf: it is at work)."""
+    """Since when a connection has waited for its client's request or head (inf: it is at work; -inf: lingering)."""
+    if handler.lingering_since is not None:
+        return float("-inf")  # its answer is sent: closing it costs its client least
     for since in (handler.waiting_since, handler.head_since):
         if since is not None:
             return since
@@ -543,6 +547,8 @@ def _quiet_since(handler: ProtocolHandler) -> float:
     machine connects, then is scheduled out): it gets its timeout to arrive.
     """
     waiting, head = handler.waiting_since, handler.head_since
+    if handler.lingering_since is not None:
+        return handler.lingering_since
     if waiting is not None and handler.requests_begun:
         return waiting
     return head if head is not None else float("inf")

@@ -661,3 +661,23 @@ def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsiv
     assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 10, latencies
     # every connection's thread ends with its connection: nothing accumulates
     wait_until(lambda: handlers() == 0, "the connections' threads to end")
+
+
+def test_connections_lingering_after_a_refused_body_make_room_for_a_new_client(db_url):
+    """Lingering close (discarding a body after the answer) must not pin a connection: they are the first to go."""
+    with running_server(db_url, max_request_threads="2") as api:
+        limit = 2 * protocol.ProtocolServer.connections_per_request_slot
+        lingering = []
+        try:
+            for _ in range(limit):  # one after another: two request slots answer one at a time
+                sock = socket.create_connection(("127.0.0.1", api.port))
+                lingering.append(sock)
+                # no credentials and a big body that never comes: a 401, then the server drains for LINGER_SECONDS
+                sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n")
+                sock.settimeout(5)
+                assert sock.recv(12).startswith(b"HTTP/1.1 401"), "each is answered before the server lingers"
+            answers = [api.get("/v1/jobs").status for _ in range(3)]  # every connection is taken, by lingering ones
+            assert answers == [200, 200, 200]
+        finally:
+            for sock in lingering:
+                sock.close()
