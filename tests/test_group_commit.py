@@ -1,15 +1,22 @@
 """Group commit (the HTTP server's path): one transaction for many concurrent PUTs or callbacks, same answers as alone."""
 
-import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import enqueue_while_archiving, make_type, new_id
+from conftest import count_rows, enqueue_while_archiving, make_type, new_id, run_concurrently
 
 from jobrunner import batching, services, store
 from jobrunner.errors import InvalidField, JobAlreadyArchived, JobIdInUse, UnknownJob, UnknownJobType
 from jobrunner.models import SUCCEEDED, ArchivedJob
+
+
+def answer_or_error(call):
+    """What `call` returns, or the error it raised: an error is an answer under test here."""
+    try:
+        return call()
+    except Exception as error:  # the outcome under test
+        return error
 
 
 @pytest.fixture
@@ -40,7 +47,7 @@ def test_one_batch_inserts_many_jobs_and_skips_a_repeated_id(conn):
     assert inserted[6] is None  # the repeat: enqueued alone later, it gets the stored job
     assert inserted[5].data == {"first": True}
     assert (inserted[5].run_after, inserted[5].attempts) == (later, 4)
-    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 6
+    assert count_rows(conn, "queued_jobs") == 6
     assert services.get_job(conn, repeated) == inserted[5]
 
 
@@ -62,21 +69,10 @@ def test_concurrent_enqueues_each_get_their_own_answer(conn, batcher):
     cases[new_id()] = ("email", {"bad": "nul\u0000"})
     cases[new_id()] = ("nope", {})
     cases[taken.id] = ("email", {})
-    outcomes = {}
-    barrier = threading.Barrier(len(cases))
-
-    def put(job_id, name, data):
-        barrier.wait()
-        try:
-            outcomes[job_id] = batcher.enqueue(job_id, name, data)
-        except Exception as error:  # the outcome under test
-            outcomes[job_id] = error
-
-    threads = [threading.Thread(target=put, args=(job_id, *case)) for job_id, case in cases.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    answers = run_concurrently([
+        lambda job_id=job_id, case=case: answer_or_error(lambda: batcher.enqueue(job_id, *case)) for job_id, case in cases.items()
+    ])
+    outcomes = dict(zip(cases, answers))
 
     kinds = {job_id: type(outcome).__name__ for job_id, outcome in outcomes.items()}
     assert list(kinds.values()).count("QueuedJob") == 30
@@ -86,7 +82,7 @@ def test_concurrent_enqueues_each_get_their_own_answer(conn, batcher):
     for job_id, (name, data) in cases.items():
         if kinds[job_id] == "QueuedJob":
             assert (outcomes[job_id].name, outcomes[job_id].data) == (name, data)
-    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 31
+    assert count_rows(conn, "queued_jobs") == 31
 
 
 def test_a_batch_racing_the_archive_of_the_same_id_is_undone(conn, connect, batcher):
@@ -96,7 +92,7 @@ def test_a_batch_racing_the_archive_of_the_same_id_is_undone(conn, connect, batc
     outcome = enqueue_while_archiving(conn, connect, job, lambda: batcher.enqueue(job.id, "email", {}))
 
     assert isinstance(outcome, JobAlreadyArchived), outcome
-    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+    assert count_rows(conn, "queued_jobs") == 0
     assert services.get_job(conn, job.id).status == SUCCEEDED
 
 
@@ -122,7 +118,7 @@ def test_one_batch_archives_succeeded_jobs_and_answers_each_in_order(conn):
 
     assert [a and (a.id, a.status, a.data) for a in archived[:4]] == [(j.id, SUCCEEDED, j.data) for j in jobs]
     assert archived[4:] == [None, None, None]  # a repeat, another type's name, an unknown job
-    assert conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0] == 0
+    assert count_rows(conn, "queued_jobs") == 0
 
 
 def test_concurrent_callbacks_each_get_their_own_answer(conn, callbacks):
@@ -132,27 +128,16 @@ def test_concurrent_callbacks_each_get_their_own_answer(conn, callbacks):
     assert len(claimed) == 40
     cases = [(job.id, "succeeded") for job in jobs[:30]] + [(job.id, "failed") for job in jobs[30:]]
     cases += [(jobs[0].id, "succeeded"), (new_id(), "succeeded")]
-    outcomes = [None] * len(cases)
-    barrier = threading.Barrier(len(cases))
+    outcomes = run_concurrently([
+        lambda job_id=job_id, status=status: answer_or_error(lambda: callbacks.handle_status_callback(job_id, "email", status, 3))
+        for job_id, status in cases
+    ])
 
-    def call_back(index, job_id, status):
-        barrier.wait()
-        try:
-            outcomes[index] = callbacks.handle_status_callback(job_id, "email", status, 3)
-        except Exception as error:  # the outcome under test
-            outcomes[index] = error
-
-    threads = [threading.Thread(target=call_back, args=(i, *case)) for i, case in enumerate(cases)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    # the barrier lets either of the two callbacks for jobs[0] go first: one archives it, the other is told so
+    # the threads start together: either of the two callbacks for jobs[0] go first: one archives it, the other is told so
     first, repeat = sorted([outcomes[0], outcomes[40]], key=lambda outcome: isinstance(outcome, JobAlreadyArchived))
     assert isinstance(first, ArchivedJob) and first.status == SUCCEEDED
     assert isinstance(repeat, JobAlreadyArchived) and repeat.status == SUCCEEDED
     assert all(isinstance(o, ArchivedJob) and o.status == SUCCEEDED for o in outcomes[1:30])
     assert [(o.status, o.attempts) for o in outcomes[30:40]] == [("queued", 2)] * 10
     assert isinstance(outcomes[41], UnknownJob)
-    assert conn.execute("SELECT count(*) FROM archived_jobs WHERE status = 'succeeded'").fetchone()[0] == 30
+    assert count_rows(conn, "archived_jobs", "succeeded") == 30
