@@ -1,6 +1,5 @@
 """`jobrunner run` as a real process tree: children, signals, reloads, crash loops, systemd notifications."""
 
-import contextlib
 import http.client
 import logging
 import os
@@ -8,118 +7,19 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 
 import downstream_stub as stub
 import pytest
-from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, Api, free_port, wait_until
+from conftest import Service, count_rows, free_port, run_concurrently, running_service, wait_until
 from downstream_stub import DownstreamStub
 
 from jobrunner import store
 from jobrunner.config import load_config
 from jobrunner.supervisor import Child, Supervisor
 from jobrunner.systemd import Notifier
-
-
-class Service:
-    """A running `jobrunner run`, with the NOTIFY_SOCKET it reports to."""
-
-    def __init__(self, process: subprocess.Popen, notifications: list[str], config_path: str):
-        self.process = process
-        self.notifications = notifications
-        self.config_path = config_path
-        self.port = None
-
-    @property
-    def api(self) -> Api:
-        return Api(self.port)
-
-    def children(self) -> dict[str, int]:
-        """comm name -> pid of each live child."""
-        found = {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/comm") as comm:
-                    name = comm.read().strip()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid and fields[0] != "Z":
-                found[name] = int(pid)
-        return found
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def notified(self, message: str) -> bool:
-        return any(message in notification.split("\n") for notification in self.notifications)
-
-
-@contextlib.contextmanager
-def running_service(db_url: str, downstream_url: str, config: str = "workers = 2\n", **environment):
-    workdir = tempfile.mkdtemp(prefix="jobrunner-run-")
-    notify_path = os.path.join(workdir, "notify")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(notify_path)
-    listener.settimeout(0.2)
-    notifications: list[str] = []
-    reading = threading.Event()
-
-    def read_notifications():
-        while not reading.is_set():
-            try:
-                notifications.append(listener.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    reader = threading.Thread(target=read_notifications, daemon=True)
-    reader.start()
-    config_path = os.path.join(workdir, "jobrunner.ini")
-    with open(config_path, "w") as file:
-        file.write("[jobrunner]\n" + config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DATABASE_URL", "DOWNSTREAM", "PORT"))}
-    if "database_url" not in config:
-        env["DATABASE_URL"] = db_url
-    env.update(
-        JOBRUNNER_USERS=f"{API_USER}:{API_PASSWORD}",
-        DOWNSTREAM_URL=downstream_url,
-        DOWNSTREAM_WORKER_AUTH=DOWNSTREAM_PASSWORD,
-        JOBRUNNER_HOST="127.0.0.1",
-        PORT="0",
-        JOBRUNNER_GRACEFUL_TIMEOUT="10",
-        JOBRUNNER_DOWNSTREAM_TIMEOUT="1",
-        NOTIFY_SOCKET=notify_path,
-        **environment,
-    )
-    process = subprocess.Popen([sys.executable, "-m", "jobrunner", "--config", config_path, "run"], env=env, stderr=subprocess.PIPE, text=True)
-    service = Service(process, notifications, config_path)
-    try:
-        wait_until(lambda: service.notified("READY=1") or process.poll() is not None, "READY=1", timeout=30)
-        assert process.poll() is None, process.stderr.read()
-        status = next(line for n in notifications for line in n.split("\n") if line.startswith("STATUS="))
-        service.port = int(status.rsplit(" ", 1)[1])
-        yield service
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
-        reading.set()
-        reader.join()
-        listener.close()
-        for name in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, name))
-        os.rmdir(workdir)
-
-
-@pytest.fixture
-def downstream():
-    downstream = DownstreamStub(0, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
-    yield downstream
-    downstream.close()
 
 
 def setup_type(service: Service, downstream: DownstreamStub, concurrency: int = 5) -> None:
@@ -136,17 +36,14 @@ def enqueue(service: Service, count: int = 1) -> list[str]:
 
 
 def succeeded(db_url: str) -> int:
-    conn = store.connect(db_url)
-    try:
-        return conn.execute("SELECT count(*) FROM archived_jobs WHERE status = 'succeeded'").fetchone()[0]
-    finally:
-        conn.close()
+    with store.connect(db_url) as conn:
+        return count_rows(conn, "archived_jobs", "succeeded")
 
 
-def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, downstream):
-    with running_service(db_url, downstream.url) as service:
+def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, detached_downstream):
+    with running_service(db_url, detached_downstream.url) as service:
         assert set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1", "jr-worker-2"}
-        setup_type(service, downstream)
+        setup_type(service, detached_downstream)
         enqueue(service, 5)
         wait_until(lambda: succeeded(db_url) == 5, "5 jobs to succeed")
 
@@ -155,9 +52,9 @@ def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, 
         assert service.notified("STOPPING=1")
 
 
-def test_each_connection_names_its_process_and_the_waiting_watcher_holds_none(db_url, downstream):
+def test_each_connection_names_its_process_and_the_waiting_watcher_holds_none(db_url, detached_downstream):
     config = "workers = 2\nserver_pool_size = 3\nworker_pool_size = 2\n"
-    with running_service(db_url, downstream.url, config) as service:
+    with running_service(db_url, detached_downstream.url, config) as service:
         children = service.children()
         expected = {f"jobrunner-server:{children['jr-server']}": 3}
         for worker in ("jr-worker-1", "jr-worker-2"):
@@ -173,10 +70,10 @@ def test_each_connection_names_its_process_and_the_waiting_watcher_holds_none(db
 
 
 @pytest.mark.parametrize("victim", ["jr-server", "jr-worker-1", "jr-watcher"])
-def test_a_killed_child_is_replaced_and_jobs_keep_flowing(db_url, downstream, victim):
+def test_a_killed_child_is_replaced_and_jobs_keep_flowing(db_url, detached_downstream, victim):
     # a job the killed worker had claimed but not sent waits out the callback timeout, then is retried
-    with running_service(db_url, downstream.url, JOBRUNNER_JOB_TIMEOUT="2") as service:
-        setup_type(service, downstream)
+    with running_service(db_url, detached_downstream.url, JOBRUNNER_JOB_TIMEOUT="2") as service:
+        setup_type(service, detached_downstream)
         enqueue(service, 10)
         old_pid = service.children()[victim]
         os.kill(old_pid, signal.SIGKILL)
@@ -188,18 +85,22 @@ def test_a_killed_child_is_replaced_and_jobs_keep_flowing(db_url, downstream, vi
         assert service.process.wait(timeout=15) == 0
 
 
-def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_url, downstream):
-    with running_service(db_url, downstream.url) as service:
-        setup_type(service, downstream)
+def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_url, detached_downstream):
+    with running_service(db_url, detached_downstream.url) as service:
+        setup_type(service, detached_downstream)
         before = service.children()
         failures, requests, enqueued = [], [0], []
         hammering = threading.Event()
 
         def hammer():
             while not hammering.is_set():
-                response = service.api.get("/v1/jobs/email")
-                job_id = f"job_{uuid.uuid4()}"
-                put = service.api.put(f"/v1/jobs/email/{job_id}", {"data": {}})
+                try:
+                    response = service.api.get("/v1/jobs/email")
+                    job_id = f"job_{uuid.uuid4()}"
+                    put = service.api.put(f"/v1/jobs/email/{job_id}", {"data": {}})
+                except OSError as error:  # a refused or dropped connection is a failed request too
+                    failures.append(repr(error))
+                    continue
                 requests[0] += 2
                 failures.extend(r.status for r in (response, put) if r.status not in (200, 202))
                 if put.status == 202:
@@ -219,6 +120,7 @@ def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_
         finally:
             hammering.set()
             client.join(timeout=30)
+        assert not client.is_alive(), "the client's last request did not end"
         assert failures == []
         wait_until(lambda: sum(n.count("READY=1") for n in service.notifications) == 2, "READY=1 after the reload")
         assert service.notified("RELOADING=1")
@@ -233,40 +135,42 @@ def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_
     # each valid alone, they contradict each other
     ("stuck_job_timeout = 300", ["JOBRUNNER_STUCK_JOB_TIMEOUT (stuck_job_timeout", "JOBRUNNER_JOB_TIMEOUT (job_timeout"]),
 ])
-def test_sighup_with_a_broken_config_keeps_the_running_one(db_url, downstream, line, named):
-    with running_service(db_url, downstream.url) as service:
+def test_sighup_with_a_broken_config_keeps_the_running_one(db_url, detached_downstream, line, named):
+    with running_service(db_url, detached_downstream.url) as service:
         before = service.children()
         with open(service.config_path, "a") as file:
             file.write(line + "\n")
         service.signal(signal.SIGHUP)
-        service.signal(signal.SIGTERM)  # the HUP is handled first: its log line is then written
-        assert service.process.wait(timeout=15) == 0
-        stderr = service.process.stderr.read()
-        assert "the new configuration is invalid, keeping the running one" in stderr
-        assert all(name in stderr for name in named), stderr
+        service.wait_for_log("the new configuration is invalid, keeping the running one")
+        assert all(name in service.log() for name in named), service.log()
+        # the running generation goes on: the same children, serving
+        assert service.children() == before
+        assert service.api.get("/healthz", auth=None).status == 200
+        service.signal(signal.SIGTERM)
+        assert service.wait_for_exit(15) == 0
         assert not service.notified("RELOADING=1")
-        assert before  # and it was serving until the TERM
 
 
-def test_sigterm_with_jobs_in_flight_exits_0_in_time_and_loses_nothing(db_url, downstream):
-    downstream.policy = lambda post: stub.HANG
-    with running_service(db_url, downstream.url) as service:
-        setup_type(service, downstream, concurrency=3)
-        ids = enqueue(service, 6)
-        wait_until(lambda: len(downstream.posts) == 3, "3 POSTs in flight")
+def test_sigterm_with_jobs_in_flight_exits_0_in_time_and_loses_nothing(db_url, detached_downstream):
+    detached_downstream.policy = lambda post: stub.HANG
+    # a graceful timeout far above the bound: a stop that waits it out is told from one that does not
+    with running_service(db_url, detached_downstream.url, JOBRUNNER_GRACEFUL_TIMEOUT="30") as service:
+        setup_type(service, detached_downstream, concurrency=3)
+        enqueue(service, 6)
+        wait_until(lambda: len(detached_downstream.posts) == 3, "3 POSTs in flight")
         started = time.monotonic()
         service.signal(signal.SIGTERM)
-        assert service.process.wait(timeout=15) == 0
-        assert time.monotonic() - started < 10
+        assert service.wait_for_exit(30) == 0
+        stopped_in = time.monotonic() - started
+        assert stopped_in < 10, f"stopped {stopped_in:.1f} s after SIGTERM: the in-flight POSTs (1 s timeout) were waited out"
     conn = store.connect(db_url)
     rows = dict(conn.execute("SELECT status::text, count(*) FROM queued_jobs GROUP BY 1").fetchall())
     conn.close()
     assert rows == {"in-progress": 3, "queued": 3}  # the sent ones wait for a callback or the timeout
-    assert len(ids) == 6
 
 
-def test_children_exit_by_themselves_when_the_supervisor_is_killed(db_url, downstream):
-    with running_service(db_url, downstream.url) as service:
+def test_children_exit_by_themselves_when_the_supervisor_is_killed(db_url, detached_downstream):
+    with running_service(db_url, detached_downstream.url) as service:
         children = service.children()
         os.kill(service.process.pid, signal.SIGKILL)
         service.process.wait(timeout=5)
@@ -281,8 +185,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_ttin_and_ttou_add_and_remove_a_worker(db_url, downstream):
-    with running_service(db_url, downstream.url) as service:
+def test_ttin_and_ttou_add_and_remove_a_worker(db_url, detached_downstream):
+    with running_service(db_url, detached_downstream.url) as service:
         service.signal(signal.SIGTTIN)
         wait_until(lambda: "jr-worker-3" in service.children(), "a third worker")
         # one at a time: two of the same signal sent at once may arrive as one
@@ -292,11 +196,13 @@ def test_ttin_and_ttou_add_and_remove_a_worker(db_url, downstream):
         wait_until(lambda: set(service.children()) == {"jr-server", "jr-watcher", "jr-worker-1"}, "one worker left")
 
 
-def test_several_servers_share_the_listening_socket_and_one_serves_while_another_restarts(db_url, downstream):
-    with running_service(db_url, downstream.url, "workers = 1\nservers = 2\nserver_pool_size = 2\n") as service:
+def test_several_servers_share_the_listening_socket_and_one_serves_while_another_restarts(db_url, detached_downstream):
+    # a graceful timeout far above the bound: a server blocked until it is killed is told from one that stops
+    config = "workers = 1\nservers = 2\nserver_pool_size = 2\n"
+    with running_service(db_url, detached_downstream.url, config, JOBRUNNER_GRACEFUL_TIMEOUT="30") as service:
         children = service.children()
         assert set(children) == {"jr-server", "jr-server-2", "jr-watcher", "jr-worker-1"}
-        setup_type(service, downstream)
+        setup_type(service, detached_downstream)
         os.kill(children["jr-server"], signal.SIGKILL)
         enqueue(service, 5)  # at once: the other server accepts on the same socket
         wait_until(lambda: succeeded(db_url) == 5, "5 jobs to succeed")
@@ -304,30 +210,23 @@ def test_several_servers_share_the_listening_socket_and_one_serves_while_another
 
         # a burst of connections that then stay open, as a client with a pool of kept-alive ones makes: each
         # wakes both servers and one accepts it; the other must not be left blocked in accept(), deaf to its stop
-        burst = threading.Barrier(32)
-        kept = []
-
         def connect():
             conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
-            burst.wait()
             assert service.api.request("GET", "/healthz", auth=None, conn=conn).status == 200
-            kept.append(conn)
+            return conn
 
-        clients = [threading.Thread(target=connect) for _ in range(32)]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join()
+        kept = run_concurrently([connect] * 32)  # released together
         started = time.monotonic()
         service.signal(signal.SIGTERM)
-        assert service.process.wait(timeout=15) == 0
-        assert time.monotonic() - started < 5, "a server hung until the graceful timeout"
+        assert service.wait_for_exit(45) == 0
+        stopped_in = time.monotonic() - started
+        assert stopped_in < 10, f"stopped {stopped_in:.1f} s after SIGTERM: a server hung until the graceful timeout"
         for conn in kept:
             conn.close()
 
 
-def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, downstream):
-    with running_service(db_url, downstream.url) as service:
+def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, detached_downstream):
+    with running_service(db_url, detached_downstream.url) as service:
         killed = set()
 
         def kill_the_watcher_again():
@@ -340,13 +239,13 @@ def test_a_child_that_keeps_dying_at_start_makes_the_supervisor_give_up(db_url, 
         wait_until(kill_the_watcher_again, "the supervisor to give up", timeout=40)
         assert service.process.returncode == 1
         assert len(killed) == 5
-        assert "watcher died 5 times within 5 s of starting" in service.process.stderr.read()
+        assert "watcher died 5 times within 5 s of starting" in service.log()
 
 
-def test_a_reload_whose_children_cannot_reach_the_database_keeps_the_old_generation(db_url, downstream):
+def test_a_reload_whose_children_cannot_reach_the_database_keeps_the_old_generation(db_url, detached_downstream):
     config = f"workers = 1\ndatabase_url = {db_url}\nstart_timeout = 3\n"
-    with running_service(db_url, downstream.url, config=config) as service:
-        setup_type(service, downstream)
+    with running_service(db_url, detached_downstream.url, config=config) as service:
+        setup_type(service, detached_downstream)
         before = service.children()
         with open(service.config_path, "w") as file:
             file.write("[jobrunner]\nworkers = 1\nstart_timeout = 3\ndatabase_url = postgresql:///nowhere?host=/nonexistent\n")
@@ -357,7 +256,7 @@ def test_a_reload_whose_children_cannot_reach_the_database_keeps_the_old_generat
         wait_until(lambda: succeeded(db_url) == 2, "the old generation to go on working")
         service.signal(signal.SIGTERM)
         assert service.process.wait(timeout=15) == 0
-        assert "the new generation did not start and reach the database; keeping the old one" in service.process.stderr.read()
+        assert "the new generation did not start and reach the database; keeping the old one" in service.log()
 
 
 def test_the_children_module_does_not_import_the_supervisor():
@@ -387,10 +286,10 @@ def _children_by_pid(parent: int) -> list[tuple[str, int]]:
     return found
 
 
-def test_sigterm_during_a_reload_that_cannot_reach_the_database_stops_at_once(db_url, downstream):
+def test_sigterm_during_a_reload_that_cannot_reach_the_database_stops_at_once(db_url, detached_downstream):
     # the default start timeout (60 s) is longer than systemd's TimeoutStopSec: a stop must not wait for it
     config = f"workers = 1\ndatabase_url = {db_url}\n"
-    with running_service(db_url, downstream.url, config=config) as service:
+    with running_service(db_url, detached_downstream.url, config=config) as service:
         old = child_pids(service)
         with open(service.config_path, "w") as file:
             file.write(f"[jobrunner]\nworkers = 1\ndatabase_url = postgresql://nobody@127.0.0.1:{free_port()}/nowhere\n")
