@@ -125,8 +125,15 @@ class _Kept:
             self.conn.sock is not None
             and self.response.isclosed()  # read whole: http.client closes an answer at its end
             and time.monotonic() - self.used_at <= MAX_IDLE
-            and not select.select([self.conn.sock], [], [], 0)[0]  # readable while idle: the server closed it
+            and not _readable(self.conn.sock)  # readable while idle: the server closed it
         )
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read now; poll, not select, which refuses descriptors past 1023."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _NoAnswer(Exception):

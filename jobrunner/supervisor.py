@@ -139,6 +139,8 @@ class Supervisor:
                 self.sleep()
                 self.handle_signals()
                 self.reap_children()
+                if self.stopping:
+                    break  # a stop signal in this pass: start nothing more, not even a reload's children
                 self.advance_reload()
                 self.manage_children()
                 self.ping_watchdog()

@@ -502,3 +502,43 @@ def test_a_kept_connection_cut_after_part_of_an_answer_is_not_retried(answer):
 )
 def test_each_failed_post_is_counted_under_its_kind(outcome, reason, kind):
     assert downstream_module.error_kind(outcome, reason) == kind
+
+
+def test_a_kept_connection_on_a_descriptor_past_1023_is_reused_like_any_other():
+    """select() refuses descriptors past 1023: the idle check must not, or the next POST fails unsent."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves no descriptor past 1023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next sockets get descriptors past 1023
+    posts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            posts.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        downstream = client(f"http://127.0.0.1:{server.server_address[1]}", "pw", timeout=5)
+        assert [downstream.post(JOB)[0] for _ in range(2)] == [Delivery.ACCEPTED] * 2
+        assert len(posts) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
