@@ -6,8 +6,17 @@ from datetime import datetime, timedelta, timezone
 
 import downstream_stub as stub
 import pytest
-from conftest import DOWNSTREAM_PASSWORD, free_port, make_type, new_id, running_worker, wait_until
-from test_worker import create_type, enqueue, wait_for_status
+from conftest import (
+    DOWNSTREAM_PASSWORD,
+    create_type,
+    enqueue,
+    free_port,
+    make_type,
+    new_id,
+    running_worker,
+    wait_for_status,
+    wait_until,
+)
 
 from jobrunner import outcomes, services, store
 from jobrunner.delivery import HttpDelivery
