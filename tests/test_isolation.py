@@ -10,7 +10,7 @@ import time
 
 import downstream_stub as stub
 import pytest
-from conftest import create_type, enqueue, running_worker, wait_for_status, wait_until
+from conftest import create_type, enqueue, free_port, running_worker, wait_for_status, wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from jobrunner import store
@@ -208,8 +208,6 @@ def test_a_claim_whose_commit_answer_is_lost_is_sent_once_never_failed_unsent(ap
 
 
 def test_a_worker_whose_database_is_down_hears_a_stop_while_it_waits_for_a_connection():
-    from conftest import free_port
-
     unreachable = f"postgresql://jobrunner@127.0.0.1:{free_port()}/jobrunner?connect_timeout=1"
     with running_worker(unreachable, "http://127.0.0.1:9", db_timeout="8") as worker:
         wait_until(lambda: worker.pool._pool.get_stats().get("requests_waiting", 0) >= 1, "the worker to wait for a connection")
