@@ -97,16 +97,23 @@ class Enqueuer:
         self.acknowledged: dict[str, str] = {}  # job id -> type
         self.answers: list[tuple[float, float, int | None]] = []  # (started, answered, status) of every try
         self.stop = threading.Event()
+        self.errors: list[BaseException] = []  # raised by finish()
         self.thread = threading.Thread(target=self._run, name="enqueuer")
         self.thread.start()
 
     def _run(self) -> None:
+        try:
+            self._enqueue_until_stopped()
+        except BaseException as error:  # raised in the test's thread by finish()
+            self.errors.append(error)
+
+    def _enqueue_until_stopped(self) -> None:
         names = list(TYPES)
         n = 0
         while not self.stop.is_set():
             name, job_id = names[n % len(names)], f"job_{uuid.uuid4()}"
             while not self.stop.is_set() and not self._put(name, job_id):
-                time.sleep(0.05)
+                time.sleep(0.05)  # the pace of retries, not a wait for a condition
             n += 1
             self.stop.wait(0.03)  # about 25 jobs/s, below what the types' concurrency lets through (8 / HOLD)
 
@@ -129,6 +136,9 @@ class Enqueuer:
     def finish(self) -> None:
         self.stop.set()
         self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the enqueuer's last PUT did not end"
+        if self.errors:
+            raise self.errors[0]
 
 
 def stored(conn) -> tuple[dict[str, str], dict[str, str]]:
