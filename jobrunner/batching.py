@@ -108,7 +108,7 @@ class EnqueueBatcher:
     def enqueue(
         self, job_id: UUID, name: str, data: Any, run_after: datetime | None = None, expires_at: datetime | None = None
     ) -> QueuedJob:
-        services.validate_schedule(run_after, expires_at)
+        services.validate_new_job(data, run_after, expires_at)
         job = self._group.submit(store.NewJob(job_id, name, data, run_after, expires_at))
         if job is not None:
             return job

@@ -30,6 +30,9 @@ JOB_ID_PREFIX = "job_"
 MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
 MAX_CONCURRENCY = 32767  # the column is a smallint
 MAX_NAME_LENGTH = 100
+# Deeper data could be stored (PostgreSQL has no such limit) and then not read back:
+# the JSON decoder's recursion runs out at a depth that depends on the reading thread's stack.
+MAX_DATA_DEPTH = 100
 # Names travel unescaped in URLs (ours and the downstream's), so keep them URL-safe.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -120,6 +123,16 @@ def validate_delivery_strategy(strategy: Any) -> str:
     if strategy not in DELIVERY_STRATEGIES:
         raise InvalidField("delivery_strategy", f"must be {AT_LEAST_ONCE!r} or {AT_MOST_ONCE!r}, not {strategy!r}")
     return strategy
+
+
+def validate_data(data: Any) -> Any:
+    """A job's data, any JSON, nested at most MAX_DATA_DEPTH arrays and objects deep (counted without recursion)."""
+    level = [data]
+    for _ in range(MAX_DATA_DEPTH + 1):
+        level = [item for value in level if isinstance(value, (list, dict)) for item in (value.values() if isinstance(value, dict) else value)]
+        if not level:
+            return data
+    raise InvalidField("data", f"must be nested at most {MAX_DATA_DEPTH} arrays and objects deep")
 
 
 def validate_attempts(attempts: Any) -> int:

@@ -50,6 +50,7 @@ from .models import (
     new_job_id,
     validate_attempts,
     validate_concurrency,
+    validate_data,
     validate_delivery_strategy,
     validate_job_type_name,
 )
@@ -216,7 +217,7 @@ def enqueue(
     `run_after` defaults to now. An `expires_at` in the past is accepted: the job is
     archived as expired when it comes due, and never sent.
     """
-    validate_schedule(run_after, expires_at)
+    validate_new_job(data, run_after, expires_at)
     job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now)
     if job is not None:
         return job
@@ -240,8 +241,9 @@ def enqueue_many(conn: Connection, jobs: list[store.NewJob]) -> list[QueuedJob |
     return store.enqueue_jobs(conn, jobs)
 
 
-def validate_schedule(run_after: datetime | None, expires_at: datetime | None) -> None:
-    """A job's run_after and expires_at, when given, must be timestamps with a time zone."""
+def validate_new_job(data: Any, run_after: datetime | None, expires_at: datetime | None) -> None:
+    """A new job's data must be readable back; its run_after and expires_at, when given, timestamps with a time zone."""
+    validate_data(data)
     _require_aware("run_after", run_after)
     _require_aware("expires_at", expires_at)
 

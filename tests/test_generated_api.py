@@ -274,7 +274,7 @@ ROUTE_TEMPLATES = [
     ("POST", "/v1/jobs/{name}/{id}/replay"), ("POST", "/v1/jobs/{id}/replay"),
     ("POST", "/v1/jobs/{name}/{id}/cancel"),
     ("POST", "/v1/jobs/{name}/pause"), ("POST", "/v1/jobs/{name}/resume"),
-    ("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics"),
+    ("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json"),
 ]
 # The fields each route reads, so that generated bodies reach past "missing field".
 FIELDS = {

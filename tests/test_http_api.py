@@ -556,3 +556,14 @@ def test_options_lists_the_routes_methods_and_changes_nothing(email):
     assert email.request("OPTIONS", "/v1/jobs/email", auth=None).status == 401  # credentials as for the route itself
     assert_error(email.request("OPTIONS", "/v1/nowhere"), 404, "not_found")
     assert email.get("/v1/jobs/email").json["concurrency"] == EMAIL["concurrency"]
+
+
+def test_data_nested_too_deep_to_read_back_is_refused_and_not_stored(api):
+    """PostgreSQL stores any depth; the JSON decoder of a reading thread may not get back: refused with a 400."""
+    api.post("/v1/jobs", {"name": "email", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": 0})
+    deep = "1"
+    for _ in range(600):
+        deep = "[" + deep + "]"
+    answer = api.request("PUT", "/v1/jobs/email/random_id", ('{"data": ' + deep + "}").encode())
+    assert answer.status == 400 and answer.json["id"] == "invalid_parameter" and "data" in answer.json["title"]
+    assert api.get("/v1/jobs/email/jobs").json["jobs"] == []

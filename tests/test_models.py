@@ -51,3 +51,22 @@ def test_new_ids_are_valid_rfc4122_version_4():
     job_uuid = new_job_id()
     assert (job_uuid.version, job_uuid.variant) == (4, uuid.RFC_4122)
     assert parse_job_id(format_job_id(job_uuid)) == job_uuid
+
+
+def nested(depth: int):
+    value = "leaf"
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_data_may_nest_up_to_the_limit_and_not_deeper():
+    from jobrunner.errors import InvalidField
+    from jobrunner.models import MAX_DATA_DEPTH, validate_data
+
+    assert validate_data(nested(MAX_DATA_DEPTH)) == nested(MAX_DATA_DEPTH)
+    assert validate_data(None) is None and validate_data([]) == []
+    with pytest.raises(InvalidField, match="nested at most"):
+        validate_data(nested(MAX_DATA_DEPTH + 1))
+    with pytest.raises(InvalidField):
+        validate_data([1, 2, nested(MAX_DATA_DEPTH + 1)])  # deep anywhere, not only first
