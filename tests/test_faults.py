@@ -114,7 +114,7 @@ def set_up(conn, strategy: str, claimed: bool, delivered: bool = True) -> Scene:
         scene.jobs = services.claim(conn, scene.name, 2, now=T0).jobs
         for job in scene.jobs:
             scene.sent[job.id] = 1
-            if delivered:
+            if delivered or job is not scene.jobs[0]:  # delivered=False: the first one (the path's) never arrived
                 scene.delivered.add(job.id)
     return scene
 
@@ -125,16 +125,29 @@ def archived_one(conn, strategy):
     return scene
 
 
+def release_unsent(conn, error: Exception) -> None:
+    """The worker's answer to a claim whose COMMIT got no answer: queue its jobs again, unsent (worker._release_unsent)."""
+    if isinstance(error, store.ClaimOutcomeUnknown):
+        services.release_unsent_jobs(conn, error.jobs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Path:
     name: str
     set_up: Callable  # (conn, strategy) -> Scene
     run: Callable  # (conn, scene) -> None
-    retried: bool  # the real caller retries it after an error (a downstream's callback, an API client)
+    retried: bool  # the real caller retries it after an error (a downstream's callback, an API client, the worker)
+    recover: Callable | None = None  # (conn, scene, error) -> None: what the real caller does instead of a retry
 
 
 PATHS = [
-    Path("claim", lambda c, s: set_up(c, s, claimed=False), lambda conn, sc: services.claim(conn, sc.name, 5, now=T0), retried=False),
+    Path(
+        "claim",
+        lambda c, s: set_up(c, s, claimed=False),
+        lambda conn, sc: services.claim(conn, sc.name, 5, now=T0),
+        retried=False,
+        recover=lambda conn, sc, error: release_unsent(conn, error),
+    ),
     Path(
         "callback succeeded",
         lambda c, s: set_up(c, s, claimed=True),
@@ -151,7 +164,7 @@ PATHS = [
         "not delivered",
         lambda c, s: set_up(c, s, claimed=True, delivered=False),
         lambda conn, sc: services.record_not_delivered(conn, sc.jobs[0], now=T0),
-        retried=False,
+        retried=True,  # the worker records an outcome until the database takes it (worker._record)
     ),
     Path(
         "stuck round",
@@ -252,4 +265,6 @@ def test_a_dropped_connection_at_any_point_loses_nothing(module_db_url, admin, p
         if path.retried:
             with contextlib.suppress(JobrunnerError):  # it may find its own change done: a 4xx for the client
                 path.run(admin, scene)
+        if path.recover:
+            path.recover(admin, scene, error)
         check_after_fault(scene, what)
