@@ -206,8 +206,8 @@ def shape_burst(database: Database, args) -> None:
         runs.append(("rickover fresh", lambda r: burst_rickover(database, args, True)))
     results = run_rounds(args, runs)
     line = f"burst {args.jobs:,} jobs PUT (ab -k -c 100) onto an empty queue with empty statistics, C={args.concurrency}, {args.rounds} rounds:"
-    line += summary(results, [("jobrunner fresh", "jobrunner kept"), ("jobrunner fresh", "jobrunner favourable"),
-                              ("jobrunner fresh", "rickover fresh")])
+    pairs = [("jobrunner fresh", "jobrunner kept"), ("jobrunner fresh", "jobrunner favourable")]
+    line += summary(results, pairs + ([("jobrunner fresh", "rickover fresh")] if args.rickover else []))
     enqueues = {name: [r["enqueue"] for r in runs] for name, runs in results.items() if "enqueue" in runs[0]}
     line += "; enqueue " + ", ".join(f"{name} {median_spread(rates)} req/s" for name, rates in enqueues.items())
     record(line)
