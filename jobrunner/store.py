@@ -53,6 +53,12 @@ def translated_errors(field: str = "request") -> Iterator[None]:
         raise SchemaMissing(f"The database has no jobrunner schema ({_reason(error)}): run `jobrunner migrate`") from None
     except psycopg.OperationalError as error:
         raise DatabaseUnavailable(f"The database is unavailable: {_reason(error)}") from None
+    except (psycopg.InternalError, psycopg.InterfaceError) as error:
+        if error.sqlstate is not None:  # sent by the server: a statement it refused
+            raise DatabaseError(f"The database refused a statement: {_reason(error)}") from error
+        # raised by the client library on a connection that broke mid-statement (a pooler
+        # dropping its server connection answers "received 2 results from command 'BEGIN'")
+        raise DatabaseUnavailable(f"The database connection broke mid-statement: {_reason(error)}") from None
     except psycopg.Error as error:
         raise DatabaseError(f"The database refused a statement: {_reason(error)}") from error
 

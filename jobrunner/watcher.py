@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timedelta
 
 from . import services, store
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, JobrunnerError
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class Watcher:
                     log.info("watcher: %d stuck jobs failed, %d expired jobs archived, %d old archived jobs deleted", done.stuck, done.expired, done.deleted)
             except DatabaseUnavailable as error:
                 log.warning("watcher: %s; trying again next round", error)
+            except JobrunnerError as error:  # a statement refused: a restart would meet it again
+                log.error("watcher: a round failed: %s; trying again next round", error)
             # the next tick of the grid that started with the first round; a late round skips ticks
             stop.wait(self.interval - (time.monotonic() - started) % self.interval)
 
