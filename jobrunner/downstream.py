@@ -147,13 +147,13 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
     that POSTs job after job that is most of the cost, on both sides. A kept
     connection is reused only if its last answer was read whole and it has been
     idle less than MAX_IDLE (well under a server's idle timeout). Failing to
-    connect raises NotConnected (nothing sent). A reused connection that fails
-    before a byte of the answer came was closed by the server as idle just as we
-    sent (no idle check can close that race): the request is sent again, once,
-    on a new connection, as browsers do. (A downstream that dies after reading a
-    request on a kept connection looks the same; it must not close one without
-    an answer otherwise.) Any other failure after connecting counts as "may have
-    been delivered".
+    connect raises NotConnected (nothing sent). A reused connection reset before
+    a byte of the answer came was closed by the server as idle with our request
+    unread (no idle check can close that race): the request is sent again, once,
+    on a new connection. A clean close with no answer is not resent: a
+    downstream may close that way after reading the request, and an
+    `at_most_once` job must not reach it twice. Any other failure after
+    connecting counts as "may have been delivered".
     """
 
     handler_order = 100  # before urllib's own http/https handlers, which build_opener adds too
@@ -208,8 +208,11 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as error:
             conn.close()
-            # reset, or closed with no answer (RemoteDisconnected is a ConnectionError)
-            if reused and isinstance(error, ConnectionError) and exchange.answered == 0:
+            # Reset with no answer: the downstream closed the kept connection with our request
+            # unread (its idle timeout fired as we sent). A clean close instead (RemoteDisconnected)
+            # may follow a request it read and acted on: that one "may have been delivered".
+            reset = isinstance(error, (ConnectionResetError, BrokenPipeError)) and not isinstance(error, http.client.RemoteDisconnected)
+            if reused and reset and exchange.answered == 0:
                 raise _NoAnswer from error
             raise urllib.error.URLError(error) from error
         response.url, response.msg = req.get_full_url(), response.reason

@@ -542,3 +542,35 @@ def test_a_kept_connection_on_a_descriptor_past_1023_is_reused_like_any_other():
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_kept_connection_closed_cleanly_after_the_request_was_read_is_not_sent_again():
+    """A downstream that reads the request on a kept connection and closes without answering may have acted on it:
+    "may have been delivered", never a second POST (an at_most_once job must not arrive twice)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests = []
+
+    def serve():
+        first, _ = listener.accept()
+        with first:
+            requests.append(read_request(first))
+            first.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+            requests.append(read_request(first))  # read whole, then a clean close (FIN), no answer
+            first.shutdown(socket.SHUT_RDWR)
+        listener.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            second, _ = listener.accept()
+            with second:
+                requests.append(read_request(second))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        poster = client(f"http://127.0.0.1:{listener.getsockname()[1]}", "pw", timeout=5)
+        assert poster.post(JOB)[0] is Delivery.ACCEPTED
+        assert poster.post(dataclasses.replace(JOB, attempts=2))[0] is Delivery.MAYBE_DELIVERED
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert not thread.is_alive()
+    assert [json.loads(body)["attempts"] for body in requests] == [3, 2]  # the second job arrived once
