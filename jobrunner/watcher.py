@@ -17,8 +17,9 @@ from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timedelta
 
 from . import services, store
-from .errors import DatabaseUnavailable, JobrunnerError
+from .errors import JobrunnerError
 from .metrics import ServiceMetrics
+from .outages import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,15 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """`run_once` every interval, anchored to the start so that the rounds never drift."""
         started = time.monotonic()
+        outage = OutageLog("watcher round", log, "trying again next round until it recovers")
         while not stop.is_set():
             try:
                 done = self.run_once()
+                outage.recovered()
                 if done.changed_something():
                     log.info("watcher: %d stuck jobs failed, %d expired jobs archived, %d old archived jobs deleted", done.stuck, done.expired, done.deleted)
-            except DatabaseUnavailable as error:
-                log.warning("watcher: %s; trying again next round", error)
-            except JobrunnerError as error:  # a statement refused: a restart would meet it again
-                log.error("watcher: a round failed: %s; trying again next round", error)
+            except JobrunnerError as error:  # unreachable, or a statement refused: a restart would meet it again
+                outage.failed(error)
             # the next tick of the grid that started with the first round; a late round skips ticks
             stop.wait(self.interval - (time.monotonic() - started) % self.interval)
 

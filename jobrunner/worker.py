@@ -38,6 +38,7 @@ from .downstream import Downstream
 from .errors import DatabaseUnavailable, JobAlreadyArchived, JobNameMismatch, JobrunnerError, StaleCallback, UnknownJob
 from .metrics import ServiceMetrics
 from .models import QueuedJob, format_job_id
+from .outages import OutageLog
 from .outcomes import OUTCOMES, Accepted, Failed, Outcome
 
 log = logging.getLogger(__name__)
@@ -69,26 +70,6 @@ def get_sleep_duration(sleep_factor: float, failed_attempts: int) -> timedelta:
     return IDLE_SLEEP_BASE * multiplier * random.uniform(0.8, 1.2)
 
 
-class OutageLog:
-    """Log the first failure of an outage and the recovery, not every failure in between."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.failures = 0
-
-    def failed(self, error: Exception) -> None:
-        if self.failures == 0:
-            # anything but a jobrunner error is a bug: its traceback says where
-            bug = not isinstance(error, JobrunnerError)
-            log.warning("%s failed: %s; retrying with back-off until it recovers", self.what, error, exc_info=bug)
-        self.failures += 1
-
-    def recovered(self) -> None:
-        if self.failures:
-            log.warning("%s recovered after %d failed tries", self.what, self.failures)
-        self.failures = 0
-
-
 class Worker:
     def __init__(self, config, stop: threading.Event | None = None, counted: ServiceMetrics | None = None):
         self.config = config
@@ -115,8 +96,8 @@ class Worker:
         self._next_poll = 0.0
         self._next_stuck_check = 0.0
         self._deaf = True  # no LISTEN connection yet
-        self._db_outage = OutageLog("worker database access")
-        self._overdue_outage = OutageLog("failing overdue jobs")
+        self._db_outage = OutageLog("worker database access", log)
+        self._overdue_outage = OutageLog("failing overdue jobs", log)
         self._type_outages: dict[str, OutageLog] = {}  # job type -> its claims' current outage
         self._held_until: dict[str, float] = {}  # job type -> monotonic time its back-off ends
         self._unsent: list[QueuedJob] = []  # claimed, never sent, the claim's commit unanswered
@@ -251,7 +232,7 @@ class Worker:
 
     def _type_failed(self, name: str, now: float, error: Exception) -> None:
         """Log the first failure of the type's outage, count every one, back the type off, tell the dashboard."""
-        outage = self._type_outages.setdefault(name, OutageLog(f"claiming {name!r} jobs"))
+        outage = self._type_outages.setdefault(name, OutageLog(f"claiming {name!r} jobs", log))
         outage.failed(error)
         self.metrics.claim_errors.inc(name)
         self._held_until[name] = now + self._backoff(min(outage.failures, 10))
@@ -423,7 +404,7 @@ class Worker:
 
     def _listen(self) -> None:
         """Turn notifications into wake-ups; reconnect with back-off when the connection fails."""
-        outage = OutageLog("LISTEN connection")
+        outage = OutageLog("LISTEN connection", log)
         listener = None
         while not self.stop_event.is_set():
             try:
