@@ -184,8 +184,10 @@ def test_a_connection_cut_mid_response_may_have_been_delivered(partial):
         assert client(url, "pw", timeout=5).post(JOB)[0] is Delivery.MAYBE_DELIVERED
 
 
-def test_posts_from_one_thread_share_a_kept_alive_connection():
-    connections = []
+@contextlib.contextmanager
+def keep_alive_server():
+    """An HTTP/1.1 downstream that answers 202 and keeps connections open: (url, connections seen, bodies posted)."""
+    connections, posts = [], []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -195,7 +197,7 @@ def test_posts_from_one_thread_share_a_kept_alive_connection():
             super().setup()
 
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(202)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -207,12 +209,17 @@ def test_posts_from_one_thread_share_a_kept_alive_connection():
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
-        downstream = client(f"http://127.0.0.1:{server.server_address[1]}", "pw", timeout=5)
-        assert [downstream.post(JOB)[0] for _ in range(5)] == [Delivery.ACCEPTED] * 5
+        yield f"http://127.0.0.1:{server.server_address[1]}", connections, posts
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_posts_from_one_thread_share_a_kept_alive_connection():
+    with keep_alive_server() as (url, connections, _):
+        downstream = client(url, "pw", timeout=5)
+        assert [downstream.post(JOB)[0] for _ in range(5)] == [Delivery.ACCEPTED] * 5
     assert len(connections) == 1
 
 
@@ -514,31 +521,12 @@ def test_a_kept_connection_on_a_descriptor_past_1023_is_reused_like_any_other():
         pytest.skip(f"the hard open-file limit ({hard}) leaves no descriptor past 1023")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
     filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next sockets get descriptors past 1023
-    posts = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):
-            posts.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(202)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
     try:
-        downstream = client(f"http://127.0.0.1:{server.server_address[1]}", "pw", timeout=5)
-        assert [downstream.post(JOB)[0] for _ in range(2)] == [Delivery.ACCEPTED] * 2
-        assert len(posts) == 2
+        with keep_alive_server() as (url, connections, posts):
+            downstream = client(url, "pw", timeout=5)
+            assert [downstream.post(JOB)[0] for _ in range(2)] == [Delivery.ACCEPTED] * 2
+        assert len(posts) == 2 and len(connections) == 1  # the second POST reused the first one's connection
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

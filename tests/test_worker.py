@@ -1,7 +1,11 @@
 """Workers against a real server, a real database and a downstream stub over loopback HTTP."""
 
 import base64
+import contextlib
+import logging
+import os
 import random
+import tempfile
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -242,6 +246,24 @@ def test_at_most_once_jobs_never_reach_the_downstream_twice(api, downstream, db_
     assert len({post.job_id for post in downstream.posts}) == len(jobs)
 
 
+@contextlib.contextmanager
+def private_cluster():
+    """A PostgreSQL cluster of the test's own, with the schema, that the test may stop and start again: (cluster, url)."""
+    from jobrunner.cli import schema_sql
+    from jobrunner.localdb import LocalPostgres
+
+    workdir = tempfile.mkdtemp(prefix="jobrunner-restart-")
+    os.chmod(workdir, 0o755)
+    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
+    url = cluster.start()
+    with contextlib.closing(store.connect(url)) as conn:
+        store.apply_schema(conn, schema_sql())
+    try:
+        yield cluster, url
+    finally:
+        cluster.stop()
+
+
 def _queued_count(db_url):
     with store.connect(db_url) as conn:
         return count_rows(conn, "queued_jobs")
@@ -249,25 +271,11 @@ def _queued_count(db_url):
 
 def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
     """A private cluster, stopped and started again under a running worker and server."""
-    import logging
-    import os
-    import tempfile
-
     from conftest import API_PASSWORD, API_USER, running_server
     from downstream_stub import DownstreamStub
 
-    from jobrunner.cli import schema_sql
-    from jobrunner.localdb import LocalPostgres
-
-    workdir = tempfile.mkdtemp(prefix="jobrunner-outage-")
-    os.chmod(workdir, 0o755)
-    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
-    url = cluster.start()
-    conn = store.connect(url)
-    store.apply_schema(conn, schema_sql())
-    conn.close()
     caplog.set_level(logging.WARNING, logger="jobrunner.worker")
-    try:
+    with private_cluster() as (cluster, url):
         with running_server(url, db_timeout="1") as api:
             downstream = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
             create_type(api)
@@ -279,8 +287,6 @@ def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
                 wait_until(lambda: api.get("/healthz", auth=None).status == 200, "the database to be back", timeout=30)
                 wait_for_status(api, enqueue(api), "succeeded", timeout=30)
             downstream.close()
-    finally:
-        cluster.stop()
     outage_lines = [r.message for r in caplog.records if "worker database access failed" in r.message]
     assert len(outage_lines) == 1, outage_lines
     assert any("worker database access recovered" in r.message for r in caplog.records)
@@ -332,25 +338,11 @@ def test_a_not_delivered_outcome_the_database_dropped_is_recorded_once_it_answer
 
 def test_a_not_delivered_outcome_met_by_a_database_restart_is_recorded_once_it_is_back(caplog):
     """The database goes away while a job's 503s are resent, and comes back: the at_most_once job is sent again, not failed."""
-    import logging
-    import os
-    import tempfile
-
     from conftest import API_PASSWORD, API_USER, running_server
     from downstream_stub import DownstreamStub
 
-    from jobrunner.cli import schema_sql
-    from jobrunner.localdb import LocalPostgres
-
-    workdir = tempfile.mkdtemp(prefix="jobrunner-restart-")
-    os.chmod(workdir, 0o755)
-    cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
-    url = cluster.start()
-    conn = store.connect(url)
-    store.apply_schema(conn, schema_sql())
-    conn.close()
     caplog.set_level(logging.WARNING, logger="jobrunner.worker")
-    try:
+    with private_cluster() as (cluster, url):
         with running_server(url, db_timeout="1") as api:
             downstream = DownstreamStub(api.port, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
             downstream.policy = lambda post: stub.UNAVAILABLE if post.attempts == 2 else stub.ACCEPT
@@ -364,7 +356,5 @@ def test_a_not_delivered_outcome_met_by_a_database_restart_is_recorded_once_it_i
                 wait_until(lambda: api.get("/healthz", auth=None).status == 200, "the database to be back", timeout=30)
                 archived = wait_for_status(api, job_id, "succeeded", timeout=45)
             downstream.close()
-    finally:
-        cluster.stop()
     assert [post.attempts for post in downstream.posts_for(job_id)][-1] == 1
     assert archived["attempts"] == 1
