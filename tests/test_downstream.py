@@ -386,8 +386,8 @@ def closing_server():
                 continue
             with connection:
                 read_request(connection)
+                answered[0] += 1  # before the answer: the client may count as soon as it has it
                 connection.sendall(b"HTTP/1.1 202 Accepted\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            answered[0] += 1
 
     thread = threading.Thread(target=serve)
     thread.start()
