@@ -477,7 +477,7 @@ class Handler(ProtocolHandler):
     def handle_healthz(self) -> None:
         try:
             with self._db(timeout=1.0) as conn:
-                store.ping(conn)
+                store.ping_writable(conn)  # a load balancer must not send work to a host whose database is a standby
         except DatabaseUnavailable:
             # no detail: this route needs no credentials, and the driver's message names hosts and users
             raise HttpError(503, "service_unavailable", "The database is unavailable") from None

@@ -170,6 +170,17 @@ def ping(conn: Connection) -> None:
         conn.execute(PING)
 
 
+READ_ONLY = "SELECT current_setting('transaction_read_only') = 'on'"
+
+
+def ping_writable(conn: Connection) -> None:
+    """The database answers and takes writes: a standby (or a read-only setting) is as good as down for jobrunner."""
+    with translated_errors():
+        read_only = conn.execute(READ_ONLY).fetchone()[0]
+    if read_only:
+        raise DatabaseUnavailable("The database is read-only, a standby?")
+
+
 # --- schema ------------------------------------------------------------------
 
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"

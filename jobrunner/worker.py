@@ -100,6 +100,7 @@ class Worker:
         self._overdue_outage = OutageLog("failing overdue jobs", log)
         self._type_outages: dict[str, OutageLog] = {}  # job type -> its claims' current outage
         self._held_until: dict[str, float] = {}  # job type -> monotonic time its back-off ends
+        self._paused: set[str] = set()  # types of concurrency 0 at the last poll
         self._unsent: list[QueuedJob] = []  # claimed, never sent, the claim's commit unanswered
 
     # --- the loop ---
@@ -160,6 +161,8 @@ class Worker:
             for state in states
             if state.next_due_in is not None and state.concurrency > 0
         }
+        # a paused type's enqueues wake no claim; its resume changes the type, which polls again
+        self._paused = {state.name for state in states if state.concurrency == 0}
         # One type alone may use every thread; with others to serve, at most half, so
         # that a type whose downstream hangs leaves the other half to the rest.
         serving = sum(1 for state in states if state.concurrency > 0)
@@ -399,7 +402,7 @@ class Worker:
         now = time.monotonic()
         if wake == EVERY_TYPE:
             self._next_poll = now
-        else:
+        elif wake not in self._paused:
             self._due_at[wake] = now
 
     def _listen(self) -> None:

@@ -29,3 +29,18 @@ def test_a_worker_whose_claims_are_refused_at_once_backs_off(db_url, conn):
     # 10 ms doubling up to ~10 s (sleep_factor 1 keeps the idle poll steady, not the back-off):
     # about 9 tries in 3 s; a loop without back-off makes hundreds a second
     assert refused < 40, f"{refused} refused transactions in 3 s"
+
+
+def test_healthz_is_unavailable_while_the_database_takes_no_writes(api, conn):
+    """A standby, or default_transaction_read_only: the host can do nothing, and a load balancer must know it."""
+    assert api.get("/healthz", auth=None).status == 200
+    database = conn.info.dbname
+    conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    try:
+        # new sessions only: the server's pooled connections keep their setting until replaced
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        # (the terminated connections alone give one 503; a read-only database must give nothing else)
+        wait_until(lambda: [api.get("/healthz", auth=None).status for _ in range(3)] == [503] * 3, "healthz to say 503 for good")
+        assert api.get("/healthz", auth=None).json["id"] == "service_unavailable"
+    finally:
+        conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
