@@ -373,6 +373,22 @@ def wait_for_status(api, job_id, status, timeout=15) -> dict:
 # --- `jobrunner run` as a real process tree ----------------------------------------
 
 
+def live_children(parent: int) -> list[tuple[str, int]]:
+    """(comm name, pid) of each live (not zombie) child process of `parent`, read from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.append((name, int(pid)))
+    return found
+
+
 class Service:
     """A running `jobrunner run`: its process, the NOTIFY_SOCKET messages it sent, its log so far."""
 
@@ -397,18 +413,7 @@ class Service:
 
     def children(self) -> dict[str, int]:
         """comm name -> pid of each live child."""
-        found = {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/comm") as comm:
-                    name = comm.read().strip()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid and fields[0] != "Z":
-                found[name] = int(pid)
-        return found
+        return {name: pid for name, pid in live_children(self.process.pid)}
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -13,7 +13,7 @@ import uuid
 
 import downstream_stub as stub
 import pytest
-from conftest import Service, count_rows, free_port, run_concurrently, running_service, wait_until
+from conftest import Service, count_rows, free_port, live_children, run_concurrently, running_service, wait_until
 from downstream_stub import DownstreamStub
 
 from jobrunner import store
@@ -268,22 +268,7 @@ def test_the_children_module_does_not_import_the_supervisor():
 
 def child_pids(service: Service) -> dict[int, str]:
     """pid -> comm name of each live child (two generations share names during a reload)."""
-    return {pid: name for name, pid in _children_by_pid(service.process.pid)}
-
-
-def _children_by_pid(parent: int) -> list[tuple[str, int]]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/comm") as comm:
-                name = comm.read().strip()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found.append((name, int(pid)))
-    return found
+    return {pid: name for name, pid in live_children(service.process.pid)}
 
 
 def test_sigterm_during_a_reload_that_cannot_reach_the_database_stops_at_once(db_url, detached_downstream):

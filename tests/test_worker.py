@@ -80,15 +80,6 @@ def test_a_503_that_persists_counts_as_not_delivered_and_uses_an_attempt(api, do
     assert [post.attempts for post in downstream.posts_for(job_id)] == [3, 3, 3, 3, 2]
 
 
-def test_an_error_answer_fails_the_attempt_and_an_at_least_once_job_is_retried(api, downstream, db_url):
-    create_type(api, strategy="at_least_once", attempts=2)
-    downstream.policy = lambda post: stub.ERROR_500 if post.attempts == 2 else stub.ACCEPT
-    with running_worker(db_url, downstream.url):
-        job_id = enqueue(api)
-        wait_for_status(api, job_id, "succeeded", timeout=20)
-    assert [post.attempts for post in downstream.posts_for(job_id)] == [2, 1]
-
-
 def test_an_error_answer_to_an_at_most_once_job_is_never_followed_by_a_resend(api, downstream, db_url):
     """An answer proves the request arrived, so it may have been acted on (issue 14, defect 3)."""
     create_type(api, strategy="at_most_once", attempts=2)
