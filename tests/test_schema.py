@@ -29,15 +29,22 @@ UNION ALL
 -- an object dropped and created again gets a new oid
 SELECT 'oid ' || relname || ' ' || oid FROM pg_class WHERE relnamespace = 'public'::regnamespace
 """
+# Rows as Rickover's columns hold them (the columns jobrunner adds are checked on their own).
 ROWS = """
 SELECT 'jobs', to_jsonb(j) FROM jobs j
-UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
-UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
+UNION ALL SELECT 'queued', to_jsonb(q) - 'priority' FROM queued_jobs q
+UNION ALL SELECT 'archived', to_jsonb(a) - 'priority' FROM archived_jobs a
 """
+PRIORITIES = "SELECT priority FROM queued_jobs UNION ALL SELECT priority FROM archived_jobs"
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
+# columns jobrunner adds to Rickover's tables: defaulted, so that Rickover's code, which names its columns, never sees them
+JOBRUNNER_COLUMNS = {
+    "column queued_jobs.priority smallint int2 NO 0",
+    "column archived_jobs.priority smallint int2 NO 0",
+}
 # jobrunner's own tables, beside Rickover's (which it never changes)
 JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
-JOBRUNNER_ADDITIONS = {"queued_jobs_claim", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
+JOBRUNNER_ADDITIONS = {"queued_jobs_claim_by_priority", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
 def snapshot(conn):
@@ -56,6 +63,17 @@ def add_some_jobs(conn):
     services.handle_status_callback(conn, job.id, "email", "succeeded", 3)
 
 
+# What Rickover's code writes (it names its columns): a type, a job in progress, one queued, one archived.
+RICKOVER_ROWS = """
+INSERT INTO jobs (name, delivery_strategy, attempts, concurrency) VALUES ('email', 'at_least_once', 3, 2);
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, status, data)
+VALUES (gen_random_uuid(), 'email', 3, now(), NULL, 'in-progress', '{"hello": "world"}'),
+       (gen_random_uuid(), 'email', 3, now(), NULL, 'queued', '{"hello": "world"}');
+INSERT INTO archived_jobs (id, name, attempts, status, data, expires_at)
+VALUES (gen_random_uuid(), 'email', 3, 'succeeded', '{"hello": "world"}', NULL);
+"""
+
+
 def test_applying_the_schema_again_changes_nothing(conn):
     add_some_jobs(conn)
     catalog, data = snapshot(conn), rows(conn)
@@ -68,24 +86,26 @@ def test_applying_the_schema_again_changes_nothing(conn):
     assert {"index CREATE INDEX find_queued_job ON public.queued_jobs USING btree (name, run_after) WHERE (status = 'queued'::job_status)"} <= catalog
 
 
-def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_a_status_and_tables_of_its_own(conn, make_database):
+def test_schema_over_rickovers_keeps_everything_and_adds_only_indexes_a_status_defaulted_columns_and_tables_of_its_own(conn, make_database):
     rickover = store.connect(make_database(template="template0"))
     rickover.execute(RICKOVER_SCHEMA)
-    add_some_jobs(rickover)
+    rickover.execute(RICKOVER_ROWS)
     catalog, data = snapshot(rickover), rows(rickover)
 
     store.apply_schema(rickover, schema_sql())
 
     after = snapshot(rickover)
     assert rows(rickover) == data
+    assert [priority for (priority,) in rickover.execute(PRIORITIES)] == [0, 0, 0]
     assert catalog <= after, "something Rickover built was changed or dropped"
     added = after - catalog
     own_tables = {line for line in added if any(f"{table}." in line or f" {table}_" in line or f" {table} " in line for table in JOBRUNNER_TABLES)}
     assert {table for table in JOBRUNNER_TABLES if f"column {table}." in " ".join(own_tables)} == set(JOBRUNNER_TABLES)
-    assert {line.split()[0] for line in added - own_tables} <= {"index", "oid", "enum"}, added - own_tables
+    assert {line for line in added if line.startswith("column ") and line not in own_tables} == JOBRUNNER_COLUMNS
+    assert {line.split()[0] for line in added - own_tables - JOBRUNNER_COLUMNS} <= {"index", "oid", "enum"}, added - own_tables
     assert {line for line in added if line.startswith("enum")} == {"enum archived_job_status cancelled after succeeded,failed,expired"}
     assert {name for name in JOBRUNNER_ADDITIONS if any(f" {name} " in line for line in added)} == JOBRUNNER_ADDITIONS
-    # Rickover's three tables are exactly jobrunner's three tables
+    # Rickover's three tables, with the columns added, are exactly jobrunner's three tables
     assert rickover.execute(TABLE_COLUMNS).fetchall() == conn.execute(TABLE_COLUMNS).fetchall()
     # and jobrunner runs on it
     [job] = services.claim(rickover, "email", limit=5).jobs
