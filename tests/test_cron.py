@@ -394,3 +394,21 @@ def test_next_after_agrees_with_the_wall_clock(expression, where):
         assert tick >= after + HORIZON
     else:
         assert tick == expected
+
+
+@settings(max_examples=examples(40))
+@given(expression=expressions, where=near_a_transition(), hours=st.integers(1, 48), limit=st.integers(1, 5))
+def test_ticks_between_is_next_after_repeated(expression, where, hours, limit):
+    try:
+        cron = parse(expression)
+    except CronError:
+        return
+    zone, start = where
+    end = start + timedelta(hours=hours)
+    every, tick = [], cron.next_after(start, zone)
+    while tick <= end:
+        every.append(tick)
+        tick = cron.next_after(tick, zone)
+    assert ticks_between(cron, start, end, zone, 10**6) == every
+    assert ticks_between(cron, start, end, zone, limit) == every[:limit]
+    assert ticks_between(cron, start, end, zone, limit, latest=True) == every[-limit:]
