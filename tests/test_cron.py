@@ -13,7 +13,7 @@ from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner.cron import MACROS, CronError, Interval, parse, ticks_between
+from jobrunner.cron import MACROS, CronError, Interval, load_zone, parse, ticks_between
 
 UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -289,6 +289,18 @@ def test_interval():
     # Real time: the DST change neither adds nor drops a tick.
     hourly = ticks_between(Interval(3600), utc(2026, 10, 24, 22), utc(2026, 10, 25, 3), BERLIN, 100)
     assert hourly == [utc(2026, 10, 24, 23) + timedelta(hours=n) for n in range(5)]
+
+
+def test_load_zone():
+    assert load_zone("Europe/Berlin") == BERLIN
+    assert load_zone("Australia/Sydney").utcoffset(datetime(2026, 1, 1)) == timedelta(hours=11)
+
+
+@pytest.mark.parametrize("name", ["Europe/Atlantis", "", "../../etc/passwd", "/etc/localtime", "Europe/"])
+def test_load_zone_refuses_what_is_not_a_zone(name):
+    with pytest.raises(ValueError) as raised:
+        load_zone(name)
+    assert str(raised.value) == f"unknown time zone {name!r}"
 
 
 @pytest.mark.parametrize("seconds", [0, 0.5, -1, float("nan")])
