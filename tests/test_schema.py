@@ -43,7 +43,7 @@ JOBRUNNER_COLUMNS = {
     "column archived_jobs.priority smallint int2 NO 0",
 }
 # jobrunner's own tables, beside Rickover's (which it never changes)
-JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
+JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors", "jobrunner_job_type_settings")
 JOBRUNNER_ADDITIONS = {"queued_jobs_claim_by_priority", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
