@@ -150,11 +150,12 @@ def test_the_claim_takes_the_oldest_due_jobs_of_the_burst(burst_with_stale_stati
 
 
 def test_migrate_replaces_the_claim_index_of_before_priorities_and_again_changes_nothing(conn, db_url):
-    # a database `jobrunner migrate` built before priorities
+    # a database migrated before priorities (0003)
     conn.execute("DROP INDEX queued_jobs_claim_by_priority")
     conn.execute("ALTER TABLE queued_jobs DROP COLUMN priority")
     conn.execute("ALTER TABLE archived_jobs DROP COLUMN priority")
     conn.execute("CREATE INDEX queued_jobs_claim ON queued_jobs (name, run_after, id) WHERE status = 'queued'")
+    conn.execute("DELETE FROM jobrunner_schema_migrations WHERE version >= 3")
 
     migrate(db_url)
     migrate(db_url)
