@@ -321,7 +321,7 @@ def idle_service(database: Database, types: int, concurrency: int, settings: dic
     arrivals = Arrivals(downstream.process.stdout)
     service = Service(database, {**downstream_settings(downstream), **(settings or {})}, port, root)
     try:
-        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
+        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs CASCADE")  # and the types' settings
         names = [f"idle{n:03d}" for n in range(types)]
         for name in names:
             create_type(port, name, concurrency)
