@@ -303,3 +303,17 @@ def enqueue_over(service, name: str) -> str:
 def succeeded(db_url: str) -> int:
     with store.connect(db_url) as conn:
         return count_rows(conn, "archived_jobs", "succeeded")
+
+
+def test_the_downstream_example_in_the_client_docs_is_python_using_what_the_client_exports():
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "verify_webhook" in block]
+    imported = {alias.name for node in ast.walk(ast.parse(example)) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert {"verify_webhook", "WebhookVerificationError"} <= imported
+    import jobrunner.client
+
+    assert all(hasattr(jobrunner.client, name) for name in ("verify_webhook", "WebhookVerificationError"))
