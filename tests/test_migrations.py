@@ -5,6 +5,7 @@ equals the result of all migrations."""
 import difflib
 import fnmatch
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ MIGRATIONS_TABLE = "jobrunner_schema_migrations"
 # The schema as a set of lines: two databases with equal sets have the same tables, columns
 # (in order), types, defaults, constraints, indexes, enums, views, functions and triggers.
 CATALOG = """
-SELECT 'relation ' || relname || ' ' || relkind::text FROM pg_class
+SELECT 'relation ' || relname || ' ' || relkind::text || ' ' || relpersistence::text FROM pg_class
 WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'v', 'm', 'S', 'p')
+UNION ALL
+SELECT 'extension ' || extname FROM pg_extension WHERE extname <> 'plpgsql'
 UNION ALL
 SELECT 'column ' || table_name || '.' || column_name
        || ' #' || row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position)
@@ -88,11 +91,16 @@ def empty_conn(make_database):
     connection.close()
 
 
-def test_the_shipped_migrations_are_numbered_from_0001_base_in_order():
+def test_the_shipped_migrations_are_numbered_from_0001_base_in_order_and_run_in_a_transaction():
     migrations = migrate.known()
     assert migrations[0].version == 1 and migrations[0].name == "base"
     assert [m.version for m in migrations] == sorted({m.version for m in migrations})
     assert all(m.sql.strip() for m in migrations)
+    # `migrate` runs each file in a transaction of its own and records it there: a file that
+    # ends it (COMMIT) or needs none (CONCURRENTLY, VACUUM) would half-apply or fail
+    for migration in migrations:
+        code = re.sub(r"--[^\n]*", "", migration.sql)
+        assert not re.search(r"\b(COMMIT|ROLLBACK|CONCURRENTLY|VACUUM)\b", code, re.IGNORECASE), migration.label
 
 
 def test_every_migration_is_package_data():
@@ -215,7 +223,7 @@ def test_rickovers_database_keeps_everything_gains_jobrunners_additions_and_runs
     assert before <= after, "something Rickover built was changed or dropped"
     added = after - before
     # new tables are jobrunner's own, named jobrunner_...
-    new_tables = {line.split()[1] for line in added if line.startswith("relation ") and line.endswith(" r")}
+    new_tables = {line.split()[1] for line in added if line.startswith("relation ") and line.split()[2] == "r"}
     assert set(JOBRUNNER_TABLES) <= new_tables and all(table.startswith("jobrunner_") for table in new_tables), new_tables
     on_rickovers = {line for line in added if not any(table in line for table in new_tables)}
     assert {line.split()[0] for line in on_rickovers} <= {"index", "oid", "enum", "column"}, on_rickovers
