@@ -6,12 +6,13 @@ import difflib
 import fnmatch
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, wait_until
+from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, running_service, wait_until
 
 from jobrunner import migrate, services, store
 from jobrunner.errors import DatabaseError, SchemaMissing, SchemaTooNew
@@ -387,3 +388,20 @@ def test_commands_refuse_a_schema_newer_than_the_code_naming_its_versions(conn, 
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "newer than this jobrunner: it has migrations 9999_from_the_future" in result.stderr
     assert "Upgrade jobrunner" in result.stderr
+
+
+def test_a_reload_onto_a_database_without_the_schema_is_refused_and_the_running_generation_stays(db_url, make_database, detached_downstream):
+    elsewhere = make_database(template="template0")
+    with running_service(db_url, detached_downstream.url, config=f"workers = 1\ndatabase_url = {db_url}\n") as service:
+        before = service.children()
+        with open(service.config_path, "w") as file:
+            file.write(f"[jobrunner]\nworkers = 1\ndatabase_url = {elsewhere}\n")
+
+        service.signal(signal.SIGHUP)
+
+        refused = "SIGHUP: the new configuration is invalid, keeping the running one: DATABASE_URL (database_url): The database has no jobrunner schema version"
+        wait_until(lambda: refused in service.log(), "the reload to be refused")
+        assert "run `jobrunner migrate`" in service.log()
+        assert service.children() == before
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0
