@@ -233,9 +233,10 @@ def _host_of(url: str) -> str | None:
 
 def _refuse_unknown(body: dict, known: tuple[str, ...]) -> None:
     """A field we do not know is a 400: a client must never believe a setting took effect when it did not."""
-    unknown = [key for key in body if key not in known]
+    unknown = [key if len(key) <= 60 else key[:57] + "..." for key in body if key not in known]
     if unknown:
-        raise HttpError(400, "invalid_parameter", f"Invalid {unknown[0]}: not a field of this request", f"Known fields: {', '.join(known)}")
+        what = "not a field" if len(unknown) == 1 else "not fields"
+        raise HttpError(400, "invalid_parameter", f"Invalid {', '.join(unknown)}: {what} of this request", f"Known fields: {', '.join(known)}")
 
 
 def _settings(body: dict) -> dict:
