@@ -100,6 +100,18 @@ class NotPaused(JobrunnerError):
         self.name = name
 
 
+class UnknownSchedule(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"Schedule {name!r} does not exist")
+        self.name = name
+
+
+class ScheduleExists(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"A schedule named {name!r} already exists")
+        self.name = name
+
+
 class Unauthorized(JobrunnerError):
     """Who is asking is not known (401): raised by an Authorizer."""
 
