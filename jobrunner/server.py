@@ -598,19 +598,21 @@ class Handler(ProtocolHandler):
             counted = metrics.collect(server.publisher.directory)
         else:
             counted = server.metrics
-        gauges, names = self._queue_gauges()
+        gauges, names, schedule_names = self._queue_gauges()
         counted.include_job_types(names)
+        counted.include_schedules(schedule_names)
         text = counted.render() + "\n".join(gauges) + "\n"
         self.send_answer(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _queue_gauges(self) -> tuple[list[str], list[str]]:
-        """What every host shares, from the database at scrape time (and the job types' names); without it, only that it is down."""
+    def _queue_gauges(self) -> tuple[list[str], list[str], list[str]]:
+        """What every host shares, from the database at scrape time (and the job types' and schedules' names); without it, only that it is down."""
         up = ["# HELP jobrunner_database_up 1 if this server reached the database for this scrape", "# TYPE jobrunner_database_up gauge"]
         try:
             with self._db(timeout=1.0) as conn:
                 counts = services.list_job_types_with_counts(conn)
+                found = [schedule for schedule, _ in schedules.list_schedules(conn)]
         except DatabaseUnavailable:
-            return up + ["jobrunner_database_up 0"], []
+            return up + ["jobrunner_database_up 0"], [], []
         lines = up + ["jobrunner_database_up 1"]
         for metric, doc, value in (
             ("jobrunner_jobs_queued", "jobs waiting, due or not, by job type", lambda c: c.queued),
@@ -619,7 +621,13 @@ class Handler(ProtocolHandler):
             ("jobrunner_job_type_concurrency", "the job type's concurrency (0: paused)", lambda c: c.job_type.concurrency),
         ):
             lines += render_gauges(metric, doc, "name", {c.job_type.name: value(c) for c in counts})
-        return lines, [c.job_type.name for c in counts]
+        for metric, doc, value in (
+            ("jobrunner_schedule_next_tick_timestamp_seconds", "when the schedule's next tick is due (Unix time), by schedule", lambda s: s.next_tick.timestamp()),
+            ("jobrunner_schedule_failing", "1 while the schedule cannot be evaluated (its error in the API), by schedule", lambda s: int(s.error is not None)),
+            ("jobrunner_schedule_paused", "1 while the schedule is paused, by schedule", lambda s: int(s.paused)),
+        ):
+            lines += render_gauges(metric, doc, "schedule", {s.name: value(s) for s in found})
+        return lines, [c.job_type.name for c in counts], [s.name for s in found]
 
 
 # --- the server ----------------------------------------------------------------
