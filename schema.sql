@@ -1,10 +1,14 @@
--- jobrunner's database schema.
+-- jobrunner's database schema: the whole picture, to read.
+--
+-- `jobrunner migrate` does not apply this file: it applies the numbered files
+-- in jobrunner/migrations/ in order, and tests/test_migrations.py checks that
+-- this file builds the same schema as all of them. A new migration adds its
+-- objects here too, in a section of its own at the end.
 --
 -- Rickover's tables and enum types, with the same names, columns and
--- constraints, plus the indexes jobrunner's queries need. Idempotent: it can
--- be applied any number of times, to an empty database or to one that
--- Rickover's own migrations built, and it never changes what already exists.
--- `jobrunner migrate` applies it in one transaction.
+-- constraints, plus the indexes jobrunner's queries need.
+
+-- 0001_base ------------------------------------------------------------------
 
 -- Postgres has no CREATE TYPE IF NOT EXISTS.
 DO $$
@@ -111,7 +115,32 @@ CREATE TABLE IF NOT EXISTS jobrunner_type_errors (
     last_at timestamp with time zone NOT NULL
 );
 
--- jobrunner: schedules, recurring jobs (migration 0006).
+-- 0002_job_type_settings ----------------------------------------------------
+
+
+-- jobrunner: a job type's delivery settings (issue 16); every column NULL (or
+-- no row at all) means today's behaviour. A table of its own, so that
+-- Rickover's code, which reads every column of `jobs`, never sees a new one.
+CREATE TABLE IF NOT EXISTS jobrunner_job_type_settings (
+    name text PRIMARY KEY REFERENCES jobs (name),
+    downstream_url text,                 -- base URL; /v1/jobs/<name>/<id> appended as today
+    downstream_timeout double precision, -- seconds to wait for the POST's answer
+    job_timeout double precision,        -- seconds a sent job may wait for its callback
+    retry_min_backoff double precision,
+    retry_max_backoff double precision,
+    retry_max_doublings integer,
+    retry_max_duration double precision, -- seconds since the job's created_at
+    rate_per_second double precision,
+    rate_burst integer,
+    callback_token text,
+    signing_secrets text[],              -- whsec_... ; two during a rotation; first signs
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+-- 0006_schedules ------------------------------------------------------------
+
+
+-- jobrunner: schedules, recurring jobs (issue 17).
 --
 -- One row per schedule. The scheduler (one per host, in the watcher process)
 -- locks the due rows (FOR UPDATE SKIP LOCKED, by the database's now()),

@@ -18,10 +18,9 @@ enqueued them (the service or the database was down, or the scheduler was late):
 import dataclasses
 import functools
 import json
-import zoneinfo
 from collections import deque
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from . import cron
@@ -125,16 +124,16 @@ def _whole(value: Any, field: str, low: int, high: int, unit: str = "") -> None:
         raise InvalidField(field, f"must be {what} from {low} to {high}, not {value!r}")
 
 
-def zone_of(name: str | None) -> zoneinfo.ZoneInfo:
+def zone_of(name: str | None) -> tzinfo:
     """The IANA time zone `name` (UTC when None)."""
     if name is None:
-        return zoneinfo.ZoneInfo("UTC")
+        return cron.load_zone("UTC")
     if not isinstance(name, str) or len(name) > 100:
         raise InvalidField("time_zone", "must be an IANA time zone name such as Europe/Berlin")
     try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise InvalidField("time_zone", f"unknown time zone {name!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return cron.load_zone(name)
+    except ValueError as error:
+        raise InvalidField("time_zone", f"{error}: use an IANA name such as Europe/Berlin or UTC") from None
 
 
 @functools.lru_cache(maxsize=1024)
