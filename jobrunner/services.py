@@ -46,6 +46,7 @@ from .models import (
     ArchivedJob,
     JobType,
     QueuedJob,
+    Schedule,
     format_job_id,
     new_job_id,
     validate_attempts,
@@ -177,6 +178,7 @@ class Overview:
     recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
     waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
     type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
+    schedules: list[tuple[Schedule, str | None]]  # every schedule and the status of its last job
 
 
 def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
@@ -197,6 +199,7 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
             recent_failures=store.recent_failures(conn, limit, now),
             waiting=store.waiting_jobs(conn, limit),
             type_errors=store.type_errors(conn),
+            schedules=store.list_schedules(conn),
         )
 
 

@@ -228,3 +228,92 @@ def test_reconcile_owns_only_config_owned_schedules(conn):
     assert error.value.field == "[schedule c] job_type"
     assert [s.name for s, _ in schedules.list_schedules(conn)] == ["a"]
     assert store.config_owned_schedules(conn) == ["a"]
+
+
+# --- DST and clock jumps, through cron.next_after ---------------------------------
+
+BERLIN = "Europe/Berlin"
+
+
+def cron_schedule(conn, expression, created, name="tick", **fields):
+    definition = timetable.validate({"name": name, "job_type": "email", "cron": expression, "time_zone": BERLIN, **fields})
+    return schedules.create_schedule(conn, definition, now=created)
+
+
+def run_rounds(conn, start, end, latency=timedelta(milliseconds=250)):
+    """The scheduler's rounds from `start` to `end`, as a running one makes them: each when the database says
+    the next tick is due, `latency` late."""
+    now = start
+    while now <= end:
+        while fire(conn, now):  # a round that left ticks due runs again at once
+            pass
+        due_in = schedules.next_due_in(conn, now)
+        if due_in is None:
+            return
+        now += timedelta(seconds=due_in) + latency
+
+
+def ticks_enqueued(conn) -> list[datetime]:
+    return sorted(run_after for run_after in jobs_of(conn).values())
+
+
+@pytest.mark.parametrize(
+    "start, days",
+    [
+        (datetime(2026, 3, 26, 12, tzinfo=timezone.utc), ["03-27", "03-28", "03-29", "03-30", "03-31"]),  # spring forward on the 29th
+        (datetime(2026, 10, 22, 12, tzinfo=timezone.utc), ["10-23", "10-24", "10-25", "10-26", "10-27"]),  # fall back on the 25th
+    ],
+)
+def test_a_daily_time_in_berlin_fires_once_every_calendar_day_across_a_dst_change(conn, start, days):
+    make_type(conn)
+    cron_schedule(conn, "30 2 * * *", start)
+    run_rounds(conn, start, start + timedelta(days=5))
+    local = [tick.astimezone(timetable.zone_of(BERLIN)) for tick in ticks_enqueued(conn)]
+    assert [f"{tick:%m-%d}" for tick in local] == days  # no gap, no double
+    assert all(tick.hour in (2, 3) for tick in local)  # 02:30, or 03:00 where 02:30 did not happen
+
+
+@pytest.mark.parametrize(
+    "day, hours",
+    [(datetime(2026, 3, 29, tzinfo=timezone.utc), 23), (datetime(2026, 10, 25, tzinfo=timezone.utc), 25)],
+)
+def test_an_hourly_cron_fires_every_real_hour_across_a_dst_change(conn, day, hours):
+    make_type(conn)
+    zone = timetable.zone_of(BERLIN)
+    midnight = day.replace(tzinfo=zone).astimezone(timezone.utc)  # the local day's start
+    cron_schedule(conn, "0 * * * *", midnight - timedelta(minutes=1))
+    run_rounds(conn, midnight - timedelta(minutes=1), midnight + timedelta(hours=hours) - timedelta(minutes=1))
+    ticks = ticks_enqueued(conn)
+    assert ticks == [midnight + timedelta(hours=n) for n in range(hours)]  # the local day's 23 or 25 hours, each once
+
+
+@pytest.mark.parametrize("misfire, missed_jobs", [("skip", 0), ("once", 1), ("all", 3)])
+def test_a_jump_of_days_makes_no_burst_and_no_gap_beyond_the_policy(conn, misfire, missed_jobs):
+    """The service (or the host's clock) jumps three days and a bit: the policy decides the missed days, then one a day again."""
+    make_type(conn)
+    start = datetime(2026, 10, 22, 12, tzinfo=timezone.utc)
+    cron_schedule(conn, "30 2 * * *", start, misfire=misfire)
+    run_rounds(conn, start, start + timedelta(hours=20))  # the 23rd's tick
+    assert len(ticks_enqueued(conn)) == 1
+    after_jump = start + timedelta(days=3, hours=20)  # the 24th, 25th (fall back) and 26th missed
+    run_rounds(conn, after_jump, after_jump)
+    assert len(ticks_enqueued(conn)) == 1 + missed_jobs
+    run_rounds(conn, after_jump, after_jump + timedelta(days=2))
+    local = [f"{tick.astimezone(timetable.zone_of(BERLIN)):%m-%d}" for tick in ticks_enqueued(conn)]
+    assert local == ["10-23", *["10-24", "10-25", "10-26"][3 - missed_jobs :], "10-27", "10-28"]
+
+
+@pytest.mark.parametrize("misfire, jobs", [("skip", 1), ("once", 1), ("all", 100)])
+def test_a_24_hour_jump_of_a_2_second_interval(conn, misfire, jobs):
+    make_type(conn)
+    schedules.create_schedule(conn, every(2, misfire=misfire), now=T0)
+    fire(conn, T0 + timedelta(seconds=2))
+    later = T0 + timedelta(hours=24, seconds=1)
+    skipped = 0
+    while done := fire(conn, later):
+        skipped += done["tick"].skipped
+    assert len(jobs_of(conn)) == 1 + jobs
+    assert skipped == 24 * 3600 // 2 - 1 - jobs  # every tick from the 2nd to the last due: counted once each
+    latest = T0 + timedelta(hours=24)
+    assert tick_job_id("tick", latest) in jobs_of(conn)
+    assert schedules.get_schedule(conn, "tick")[0].next_tick == latest + timedelta(seconds=2)
