@@ -9,13 +9,14 @@ it through `services.record_outcome`, as it does an application handler's.
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from . import services, store
 from .downstream import Delivery, Downstream, error_kind
 from .errors import JobrunnerError
 from .metrics import ServiceMetrics
-from .models import QueuedJob
+from .models import DEFAULT_POLICY, QueuedJob, TypePolicy
 from .outcomes import Accepted, ExpiredMeanwhile, MaybeDelivered, NotDelivered, Outcome, Rejected, SettledMeanwhile
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class HttpDelivery:
     def __init__(self, pool: store.Pool, downstream: Downstream, stop: threading.Event, counted: ServiceMetrics | None = None):
         self.pool, self.downstream, self.stop = pool, downstream, stop
         self.metrics = counted or ServiceMetrics()
+        self.policies: Mapping[str, TypePolicy] = {}  # job type -> its settings (only types with some)
 
     def do_work(self, job: QueuedJob) -> Outcome:
         """Send one attempt; what it proved. Never raises: an unexpected error after the POST may have gone out is MaybeDelivered."""
@@ -91,7 +93,8 @@ class HttpDelivery:
 
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
         started = time.perf_counter()
-        result, reason = self.downstream.post(job)
+        policy = self.policies.get(job.name, DEFAULT_POLICY)
+        result, reason = self.downstream.post(job, policy.signing_secrets, policy.callback_token)
         self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
         if result is Delivery.ACCEPTED:
             self.metrics.dispatched.inc(job.name)

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import batching, dashboard, metrics, plugins, schedules, services, store, timetable
+from . import batching, dashboard, metrics, plugins, policies, schedules, services, store, timetable
 from .config import ConfigError
 from .errors import (
+    CallbackForbidden,
     DatabaseUnavailable,
     Forbidden,
     InvalidField,
@@ -40,7 +41,7 @@ from .errors import (
     Unauthorized,
 )
 from .metrics import ServiceMetrics, render_gauges
-from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, Schedule, format_job_id, new_job_id, parse_job_id
+from .models import CALLBACK_TOKEN_HEADER, MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, Schedule, format_job_id, new_job_id, parse_job_id
 from .plugins import Authorizer
 from .protocol import HttpError, ProtocolHandler, ProtocolServer, is_number
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 MAX_DATA_BYTES = 102400  # Rickover's limit on a job's data
 BAD_JSON = "Invalid request: bad JSON. Double check the types of the fields you sent"
+UPDATE_JOB_TYPE_FIELDS = ("attempts", "concurrency", *policies.SETTINGS)
+CREATE_JOB_TYPE_FIELDS = ("name", "delivery_strategy", *UPDATE_JOB_TYPE_FIELDS)
 # What PostgreSQL and Python's datetime both hold, with a day to spare at each end: a
 # retry's run_after (up to a day later) and a time shown in any zone must still fit.
 EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)
@@ -114,6 +117,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(409, "invalid_cancel_attempt", message)
     if isinstance(error, StaleCallback):
         return HttpError(400, "stale_attempt", message)
+    if isinstance(error, CallbackForbidden):
+        return HttpError(403, "forbidden", message, f"Send the {CALLBACK_TOKEN_HEADER} header that came with the job's POST")
     if isinstance(error, DatabaseUnavailable):
         # no detail: the driver's message names hosts, ports and users (APIServer.note_outage logs it)
         return HttpError(503, "service_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"})
@@ -141,6 +146,7 @@ def job_type_json(job_type: JobType) -> dict:
         "attempts": job_type.attempts,
         "concurrency": job_type.concurrency,
         "created_at": timestamp(job_type.created_at),
+        **policies.policy_json(job_type.policy),
     }
 
 
@@ -252,6 +258,17 @@ def _host_of(url: str) -> str | None:
         return urllib.parse.urlsplit(url).netloc
     except ValueError:
         return None  # malformed: not this server
+
+
+def _refuse_unknown(body: dict, known: tuple[str, ...]) -> None:
+    """A field we do not know is a 400: a client must never believe a setting took effect when it did not."""
+    unknown = [key for key in body if key not in known]
+    if unknown:
+        raise HttpError(400, "invalid_parameter", f"Invalid {unknown[0]}: not a field of this request", f"Known fields: {', '.join(known)}")
+
+
+def _settings(body: dict) -> dict:
+    return {key: body[key] for key in policies.SETTINGS if key in body}
 
 
 def _reject_constant(name: str) -> None:
@@ -385,6 +402,7 @@ class Handler(ProtocolHandler):
 
     def handle_create_job_type(self) -> None:
         body = self._read_json()
+        _refuse_unknown(body, CREATE_JOB_TYPE_FIELDS)
         name = _string(body, "name")
         strategy = _string(body, "delivery_strategy")
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False) or 0
@@ -392,7 +410,7 @@ class Handler(ProtocolHandler):
         if concurrency is None:
             raise _missing("concurrency")
         with self._db() as conn:
-            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency)
+            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency, _settings(body))
         self.send_json(201, job_type_json(job_type))
 
     def handle_get_job_type(self, name: str) -> None:
@@ -434,7 +452,8 @@ class Handler(ProtocolHandler):
             raise HttpError(400, "invalid_request", BAD_JSON, "retryable must be true or false")
         job_id = parse_job_id(id_text)
         try:
-            job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable)
+            token = self.headers.get(CALLBACK_TOKEN_HEADER)
+            job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable, token)
         except (JobAlreadyArchived, UnknownJob, JobNameMismatch) as error:
             raise HttpError(400, "duplicate_status_request", "This job has already been archived, or was never queued", str(error)) from None
         self.server.metrics.outcome(job)
@@ -476,10 +495,11 @@ class Handler(ProtocolHandler):
 
     def handle_update_job_type(self, name: str) -> None:
         body = self._read_json()
+        _refuse_unknown(body, UPDATE_JOB_TYPE_FIELDS)
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False)
         concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
         with self._db() as conn:
-            job_type = services.update_job_type(conn, name, attempts, concurrency)
+            job_type = services.update_job_type(conn, name, attempts, concurrency, _settings(body))
         self.send_json(200, job_type_json(job_type))
 
     def handle_list_jobs(self, name: str) -> None:

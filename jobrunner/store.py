@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -433,6 +433,19 @@ def job_type_policy(conn: Connection, name: str) -> TypePolicy:
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(JOB_TYPE_POLICY, {"name": name}).fetchone()
     return DEFAULT_POLICY if row is None else _policy(row)
+
+
+# The callback tokens of the named types that have one: their callbacks must present it.
+CALLBACK_TOKENS = """
+SELECT name, callback_token FROM jobrunner_job_type_settings
+WHERE name = ANY(%(names)s) AND callback_token IS NOT NULL
+"""
+
+
+def callback_tokens(conn: Connection, names: Collection[str]) -> dict[str, str]:
+    """Each named type's callback token, for those that have one."""
+    with translated_errors():
+        return dict(conn.execute(CALLBACK_TOKENS, {"names": list(names)}).fetchall())
 
 
 def save_job_type_policy(conn: Connection, name: str, policy: TypePolicy) -> None:
@@ -1075,6 +1088,17 @@ ORDER BY q.run_after, q.id
 LIMIT %(limit)s
 """
 
+# Jobs waiting out a retry's back-off: queued, not yet due, with attempts used (the
+# total they started with is their type's attempts, or the one kept when it changed).
+BACKING_OFF_JOBS = """
+SELECT q.name, count(*) AS jobs
+FROM queued_jobs q
+JOIN jobs j ON j.name = q.name
+LEFT JOIN jobrunner_job_attempts a ON a.id = q.id
+WHERE q.status = 'queued' AND q.run_after > coalesce(%(now)s, now()) AND q.attempts < coalesce(a.total_attempts, j.attempts)
+GROUP BY q.name
+"""
+
 DATABASE_NOW = "SELECT coalesce(%(now)s, now())"
 
 
@@ -1096,6 +1120,12 @@ def recent_failures(conn: Connection, limit: int, now: datetime | None = None) -
 def waiting_jobs(conn: Connection, limit: int) -> list[QueuedJob]:
     with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
         return cur.execute(WAITING_JOBS, {"limit": limit}).fetchall()
+
+
+def backing_off_jobs(conn: Connection, now: datetime | None = None) -> dict[str, int]:
+    """Job type -> how many of its jobs wait for a retry (types with none are left out)."""
+    with translated_errors():
+        return dict(conn.execute(BACKING_OFF_JOBS, {"now": now}).fetchall())
 
 
 def database_now(conn: Connection, now: datetime | None = None) -> datetime:

@@ -79,9 +79,9 @@ class Worker:
             config.database_url, config.worker_pool_size, config.db_timeout, name="worker", prepared_statements=config.prepared_statements
         )
         self.timeout = timedelta(seconds=config.job_timeout)
-        self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
-        http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
-        self.default_handler, self.handlers = plugins.build_handlers(config, http)
+        self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout, config.signing_secrets)
+        self.http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
+        self.default_handler, self.handlers = plugins.build_handlers(config, self.http)
         # an application's default handler may pace the safety poll (`sleep`, optional); else the built-in pacing
         self._poll_interval = getattr(self.default_handler, "sleep", None) or self._idle_interval
         self.dispatch = ThreadPoolExecutor(config.dispatch_threads, thread_name_prefix="dispatch")
@@ -156,6 +156,8 @@ class Worker:
     def _poll(self, now: float) -> None:
         with self._connection() as conn:
             states = store.poll_job_types(conn)
+            policies = store.job_type_policies(conn)
+        self.http.policies = policies  # a new dict, swapped whole: a POST reads the old one or the new one
         self._due_at = {
             state.name: now + max(0.0, state.next_due_in)
             for state in states
