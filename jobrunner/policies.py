@@ -127,9 +127,9 @@ def _downstream_url(value: Any) -> dict:
     except ValueError as error:
         raise InvalidField(field, f"is not a valid URL ({error})") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidField(field, f"must start with http:// or https://, not {value!r}")
+        raise InvalidField(field, f"must start with http:// or https://, not {_shown(value)}")
     if not parts.hostname:
-        raise InvalidField(field, f"has no host: {value!r}")
+        raise InvalidField(field, f"has no host: {_shown(value)}")
     if parts.username is not None or parts.password is not None:
         # GET shows the URL: credentials would leak; the downstream password is the global DOWNSTREAM_WORKER_AUTH
         raise InvalidField(field, "must not hold credentials (user:password@)")
@@ -144,7 +144,7 @@ def _seconds(field: str, column: str, high: float, low: float = 0.0, low_allowed
             return {column: None}
         if not _is_number(value) or not (low <= value if low_allowed else low < value) or value > high:
             bound = f"from {low:g}" if low_allowed else f"more than {low:g}"
-            raise InvalidField(field, f"must be a number of seconds {bound} to {high:g}, not {value!r}")
+            raise InvalidField(field, f"must be a number of seconds {bound} to {high:g}, not {_shown(value)}")
         return {column: float(value)}
 
     return parse
@@ -155,10 +155,19 @@ def _whole(field: str, column: str, low: int, high: int):
         if value is None:
             return {column: None}
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
+            raise InvalidField(field, f"must be a whole number from {low} to {high}, not {_shown(value)}")
         return {column: value}
 
     return parse
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """The value in an error message, cut short: it comes from the client, and may be huge."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit
+        return "a number with too many digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_number(value: Any) -> bool:
