@@ -7,14 +7,13 @@ key. Every value is checked before anything is saved; an error names the field
 (`retry.max_backoff`). Plain values: no I/O here.
 """
 
-import base64
-import binascii
 import dataclasses
 import math
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from . import signing
 from .errors import InvalidField
 from .models import TypePolicy
 
@@ -29,8 +28,6 @@ MIN_PER_SECOND = 1 / DAY  # one job a day
 MAX_PER_SECOND = 100000.0
 MAX_BURST = 100000
 TOKEN_LENGTHS = (16, 256)
-SECRET_PREFIX = "whsec_"
-SECRET_BYTES = (24, 64)  # Standard Webhooks: keys of 24 to 64 bytes
 MAX_SECRETS = 2  # the new and the old one, during a rotation
 
 RETRY_KEYS = {
@@ -130,9 +127,9 @@ def _downstream_url(value: Any) -> dict:
     except ValueError as error:
         raise InvalidField(field, f"is not a valid URL ({error})") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidField(field, f"must start with http:// or https://, not {value!r}")
+        raise InvalidField(field, f"must start with http:// or https://, not {_shown(value)}")
     if not parts.hostname:
-        raise InvalidField(field, f"has no host: {value!r}")
+        raise InvalidField(field, f"has no host: {_shown(value)}")
     if parts.username is not None or parts.password is not None:
         # GET shows the URL: credentials would leak; the downstream password is the global DOWNSTREAM_WORKER_AUTH
         raise InvalidField(field, "must not hold credentials (user:password@)")
@@ -147,7 +144,7 @@ def _seconds(field: str, column: str, high: float, low: float = 0.0, low_allowed
             return {column: None}
         if not _is_number(value) or not (low <= value if low_allowed else low < value) or value > high:
             bound = f"from {low:g}" if low_allowed else f"more than {low:g}"
-            raise InvalidField(field, f"must be a number of seconds {bound} to {high:g}, not {value!r}")
+            raise InvalidField(field, f"must be a number of seconds {bound} to {high:g}, not {_shown(value)}")
         return {column: float(value)}
 
     return parse
@@ -158,10 +155,19 @@ def _whole(field: str, column: str, low: int, high: int):
         if value is None:
             return {column: None}
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
+            raise InvalidField(field, f"must be a whole number from {low} to {high}, not {_shown(value)}")
         return {column: value}
 
     return parse
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """The value in an error message, cut short: it comes from the client, and may be huge."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit
+        return "a number with too many digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_number(value: Any) -> bool:
@@ -211,16 +217,13 @@ def _signing_secrets(value: Any) -> dict:
 
 
 def _check_secret(field: str, secret: Any) -> None:
-    low, high = SECRET_BYTES
-    shape = f"must be {SECRET_PREFIX} followed by the base64 of {low} to {high} random bytes"
-    if not isinstance(secret, str) or not secret.startswith(SECRET_PREFIX):
-        raise InvalidField(field, shape)
+    """The rule JOBRUNNER_SIGNING_SECRETS follows too (`signing.check_secret`)."""
+    if not isinstance(secret, str):
+        raise InvalidField(field, f"must be a string: {signing.PREFIX} followed by base64")
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidField(field, f"{shape}: its base64 does not decode") from None
-    if not low <= len(key) <= high:
-        raise InvalidField(field, f"{shape}, not {len(key)} bytes")
+        signing.check_secret(secret)
+    except ValueError as error:  # the message never repeats the secret
+        raise InvalidField(field, str(error)) from None
 
 
 _PARSERS = {

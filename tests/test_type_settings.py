@@ -362,6 +362,17 @@ def test_unknown_fields_of_a_type_are_refused_by_name_on_create_and_update(env):
     for body, field in (({"name": name, "concurrency": 2}, "name"), ({"delivery_strategy": "at_most_once"}, "delivery_strategy"), ({"queued": 0}, "queued")):
         assert_refused(api.post(f"/v1/jobs/{name}", body), field)
     assert api.get(f"/v1/jobs/{name}").json["concurrency"] == 1
+    both = api.post(f"/v1/jobs/{name}", {"rate_limt": 1, "retries": {}}).json
+    assert both["title"] == "Invalid rate_limt, retries: not fields of this request"
+
+
+def test_an_error_quotes_a_huge_value_cut_short(env):
+    api, _ = env
+    name = new_name()
+    api.post("/v1/jobs", {"name": name, **NEW_TYPE})
+    for body in ({"job_timeout": 10**4000}, {"downstream_url": "gopher://" + "h" * 2000}, {"x" * 5000: 1}):
+        answer = api.post(f"/v1/jobs/{name}", body)
+        assert answer.status == 400 and len(answer.json["title"]) < 200, answer.json["title"][:300]
 
 
 def test_secrets_are_write_only(env):
