@@ -111,6 +111,14 @@ class Client:
         name = name or self.get(job_id)["name"]
         return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/cancel", {})
 
+    def heartbeat(self, name: str, job_id: str, attempt: int, extend: float | None = None) -> dict:
+        """For a downstream still working on `attempt` of a job: push its callback deadline to now + `extend`
+        seconds (default: the type's job_timeout). The job, with its new "deadline"; safe to retry."""
+        body: dict[str, Any] = {"attempt": attempt}
+        if extend is not None:
+            body["extend"] = extend
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/heartbeat", body, retry=True)
+
     def jobs(self, name: str, status: str | None = None, limit: int | None = None, page_size: int = 100) -> Iterator[dict]:
         """A type's jobs, newest first, page after page; at most `limit`."""
         cursor, given = None, 0

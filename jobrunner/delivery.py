@@ -9,13 +9,14 @@ it through `services.record_outcome`, as it does an application handler's.
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from . import services, store
 from .downstream import Delivery, Downstream, error_kind
 from .errors import JobrunnerError
 from .metrics import ServiceMetrics
-from .models import QueuedJob
+from .models import DEFAULT_POLICY, QueuedJob, TypePolicy
 from .outcomes import Accepted, ExpiredMeanwhile, MaybeDelivered, NotDelivered, Outcome, Rejected, SettledMeanwhile
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,15 @@ class HttpDelivery:
     """POST each job to the downstream (a `plugins.JobHandler`); its callback, or the timeout, reports how the job went.
 
     A 503 is resent a few times with back-off, without using an attempt, as long
-    as the job is still in progress at that attempt and not expired.
+    as the job is still in progress at that attempt and not expired. Each job goes
+    to its type's `downstream_url` within its `downstream_timeout` (`policies`,
+    replaced by the worker whenever it reads the types), else to the defaults.
     """
 
     def __init__(self, pool: store.Pool, downstream: Downstream, stop: threading.Event, counted: ServiceMetrics | None = None):
         self.pool, self.downstream, self.stop = pool, downstream, stop
         self.metrics = counted or ServiceMetrics()
+        self.policies: Mapping[str, TypePolicy] = {}  # job type -> its settings (only types with some)
 
     def do_work(self, job: QueuedJob) -> Outcome:
         """Send one attempt; what it proved. Never raises: an unexpected error after the POST may have gone out is MaybeDelivered."""
@@ -90,8 +94,9 @@ class HttpDelivery:
         return NotDelivered(reason)
 
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
+        policy = self.policies.get(job.name, DEFAULT_POLICY)
         started = time.perf_counter()
-        result, reason = self.downstream.post(job)
+        result, reason = self.downstream.post(job, policy.downstream_url, policy.downstream_timeout)
         self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
         if result is Delivery.ACCEPTED:
             self.metrics.dispatched.inc(job.name)
