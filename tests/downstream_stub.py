@@ -32,6 +32,7 @@ class Post:
     job_id: str
     body: dict
     authorization: str
+    path: str = ""
     action: str = ""
 
     @property
@@ -76,8 +77,8 @@ class DownstreamStub:
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
-        _, _, _, name, job_id = request.path.split("/")
-        post = Post(time.monotonic(), name, job_id, body, request.headers.get("Authorization", ""))
+        name, job_id = request.path.split("/")[-2:]  # .../v1/jobs/<name>/<id>, after a type's own base path
+        post = Post(time.monotonic(), name, job_id, body, request.headers.get("Authorization", ""), request.path)
         post.action = self.policy(post)
         with self._lock:
             self.posts.append(post)
