@@ -110,24 +110,6 @@ CREATE TABLE IF NOT EXISTS jobrunner_type_errors (
     since timestamp with time zone NOT NULL,
     last_at timestamp with time zone NOT NULL
 );
-
--- SCRATCH (delivery helper): the settings helper's table, until it lands on main.
-CREATE TABLE IF NOT EXISTS jobrunner_job_type_settings (
-    name text PRIMARY KEY REFERENCES jobs (name),
-    downstream_url text,
-    downstream_timeout double precision,
-    job_timeout double precision,
-    retry_min_backoff double precision,
-    retry_max_backoff double precision,
-    retry_max_doublings integer,
-    retry_max_duration double precision,
-    rate_per_second double precision,
-    rate_burst integer,
-    callback_token text,
-    signing_secrets text[],
-    updated_at timestamp with time zone NOT NULL DEFAULT now()
-);
-
 -- jobrunner (migration 0005): the callback deadline a downstream's heartbeat set
 -- (POST /v1/jobs/<name>/<id>/heartbeat). It holds while the job is as the
 -- heartbeat left it: in progress at that attempt, updated_at = beat_at. Rows

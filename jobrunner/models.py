@@ -160,22 +160,3 @@ def _require_int(field: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
     return value
-
-
-# SCRATCH (delivery helper): the settings helper's, until it lands on main.
-@dataclasses.dataclass(frozen=True)
-class TypePolicy:
-    downstream_url: str | None = None
-    downstream_timeout: float | None = None
-    job_timeout: float | None = None
-    retry_min_backoff: float | None = None
-    retry_max_backoff: float | None = None
-    retry_max_doublings: int | None = None
-    retry_max_duration: float | None = None
-    rate_per_second: float | None = None
-    rate_burst: int | None = None
-    callback_token: str | None = None
-    signing_secrets: tuple[str, ...] = ()
-
-
-DEFAULT_POLICY = TypePolicy()

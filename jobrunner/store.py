@@ -1270,21 +1270,3 @@ def _without(row: dict, *keys: str) -> dict:
     for key in keys:
         del row[key]
     return row
-
-
-# SCRATCH (delivery helper): the settings helper's, until it lands on main.
-JOB_TYPE_POLICIES = "SELECT * FROM jobrunner_job_type_settings"
-
-
-def job_type_policies(conn: Connection) -> dict:
-    from .models import TypePolicy
-
-    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(JOB_TYPE_POLICIES).fetchall()
-    policies = {}
-    for row in rows:
-        name = row.pop("name")
-        row.pop("updated_at")
-        row["signing_secrets"] = tuple(row["signing_secrets"] or ())
-        policies[name] = TypePolicy(**row)
-    return policies
