@@ -10,6 +10,9 @@
     for job in jobs.jobs("email", status="failed"):
         print(job["id"])
 
+A downstream checks that a job's POST came from jobrunner with `verify_webhook`
+(Standard Webhooks signatures, see `jobrunner.signing` and docs/client.md).
+
 Requests that are safe to repeat are retried on network errors and 503s, with
 a short back-off: reads, and enqueues. An enqueue carries its id (the client
 makes one), so sending it again cannot enqueue twice. Every other error is an
@@ -27,6 +30,11 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
+
+from .signing import WebhookVerificationError
+from .signing import verify as verify_webhook
+
+__all__ = ["ApiError", "Client", "Unreachable", "WebhookVerificationError", "verify_webhook"]
 
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a request that is safe to repeat
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .plugins import import_factory
+from .signing import check_secret
 
 
 class ConfigError(Exception):
@@ -86,6 +87,17 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _signing_secrets(text: str) -> tuple[str, ...]:
+    """`whsec_...,whsec_...`: the first signs; every one is a signature, so during a rotation either verifies."""
+    secrets = [part.strip() for part in text.split(",") if part.strip()]
+    for number, secret in enumerate(secrets, 1):
+        try:
+            check_secret(secret)
+        except ValueError as error:  # the message never repeats the secret: it would reach the logs
+            raise ValueError(f"secret {number} of {len(secrets)}: {error}") from None
+    return tuple(secrets)
+
+
 def _import_path(text: str) -> str:
     """`package.module:factory`, importable now (so that a typo fails at start, not in a child); empty for the built-in."""
     if text.strip():
@@ -143,6 +155,7 @@ SETTINGS = (
     Setting("allow_unencrypted_proxy_traffic", "ALLOW_UNENCRYPTED_PROXY_TRAFFIC", _bool, "false", "accept requests a proxy marks X-Forwarded-Proto: http"),
     Setting("downstream_url", "DOWNSTREAM_URL", _http_url, "", "base URL of the service jobs are POSTed to"),
     Setting("downstream_password", "DOWNSTREAM_WORKER_AUTH", str, "", "Basic auth password (user 'jobs') for the downstream", secret=True),
+    Setting("signing_secrets", "JOBRUNNER_SIGNING_SECRETS", _signing_secrets, "", "Standard Webhooks secrets (whsec_..., comma-separated, two during a rotation) signing every POST to a downstream, for types without their own; empty: unsigned", secret=True),
     Setting("listen_database_url", "JOBRUNNER_LISTEN_DATABASE_URL", str, "", "URL for the workers' LISTEN connection when DATABASE_URL goes through a transaction pooler (default: DATABASE_URL)", secret=True),
     Setting("default_worker", "JOBRUNNER_DEFAULT_WORKER", _import_path, "", "package.module:factory of the Worker for job types without their own (default: POST to the downstream)"),
     Setting("job_workers", "JOBRUNNER_JOB_WORKERS", _job_workers, "", "job types served by their own Worker in the worker process: type=package.module:factory,..."),

@@ -49,6 +49,26 @@ class JobType:
 
 
 @dataclasses.dataclass(frozen=True)
+class TypePolicy:
+    """A job type's delivery settings (table jobrunner_job_type_settings); None: today's behaviour."""
+
+    downstream_url: str | None = None  # base URL; /v1/jobs/<name>/<id> is appended
+    downstream_timeout: float | None = None  # seconds to wait for the POST's answer
+    job_timeout: float | None = None  # seconds a sent job may wait for its callback
+    retry_min_backoff: float | None = None
+    retry_max_backoff: float | None = None
+    retry_max_doublings: int | None = None
+    retry_max_duration: float | None = None  # seconds since the job's created_at
+    rate_per_second: float | None = None
+    rate_burst: int | None = None
+    callback_token: str | None = None
+    signing_secrets: tuple[str, ...] = ()  # whsec_...; two during a rotation, the first signs
+
+
+DEFAULT_POLICY = TypePolicy()
+
+
+@dataclasses.dataclass(frozen=True)
 class QueuedJob:
     id: uuid.UUID
     name: str

@@ -28,7 +28,7 @@ from psycopg.rows import class_row, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobTypeExists, SchemaMissing
-from .models import EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, RetryPolicy
+from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, RetryPolicy, TypePolicy
 
 Connection = psycopg.Connection
 
@@ -328,6 +328,80 @@ def paused_job_types(conn: Connection) -> dict[str, int]:
     """Paused job types and the concurrency each goes back to on resume."""
     with translated_errors():
         return dict(conn.execute(PAUSED_JOB_TYPES).fetchall())
+
+
+
+# --- job type settings -----------------------------------------------------------
+
+# A type's delivery settings live in a side table (Rickover reads every column of
+# `jobs`); a type without a row has today's behaviour. Saving one tells the workers
+# at once (sent on commit), as a change of the type does.
+JOB_TYPE_POLICIES = "SELECT * FROM jobrunner_job_type_settings"
+
+JOB_TYPE_POLICY = "SELECT * FROM jobrunner_job_type_settings WHERE name = %(name)s"
+
+SAVE_JOB_TYPE_POLICY = """
+WITH saved AS (
+    INSERT INTO jobrunner_job_type_settings (
+        name, downstream_url, downstream_timeout, job_timeout,
+        retry_min_backoff, retry_max_backoff, retry_max_doublings, retry_max_duration,
+        rate_per_second, rate_burst, callback_token, signing_secrets)
+    VALUES (
+        %(name)s, %(downstream_url)s, %(downstream_timeout)s, %(job_timeout)s,
+        %(retry_min_backoff)s, %(retry_max_backoff)s, %(retry_max_doublings)s, %(retry_max_duration)s,
+        %(rate_per_second)s, %(rate_burst)s, %(callback_token)s, %(signing_secrets)s)
+    ON CONFLICT (name) DO UPDATE SET
+        downstream_url = EXCLUDED.downstream_url,
+        downstream_timeout = EXCLUDED.downstream_timeout,
+        job_timeout = EXCLUDED.job_timeout,
+        retry_min_backoff = EXCLUDED.retry_min_backoff,
+        retry_max_backoff = EXCLUDED.retry_max_backoff,
+        retry_max_doublings = EXCLUDED.retry_max_doublings,
+        retry_max_duration = EXCLUDED.retry_max_duration,
+        rate_per_second = EXCLUDED.rate_per_second,
+        rate_burst = EXCLUDED.rate_burst,
+        callback_token = EXCLUDED.callback_token,
+        signing_secrets = EXCLUDED.signing_secrets,
+        updated_at = now()
+    RETURNING name
+)
+SELECT pg_notify('jobrunner_types', name) FROM saved
+"""
+
+# Back to every default: no row at all, as for a type that never had settings.
+DELETE_JOB_TYPE_POLICY = """
+WITH deleted AS (DELETE FROM jobrunner_job_type_settings WHERE name = %(name)s RETURNING name)
+SELECT pg_notify('jobrunner_types', name) FROM deleted
+"""
+
+_POLICY_FIELDS = tuple(field.name for field in dataclasses.fields(TypePolicy))
+
+
+def _policy(row: dict) -> TypePolicy:
+    values = {field: row[field] for field in _POLICY_FIELDS}
+    return TypePolicy(**{**values, "signing_secrets": tuple(values["signing_secrets"] or ())})
+
+
+def job_type_policies(conn: Connection) -> dict[str, TypePolicy]:
+    """The settings of the job types that have any (the others have DEFAULT_POLICY)."""
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        return {row["name"]: _policy(row) for row in cur.execute(JOB_TYPE_POLICIES)}
+
+
+def job_type_policy(conn: Connection, name: str) -> TypePolicy:
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(JOB_TYPE_POLICY, {"name": name}).fetchone()
+    return DEFAULT_POLICY if row is None else _policy(row)
+
+
+def save_job_type_policy(conn: Connection, name: str, policy: TypePolicy) -> None:
+    """Store a type's whole policy (the caller has validated it); DEFAULT_POLICY deletes its row."""
+    with translated_errors("job type settings"):
+        if policy == DEFAULT_POLICY:
+            conn.execute(DELETE_JOB_TYPE_POLICY, {"name": name})
+            return
+        params = {"name": name, **dataclasses.asdict(policy)}
+        conn.execute(SAVE_JOB_TYPE_POLICY, {**params, "signing_secrets": list(policy.signing_secrets) or None})
 
 
 # --- enqueue and lookup --------------------------------------------------------

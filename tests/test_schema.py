@@ -36,7 +36,9 @@ UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
 """
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
 # jobrunner's own tables, beside Rickover's (which it never changes)
-JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
+JOBRUNNER_TABLES = (
+    "jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors", "jobrunner_job_type_settings", "jobrunner_job_deadlines",
+)
 JOBRUNNER_ADDITIONS = {"queued_jobs_claim", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 

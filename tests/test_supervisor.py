@@ -132,6 +132,8 @@ def test_sighup_applies_a_new_config_with_new_children_and_no_failed_request(db_
 
 @pytest.mark.parametrize("line, named", [
     ("log_level = LOUD", ["JOBRUNNER_LOG_LEVEL (log_level"]),
+    # a signing secret too short to sign with: the running generation keeps signing with the old ones
+    ("signing_secrets = whsec_c2hvcnQ=", ["JOBRUNNER_SIGNING_SECRETS (signing_secrets", "bytes of key, not 5"]),
     # each valid alone, they contradict each other
     ("stuck_job_timeout = 300", ["JOBRUNNER_STUCK_JOB_TIMEOUT (stuck_job_timeout", "JOBRUNNER_JOB_TIMEOUT (job_timeout"]),
 ])
