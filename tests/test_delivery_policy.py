@@ -10,7 +10,6 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import downstream_stub as stub
-import psycopg.sql
 import pytest
 from conftest import (
     API_PASSWORD,
@@ -35,21 +34,17 @@ from hypothesis import strategies as st
 from test_downstream import JOB, keep_alive_server, raw_server, read_request
 
 from jobrunner import downstream as downstream_module
-from jobrunner import services
+from jobrunner import services, store
 from jobrunner.config import load_config
 from jobrunner.downstream import Delivery, Downstream
 from jobrunner.metrics import LATENCY_BUCKETS
-from jobrunner.models import FAILED, QUEUED, ArchivedJob, QueuedJob, RetryPolicy
+from jobrunner.models import FAILED, QUEUED, ArchivedJob, QueuedJob, RetryPolicy, TypePolicy
 from jobrunner.watcher import Watcher
 
 
-def set_policy(conn, name: str, **columns) -> None:
-    """A type's row in jobrunner_job_type_settings, as the settings API stores it (a column per setting)."""
-    query = psycopg.sql.SQL("INSERT INTO jobrunner_job_type_settings (name, {}) VALUES (%s, {})").format(
-        psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, columns)),
-        psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(columns)),
-    )
-    conn.execute(query, [name, *columns.values()])
+def set_policy(conn, name: str, **settings) -> None:
+    """Save a type's settings as the settings API does (store.save_job_type_policy: a row, and a notification)."""
+    store.save_job_type_policy(conn, name, TypePolicy(**settings))
 
 
 def now() -> datetime:
