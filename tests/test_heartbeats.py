@@ -197,6 +197,20 @@ def test_the_watcher_deletes_deadlines_no_job_holds(conn):
     assert conn.execute("SELECT id FROM jobrunner_job_deadlines").fetchall() == [(kept.id,)]
 
 
+def test_the_client_heartbeats_and_reports_a_refusal(api, conn):
+    make_type(conn)
+    client = Client(f"http://127.0.0.1:{api.port}", API_USER, API_PASSWORD)
+    queued = client.enqueue("email", {})
+    with pytest.raises(ApiError) as refusal:
+        client.heartbeat("email", queued["id"], 3)
+    assert (refusal.value.status, refusal.value.id) == (400, "job_not_in_progress")
+    [sent] = services.claim(conn, "email", limit=1).jobs
+    answer = client.heartbeat("email", sent.job_id, 3, extend=600)
+    deadline = datetime.fromisoformat(answer["deadline"].replace("Z", "+00:00"))
+    updated_at = datetime.fromisoformat(answer["updated_at"].replace("Z", "+00:00"))
+    assert (answer["status"], deadline - updated_at) == (IN_PROGRESS, timedelta(seconds=600))
+
+
 # --- a real service, and a downstream that heartbeats through a long job ---------------------
 
 
