@@ -1,10 +1,14 @@
--- jobrunner's database schema.
+-- jobrunner's database schema: the whole picture, to read.
+--
+-- `jobrunner migrate` does not apply this file: it applies the numbered files
+-- in jobrunner/migrations/ in order, and tests/test_migrations.py checks that
+-- this file builds the same schema as all of them. A new migration adds its
+-- objects here too, in a section of its own at the end.
 --
 -- Rickover's tables and enum types, with the same names, columns and
--- constraints, plus the indexes jobrunner's queries need. Idempotent: it can
--- be applied any number of times, to an empty database or to one that
--- Rickover's own migrations built, and it never changes what already exists.
--- `jobrunner migrate` applies it in one transaction.
+-- constraints, plus the indexes jobrunner's queries need.
+
+-- 0001_base ------------------------------------------------------------------
 
 -- Postgres has no CREATE TYPE IF NOT EXISTS.
 DO $$
@@ -111,6 +115,9 @@ CREATE TABLE IF NOT EXISTS jobrunner_type_errors (
     last_at timestamp with time zone NOT NULL
 );
 
+-- 0002_job_type_settings ----------------------------------------------------
+
+
 -- jobrunner: a job type's delivery settings (issue 16); every column NULL (or
 -- no row at all) means today's behaviour. A table of its own, so that
 -- Rickover's code, which reads every column of `jobs`, never sees a new one.
@@ -130,7 +137,9 @@ CREATE TABLE IF NOT EXISTS jobrunner_job_type_settings (
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
 
--- jobrunner (migration 0005): the callback deadline a downstream's heartbeat set
+-- 0005_job_deadlines ---------------------------------------------------------
+
+-- jobrunner: the callback deadline a downstream's heartbeat set
 -- (POST /v1/jobs/<name>/<id>/heartbeat). It holds while the job is as the
 -- heartbeat left it: in progress at that attempt, updated_at = beat_at. Rows
 -- no job holds any more are deleted by the watcher.

@@ -16,12 +16,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from importlib import resources
 
 from . import client_cli, store
+from . import migrate as migrations
 from .children import PARENT_CHECK_INTERVAL
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config, open_file_warnings
-from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError
+from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError, SchemaMissing
 from .localdb import LocalPostgres, LocalPostgresError
 
 log = logging.getLogger("jobrunner")
@@ -40,14 +40,46 @@ def _configure_logging(level: str, environ: dict) -> None:
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
-def schema_sql() -> str:
-    return resources.files(__package__).joinpath("schema.sql").read_text()
-
-
-def migrate(database_url: str) -> None:
-    conn = store.connect(database_url)
+def migrate(database_url: str) -> list[migrations.Migration]:
+    """Apply the migrations the database lacks; the ones applied."""
+    conn = store.connect(database_url, "migrate")
     try:
-        store.apply_schema(conn, schema_sql())
+        return migrations.apply(conn)
+    finally:
+        conn.close()
+
+
+def migration_status(database_url: str) -> str:
+    """`jobrunner migrate --status`: each migration, applied (when) or pending, and any this code does not know."""
+    conn = store.connect(database_url, "migrate")
+    try:
+        state = migrations.status(conn)
+    finally:
+        conn.close()
+    known = {migration.version: migration for migration in migrations.known()}
+    lines = [f"{migrations.label(version, name)}  applied {applied_at:%Y-%m-%d %H:%M:%S %Z}" + ("" if version in known else "  (unknown to this jobrunner)")
+             for version, (name, applied_at) in sorted(state.applied.items())]
+    lines += [f"{migration.label}  pending" for migration in state.pending]
+    return "\n".join(sorted(lines))
+
+
+def check_schema(config: Config) -> None:
+    """Refuse to start against a database whose schema this code does not match, naming what to do
+    (`jobrunner migrate`, or a newer jobrunner); in development mode `database()` migrates instead.
+    A database that does not answer is not refused: the service rides out outages, and says so."""
+    if not config.database_url:
+        return
+    try:
+        conn = store.connect(config.database_url, "check", connect_timeout=max(2, round(config.db_timeout)))
+    except DatabaseUnavailable as error:
+        log.warning("could not check the database's schema version: %s", error)
+        return
+    try:
+        migrations.check(conn)
+    except SchemaMissing:
+        raise
+    except DatabaseUnavailable as error:
+        log.warning("could not check the database's schema version: %s", error)
     finally:
         conn.close()
 
@@ -192,6 +224,7 @@ def serve(config: Config) -> None:
     from . import server
 
     check_prepared_statements(config)
+    check_schema(config)
     stop = stop_on_signals()
     with database(config) as running:
         sock = listening_socket(running)
@@ -210,6 +243,7 @@ def work(config: Config) -> None:
     if not config.downstream_url and not config.default_worker:
         raise ConfigError("DOWNSTREAM_URL (downstream_url): where should jobs be sent?")
     check_prepared_statements(config)
+    check_schema(config)
     stop = stop_on_signals()
     log.info("worker sending jobs to %s", config.downstream_url or config.default_worker)
     worker.run(config, stop)
@@ -227,6 +261,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
     from .systemd import Notifier
 
     check_prepared_statements(config)
+    check_schema(config)
     with database(config) as running:
         sockets = {"api": listening_socket(running)}
         if not config.database_url and not running.downstream_url:
@@ -251,8 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobrunner", description="A Postgres-backed job queue.")
     parser.add_argument("--config", default=None, help="INI config file with a [jobrunner] section (default: $JOBRUNNER_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
-    migrate_cmd = commands.add_parser("migrate", help="apply schema.sql to the database (idempotent)")
+    migrate_cmd = commands.add_parser("migrate", help="apply the schema migrations the database lacks, in order")
     migrate_cmd.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
+    migrate_cmd.add_argument("--status", action="store_true", help="list the migrations applied and pending; change nothing")
     serve_cmd = commands.add_parser("serve", help="run the HTTP API server alone")
     serve_cmd.add_argument("--host", help="listen address (default: $JOBRUNNER_HOST or 0.0.0.0)")
     serve_cmd.add_argument("--port", help="listen port (default: $PORT or 9090)")
@@ -296,8 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             if not config.database_url:
                 print("jobrunner migrate: DATABASE_URL is not set (or pass --database-url)", file=sys.stderr)
                 return 2
-            migrate(config.database_url)
-            print("jobrunner: schema applied")
+            if args.status:
+                print(migration_status(config.database_url))
+                return 0
+            applied = migrate(config.database_url)
+            for migration in applied:
+                print(f"jobrunner: applied migration {migration.label}")
+            if not applied:
+                print("jobrunner: the schema is up to date")
         elif args.command == "serve":
             serve(config)
         elif args.command == "work":
@@ -310,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError("DATABASE_URL (database_url): not set; without it jobrunner would start a private development database")
                 check_runnable(config)
                 check_prepared_statements(config)
+                check_schema(config)
             print(effective_settings(config))
             print("jobrunner: configuration is valid")
     except ConfigError as error:

@@ -44,6 +44,8 @@ Cron.follows_clock -> bool
 Cron.can_fire() -> bool
     Always True for a parsed Cron (parse refuses the others); kept for callers
     that hold one.
+load_zone(name) -> ZoneInfo
+    The IANA zone of that name; ValueError "unknown time zone 'X'" otherwise.
 Interval(seconds, anchor=EPOCH)
     Ticks at anchor + k * seconds for every integer k (real time, no zone);
     seconds >= 1 (ValueError otherwise); next_after(after, zone) as Cron's,
@@ -94,6 +96,7 @@ import dataclasses
 import re
 from collections import deque
 from datetime import datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -215,6 +218,14 @@ def parse(expression: str) -> Cron:
     if not cron.can_fire():
         raise CronError(f"never fires: no month of field 'month' ({fields[3]}) has a day of field 'day of month' ({fields[2]})")
     return cron
+
+
+def load_zone(name: str) -> ZoneInfo:
+    """The IANA time zone `name` (e.g. Europe/Berlin); ValueError naming it when there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ValueError(f"unknown time zone {name!r}") from None
 
 
 def _next_value(values: tuple[int, ...], at_least: int) -> int | None:

@@ -121,7 +121,11 @@ class DatabaseUnavailable(JobrunnerError):
 
 
 class SchemaMissing(DatabaseUnavailable):
-    """The database has no jobrunner tables yet."""
+    """The database has no jobrunner tables yet, or an older schema than this code needs: `jobrunner migrate`."""
+
+
+class SchemaTooNew(JobrunnerError):
+    """The database has migrations this code does not know: a newer jobrunner migrated it."""
 
 
 class DatabaseError(JobrunnerError):

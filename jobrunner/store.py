@@ -181,16 +181,56 @@ def ping_writable(conn: Connection) -> None:
         raise DatabaseUnavailable("The database is read-only, a standby?")
 
 
-# --- schema ------------------------------------------------------------------
+# --- schema versions -----------------------------------------------------------
 
+# Held until the end of the transaction that applies one migration, so that two
+# `jobrunner migrate` at once take turns, and the second finds the work done.
 LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
 
+# The migrations' own record; made by `migrate` before the first migration, so it is
+# part of no migration and of no schema.sql.
+CREATE_SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS jobrunner_schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamp with time zone NOT NULL DEFAULT now()
+)
+"""
 
-def apply_schema(conn: Connection, schema_sql: str) -> None:
-    """Apply schema.sql in one transaction; concurrent migrations wait for each other."""
-    with transaction(conn):
+# A query, not the table's absence as an error, so that a standby can answer it.
+SCHEMA_MIGRATIONS_EXIST = "SELECT to_regclass('jobrunner_schema_migrations') IS NOT NULL"
+
+SCHEMA_MIGRATIONS = "SELECT version, name, applied_at FROM jobrunner_schema_migrations ORDER BY version"
+
+RECORD_SCHEMA_MIGRATION = "INSERT INTO jobrunner_schema_migrations (version, name) VALUES (%(version)s, %(name)s)"
+
+
+def lock_schema(conn: Connection) -> None:
+    """Wait for, then hold until the transaction ends, the lock every schema change takes; and
+    make sure the record of migrations exists."""
+    with translated_errors():
         conn.execute(LOCK_SCHEMA, {"space": ADVISORY_LOCK_SPACE, "key": SCHEMA_LOCK_KEY})
-        conn.execute(schema_sql.encode())
+        conn.execute(CREATE_SCHEMA_MIGRATIONS)
+
+
+def schema_migrations(conn: Connection) -> dict[int, tuple[str, datetime]] | None:
+    """The migrations applied to the database, {version: (name, applied_at)}; None before any was recorded."""
+    with translated_errors():
+        if not conn.execute(SCHEMA_MIGRATIONS_EXIST).fetchone()[0]:
+            return None
+        return {version: (name, applied_at) for version, name, applied_at in conn.execute(SCHEMA_MIGRATIONS)}
+
+
+def apply_migration(conn: Connection, version: int, name: str, sql: str) -> None:
+    """Run one migration's SQL and record it; the caller holds the transaction and the lock."""
+    try:
+        conn.execute(sql.encode())  # bytes: a script of several statements, no parameters
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(f"The database is unavailable: {_reason(error)}") from None
+    except psycopg.Error as error:  # not the caller's bad data, nor a missing schema: the migration's own failure
+        raise DatabaseError(f"Migration {version:04d}_{name} failed: {_reason(error)}") from error
+    with translated_errors():
+        conn.execute(RECORD_SCHEMA_MIGRATION, {"version": version, "name": name})
 
 
 # --- job types ---------------------------------------------------------------

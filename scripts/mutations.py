@@ -28,6 +28,8 @@ BATCHING = "jobrunner/batching.py"
 DELIVERY = "jobrunner/delivery.py"
 WORKER = "jobrunner/worker.py"
 PROMISES = "tests/test_promises.py"
+CRON = "jobrunner/cron.py"
+CRON_TESTS = ("tests/test_cron.py",)
 
 MUTATIONS = [
     # --- pause / resume ------------------------------------------------------------------
@@ -214,5 +216,78 @@ MUTATIONS = [
         "taken = max(0, min(wanted, self._free, self._share - busy))",
         "taken = max(0, min(wanted, self._free))",
         ("tests/test_isolation.py::test_a_type_whose_downstream_hangs_never_holds_every_dispatch_thread",),
+    ),
+    # --- cron: the syntax and DST rules of docs/schedules.md -----------------------------
+    Mutation(
+        "cron-gap-fires-at-its-end",
+        "a time of day skipped by a spring-forward gap fires at the first instant after the gap",
+        CRON,
+        "if new_offset > offset and not self.follows_clock and wall < gap_end:",
+        "if False:",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-overlap-fires-once",
+        "a time of day repeated by a fall-back overlap fires at its first occurrence only",
+        CRON,
+        "if self.follows_clock or self._first_occurrence(wall, zone) == candidate:",
+        "if True:",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-clock-following-repeats",
+        "a clock-following expression fires in both passes of a fall-back overlap",
+        CRON,
+        "            if not self.follows_clock:\n                wall_from = max(wall_from, wall)",
+        "            if True:\n                wall_from = max(wall_from, wall)",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-strictly-after",
+        "the next tick is strictly after the time asked about",
+        CRON,
+        "wall_from = (after + offset).replace(tzinfo=None, second=0, microsecond=0) + MINUTE",
+        "wall_from = (after + offset).replace(tzinfo=None, second=0, microsecond=0)",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-vixie-day-rule",
+        "a day field starting with `*` is unrestricted (Vixie cron): `*/2 * MON` needs both",
+        CRON,
+        'either_day = not fields[2].startswith("*") and not fields[4].startswith("*")',
+        'either_day = fields[2] != "*" and fields[4] != "*"',
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-sunday-is-7",
+        "day of week 7 is Sunday, like 0",
+        CRON,
+        "return {value % 7 if field is _DAY_OF_WEEK else value for value in range(low, high + 1, step)}",
+        "return {value for value in range(low, high + 1, step)}",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-never-fires-refused",
+        "an expression that can never fire is refused",
+        CRON,
+        "    if not cron.can_fire():\n",
+        "    if False:\n",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "cron-leap-day",
+        "February 29 is a day that fires (in leap years)",
+        CRON,
+        "calendar.monthrange(2000, month)",
+        "calendar.monthrange(2001, month)",
+        CRON_TESTS,
+    ),
+    Mutation(
+        "ticks-latest",
+        "ticks_between(latest=True) gives the last ticks of the whole span, not of its last minute",
+        CRON,
+        "if len(found) >= limit or window_start == start_exclusive:",
+        "if True:",
+        CRON_TESTS,
     ),
 ]

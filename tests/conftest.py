@@ -1,4 +1,4 @@
-"""Test databases: a throwaway PostgreSQL cluster, a template with the schema, a fresh database per test.
+"""Test databases: a throwaway PostgreSQL cluster, a template built by the migrations, a fresh database per test.
 
 Set JOBRUNNER_TEST_DATABASE_URL to use an existing server instead (the role needs
 CREATEDB); otherwise a private cluster is started with the machine's initdb/pg_ctl.
@@ -25,12 +25,13 @@ import pytest
 from hypothesis import HealthCheck, settings
 from psycopg.conninfo import make_conninfo
 
-from jobrunner import server, services, store
-from jobrunner.cli import schema_sql
+from jobrunner import migrate, server, services, store
 from jobrunner.config import load_config
 from jobrunner.localdb import LocalPostgres
 
 TEMPLATE = f"jobrunner_template_{os.getpid()}"
+# the readable whole schema, which tests/test_migrations.py holds equal to the migrations
+SCHEMA_SQL = (Path(__file__).parent.parent / "schema.sql").read_text()
 # Durability is worthless in a throwaway cluster, and speed is not.
 TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"}
 _database_numbers = itertools.count()
@@ -48,6 +49,16 @@ settings.register_profile("dev", max_examples=50, **_NO_TIMING)
 settings.register_profile("thorough", max_examples=500, **_NO_TIMING)
 HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def package_data() -> list[str]:
+    """The package data patterns of setup.cfg, read as setuptools reads them (a list is split at
+    commas and newlines, not at spaces: "a b" is one pattern that matches nothing)."""
+    from setuptools.dist import Distribution
+
+    dist = Distribution()
+    dist.parse_config_files([str(Path(__file__).parent.parent / "setup.cfg")])
+    return dist.package_data["jobrunner"]
 
 
 def examples(ci_budget: int) -> int:
@@ -82,7 +93,7 @@ def admin_execute(server: str, *statements: str) -> None:
 def template_database(pg_server: str) -> str:
     admin_execute(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE}", f"CREATE DATABASE {TEMPLATE} TEMPLATE template0")
     conn = store.connect(make_conninfo(pg_server, dbname=TEMPLATE))
-    store.apply_schema(conn, schema_sql())
+    migrate.apply(conn)  # every migration, so each test runs on what `jobrunner migrate` builds
     conn.close()
     yield TEMPLATE
     admin_execute(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")

@@ -99,7 +99,9 @@ def test_the_claim_takes_the_oldest_due_jobs_of_the_burst(burst_with_stale_stati
 
 
 def test_migrate_adds_the_claim_index_to_a_database_migrated_before_it_and_again_changes_nothing(conn, db_url):
-    conn.execute("DROP INDEX queued_jobs_claim")  # a database `jobrunner migrate` built before the index existed
+    # a database `jobrunner migrate` built before the index existed, and before versions were recorded
+    conn.execute("DROP INDEX queued_jobs_claim")
+    conn.execute("DROP TABLE jobrunner_schema_migrations")
 
     migrate(db_url)
     migrate(db_url)

@@ -13,7 +13,7 @@ from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner.cron import MACROS, CronError, Interval, parse, ticks_between
+from jobrunner.cron import MACROS, CronError, Interval, load_zone, parse, ticks_between
 
 UTC = timezone.utc
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -291,6 +291,18 @@ def test_interval():
     assert hourly == [utc(2026, 10, 24, 23) + timedelta(hours=n) for n in range(5)]
 
 
+def test_load_zone():
+    assert load_zone("Europe/Berlin") == BERLIN
+    assert load_zone("Australia/Sydney").utcoffset(datetime(2026, 1, 1)) == timedelta(hours=11)
+
+
+@pytest.mark.parametrize("name", ["Europe/Atlantis", "", "../../etc/passwd", "/etc/localtime", "Europe/"])
+def test_load_zone_refuses_what_is_not_a_zone(name):
+    with pytest.raises(ValueError) as raised:
+        load_zone(name)
+    assert str(raised.value) == f"unknown time zone {name!r}"
+
+
 @pytest.mark.parametrize("seconds", [0, 0.5, -1, float("nan")])
 def test_an_interval_is_at_least_a_second(seconds):
     with pytest.raises(ValueError, match="at least 1 second"):
@@ -394,3 +406,21 @@ def test_next_after_agrees_with_the_wall_clock(expression, where):
         assert tick >= after + HORIZON
     else:
         assert tick == expected
+
+
+@settings(max_examples=examples(40))
+@given(expression=expressions, where=near_a_transition(), hours=st.integers(1, 48), limit=st.integers(1, 5))
+def test_ticks_between_is_next_after_repeated(expression, where, hours, limit):
+    try:
+        cron = parse(expression)
+    except CronError:
+        return
+    zone, start = where
+    end = start + timedelta(hours=hours)
+    every, tick = [], cron.next_after(start, zone)
+    while tick <= end:
+        every.append(tick)
+        tick = cron.next_after(tick, zone)
+    assert ticks_between(cron, start, end, zone, 10**6) == every
+    assert ticks_between(cron, start, end, zone, limit) == every[:limit]
+    assert ticks_between(cron, start, end, zone, limit, latest=True) == every[-limit:]

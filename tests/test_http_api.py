@@ -13,8 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from conftest import run_concurrently, running_server, wait_until
 
-from jobrunner import services, store
-from jobrunner.cli import schema_sql
+from jobrunner import migrate, services, store
 from jobrunner.localdb import LocalPostgres
 
 EMAIL = {"name": "email", "delivery_strategy": "at_least_once", "attempts": 3, "concurrency": 2}
@@ -479,7 +478,7 @@ def test_the_database_going_away_gives_503_then_recovers_by_itself():
     url = cluster.start()
     try:
         conn = store.connect(url)
-        store.apply_schema(conn, schema_sql())
+        migrate.apply(conn)
         conn.close()
         with running_server(url, db_timeout="1") as api:
             assert api.post("/v1/jobs", EMAIL).status == 201

@@ -13,7 +13,6 @@ document leaves objects open, so that a field added later does not break a clien
 generated today; the test holds the server and the docs to exactly what is documented.
 """
 
-import configparser
 import importlib.resources
 import itertools
 import json
@@ -25,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import package_data
 
 from jobrunner import server, services, store
 
@@ -270,9 +270,7 @@ def test_the_document_is_well_formed(document):
 
 def test_the_document_is_package_data():
     """Served from the installed package: setup.cfg must ship it, or /openapi.json breaks in a wheel."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    assert "openapi.json" in config["options.package_data"]["jobrunner"].split()
+    assert "openapi.json" in package_data()
 
 
 # --- routes and entries ------------------------------------------------------------

@@ -25,7 +25,7 @@ from conftest import (
     worker_processes,
 )
 
-from jobrunner import services, store
+from jobrunner import migrate, services, store
 
 
 def test_a_job_is_posted_exactly_as_rickover_did_then_archived_by_its_callback(api, downstream, db_url):
@@ -240,7 +240,6 @@ def test_at_most_once_jobs_never_reach_the_downstream_twice(api, downstream, db_
 @contextlib.contextmanager
 def private_cluster():
     """A PostgreSQL cluster of the test's own, with the schema, that the test may stop and start again: (cluster, url)."""
-    from jobrunner.cli import schema_sql
     from jobrunner.localdb import LocalPostgres
 
     workdir = tempfile.mkdtemp(prefix="jobrunner-restart-")
@@ -248,7 +247,7 @@ def private_cluster():
     cluster = LocalPostgres(f"{workdir}/data", settings={"fsync": "off"})
     url = cluster.start()
     with contextlib.closing(store.connect(url)) as conn:
-        store.apply_schema(conn, schema_sql())
+        migrate.apply(conn)
     try:
         yield cluster, url
     finally:
@@ -286,13 +285,11 @@ def test_a_database_outage_does_not_kill_a_worker_and_is_logged_once(caplog):
 def test_a_worker_started_before_the_schema_waits_for_it(make_database, downstream):
     from conftest import running_server
 
-    from jobrunner.cli import schema_sql
-
     url = make_database(template="template0")
     with running_worker(url, downstream.url) as worker:
         wait_until(lambda: worker._db_outage.failures >= 2, "the worker to find no schema and keep trying")
         conn = store.connect(url)
-        store.apply_schema(conn, schema_sql())
+        migrate.apply(conn)
         conn.close()
         with running_server(url) as api:
             downstream.api_port = api.port

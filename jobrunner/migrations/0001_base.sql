@@ -1,0 +1,113 @@
+-- Migration 0001: the base schema, jobrunner's schema before versioned migrations.
+--
+-- Rickover's tables and enum types, with the same names, columns and
+-- constraints, plus the indexes jobrunner's queries need. Idempotent (later
+-- migrations need not be: each runs once), because it is the first one applied
+-- to an empty database, to one that Rickover's own migrations built, and to one
+-- that `jobrunner migrate` built before versions were recorded; it never
+-- changes what already exists.
+
+-- Postgres has no CREATE TYPE IF NOT EXISTS.
+DO $$
+BEGIN
+    IF to_regtype('delivery_strategy') IS NULL THEN
+        CREATE TYPE delivery_strategy AS ENUM ('at_most_once', 'at_least_once');
+    END IF;
+    IF to_regtype('job_status') IS NULL THEN
+        CREATE TYPE job_status AS ENUM ('queued', 'in-progress');
+    END IF;
+    IF to_regtype('archived_job_status') IS NULL THEN
+        CREATE TYPE archived_job_status AS ENUM ('succeeded', 'failed', 'expired');
+    END IF;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS jobs (
+    name text PRIMARY KEY,
+    delivery_strategy delivery_strategy NOT NULL,
+    attempts smallint NOT NULL CONSTRAINT jobs_attempts_check CHECK (attempts > 0),
+    concurrency smallint NOT NULL CONSTRAINT jobs_concurrency_check CHECK (concurrency >= 0),
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS queued_jobs (
+    id uuid PRIMARY KEY,
+    name text NOT NULL REFERENCES jobs (name),
+    attempts smallint NOT NULL CONSTRAINT queued_jobs_attempts_check CHECK (attempts >= 0),
+    run_after timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    status job_status NOT NULL,
+    data jsonb NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS archived_jobs (
+    id uuid PRIMARY KEY,
+    name text NOT NULL REFERENCES jobs (name),
+    attempts smallint NOT NULL CHECK (attempts >= 0),
+    status archived_job_status NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    data jsonb NOT NULL
+);
+
+-- jobrunner: a queued job cancelled before it was sent (POST .../cancel).
+ALTER TYPE archived_job_status ADD VALUE IF NOT EXISTS 'cancelled';
+
+-- Added by a later Rickover migration; a no-op where it exists.
+ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with time zone;
+
+-- Rickover's claim index; kept for Rickover's code, which orders by run_after alone.
+CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHERE status = 'queued';
+
+-- jobrunner: the claim. Its ORDER BY (run_after, id) is this index's order after
+-- the name, so the only sensible plan is an index scan that stops after the
+-- batch, even when the statistics say the queue is empty (after a burst onto a
+-- quiet queue, an ORDER BY the index did not cover sorted the whole backlog).
+CREATE INDEX IF NOT EXISTS queued_jobs_claim ON queued_jobs (name, run_after, id) WHERE status = 'queued';
+
+-- jobrunner: due jobs whose expires_at has passed, archived at claim time
+-- without scanning the backlog. Only jobs with an expires_at are in it.
+CREATE INDEX IF NOT EXISTS queued_jobs_expires_at ON queued_jobs (name, expires_at)
+    WHERE status = 'queued' AND expires_at IS NOT NULL;
+
+-- jobrunner: paging through a type's archived jobs, newest first.
+CREATE INDEX IF NOT EXISTS archived_jobs_name_created_at ON archived_jobs (name, created_at, id);
+
+-- jobrunner: the dashboard's recent failed and expired jobs, without reading a
+-- day of succeeded ones. Only those rows are in it, so archiving a success
+-- costs nothing more.
+CREATE INDEX IF NOT EXISTS archived_jobs_failures ON archived_jobs (name, created_at)
+    WHERE status IN ('failed', 'expired');
+
+-- jobrunner: in-progress jobs, counted per type at every claim and scanned by
+-- updated_at for stuck jobs. Only in-flight rows are in it, so it stays small.
+CREATE INDEX IF NOT EXISTS queued_jobs_in_progress ON queued_jobs (name, updated_at) WHERE status = 'in-progress';
+
+-- jobrunner: the concurrency a paused job type goes back to on resume
+-- (POST /v1/jobs/<name>/pause sets it to 0). A table of its own, so that
+-- Rickover's code, which reads every column of `jobs`, never sees a new one.
+CREATE TABLE IF NOT EXISTS jobrunner_paused_job_types (
+    name text PRIMARY KEY REFERENCES jobs (name),
+    concurrency smallint NOT NULL CHECK (concurrency > 0),
+    paused_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+-- jobrunner: the total attempts of a queued job whose type's attempts changed
+-- after it was enqueued (its retry back-off counts the attempts it used). Rows
+-- of archived jobs are deleted by the watcher.
+CREATE TABLE IF NOT EXISTS jobrunner_job_attempts (
+    id uuid PRIMARY KEY,
+    total_attempts integer NOT NULL CHECK (total_attempts > 0)
+);
+
+-- jobrunner: a job type's current error (a claim that fails), for the dashboard
+-- of any host; deleted when the type recovers.
+CREATE TABLE IF NOT EXISTS jobrunner_type_errors (
+    name text PRIMARY KEY,
+    stage text NOT NULL,
+    message text NOT NULL,
+    failures integer NOT NULL,
+    since timestamp with time zone NOT NULL,
+    last_at timestamp with time zone NOT NULL
+);
