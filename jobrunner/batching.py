@@ -120,20 +120,25 @@ class EnqueueBatcher:
 
 
 class CallbackBatcher:
-    """`services.handle_status_callback` for many threads at once: `succeeded` callbacks share a transaction."""
+    """A downstream's callbacks for many threads at once: `succeeded` ones share a transaction.
+
+    Each is checked against its type's callback token (`services.check_callback_token`),
+    in the batch as alone: `callback_token` is the one the request presented, or None.
+    """
 
     def __init__(self, pool: store.Pool):
         self._pool = pool
         self._group = GroupCommit(pool, services.succeed_many, "callback-batcher")
 
     def handle_status_callback(
-        self, job_id: UUID, name: str, status: str, attempt: int, retryable: bool = True
+        self, job_id: UUID, name: str, status: str, attempt: int, retryable: bool = True, callback_token: str | None = None
     ) -> QueuedJob | ArchivedJob:
         if status == SUCCEEDED:
-            archived = self._group.submit((job_id, name))
+            archived = self._group.submit((job_id, name, callback_token))
             if archived is not None:
                 return archived
         with self._pool.connection() as conn:
+            services.check_callback_token(conn, name, callback_token)
             return services.handle_status_callback(conn, job_id, name, status, attempt, retryable)
 
     def close(self) -> None:

@@ -40,11 +40,11 @@ def _configure_logging(level: str, environ: dict) -> None:
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
-def migrate(database_url: str) -> list[migrations.Migration]:
-    """Apply the migrations the database lacks; the ones applied."""
+def migrate(database_url: str, applied: Callable[[migrations.Migration], None] = lambda migration: None) -> list[migrations.Migration]:
+    """Apply the migrations the database lacks; the ones applied, each also passed to `applied` as it commits."""
     conn = store.connect(database_url, "migrate")
     try:
-        return migrations.apply(conn)
+        return migrations.apply(conn, applied)
     finally:
         conn.close()
 
@@ -95,7 +95,7 @@ def database(config: Config) -> Iterator[Config]:
     cluster = LocalPostgres(os.path.join(config.data_dir, "postgres"))
     url = cluster.start()
     try:
-        migrate(url)
+        migrate(url, lambda migration: log.info("development mode: applied migration %s", migration.label))
         users = config.users or (("admin", _development_password(config.data_dir)),)
         print(f"jobrunner: development mode, database {url}", flush=True)
         if not config.users:
@@ -335,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.status:
                 print(migration_status(config.database_url))
                 return 0
-            applied = migrate(config.database_url)
-            for migration in applied:
-                print(f"jobrunner: applied migration {migration.label}")
-            if not applied:
+            if not migrate(config.database_url, lambda migration: print(f"jobrunner: applied migration {migration.label}", flush=True)):
                 print("jobrunner: the schema is up to date")
         elif args.command == "serve":
             serve(config)

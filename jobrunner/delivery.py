@@ -96,7 +96,13 @@ class HttpDelivery:
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
         policy = self.policies.get(job.name, DEFAULT_POLICY)
         started = time.perf_counter()
-        result, reason = self.downstream.post(job, policy.downstream_url, policy.downstream_timeout)
+        result, reason = self.downstream.post(
+            job,
+            base_url=policy.downstream_url,
+            timeout=policy.downstream_timeout,
+            signing_secrets=policy.signing_secrets,
+            callback_token=policy.callback_token,
+        )
         self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
         if result is Delivery.ACCEPTED:
             self.metrics.dispatched.inc(job.name)

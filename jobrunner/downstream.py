@@ -1,10 +1,12 @@
 """The downstream client: POST a job to the service that runs it, with urllib, and say what became of it.
 
 What we send is what Rickover sent (CONTRACT.md §6.3): `POST <DOWNSTREAM_URL>/v1/jobs/<name>/<id>`,
-body exactly `{"data": ..., "attempts": N}`, HTTP Basic auth user `jobs`. A job type
-may have a base URL and a timeout of its own (`post`'s `base_url`, `timeout`);
-connections are kept per thread and (scheme, host, port), so types sent to
-different services share nothing but the dispatch threads.
+body exactly `{"data": ..., "attempts": N}`, HTTP Basic auth user `jobs`; with signing
+secrets, also the Standard Webhooks headers (`signing.py`; webhook-id `<job id>-<attempts>`,
+the same for every POST of one attempt), and a type's callback token when it has one.
+A job type may have a base URL and a timeout of its own (`post`'s `base_url`,
+`timeout`); connections are kept per thread and (scheme, host, port), so types sent
+to different services share nothing but the dispatch threads.
 Failures are told apart by their type, never by their message: an attempt that
 certainly never reached the downstream may be sent again; one that may have
 reached it must wait for its callback; an error answer proves that it arrived.
@@ -25,8 +27,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 
-from .models import QueuedJob
+from . import signing
+from .models import CALLBACK_TOKEN_HEADER, QueuedJob
 
 USER = "jobs"
 
@@ -257,11 +261,13 @@ class Delivery(enum.Enum):
 
 
 class Downstream:
-    """POSTs jobs to `base_url` within `timeout`, or to a job type's own base URL and timeout (`post`)."""
+    """POSTs jobs to `base_url` within `timeout`, signed with `signing_secrets` (none: unsigned),
+    unless a job type has its own base URL, timeout or secrets (`post`)."""
 
-    def __init__(self, base_url: str, password: str, timeout: float):
+    def __init__(self, base_url: str, password: str, timeout: float, signing_secrets: Sequence[str] = ()):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.signing_secrets = tuple(signing_secrets)
         # urllib reports errors of connecting and of sending alike (URLError); our
         # connections mark the first kind, which proves that nothing was delivered.
         self._connections = _KeepAliveHandler()
@@ -282,19 +288,41 @@ class Downstream:
         base = self.base_url if base_url is None else base_url.rstrip("/")
         return f"{base}/v1/jobs/{urllib.parse.quote(job.name, safe='')}/{job.job_id}"
 
-    def post(self, job: QueuedJob, base_url: str | None = None, timeout: float | None = None) -> tuple[Delivery, str]:
+    def post(
+        self,
+        job: QueuedJob,
+        *,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        signing_secrets: Sequence[str] = (),
+        callback_token: str | None = None,
+    ) -> tuple[Delivery, str]:
         """Send one attempt of `job`; what became of it, and a short reason for the logs.
 
-        To `base_url` (the job type's own; None: the default), path appended. The
-        whole exchange (connect, send, the answer's head and its first MAX_ANSWER
-        bytes) has `timeout` seconds (None: the default); past them the connection is closed.
+        To the job type's `base_url` (None: the default), path appended. Signed
+        with the type's `signing_secrets` (none: the default ones), and carrying
+        its `callback_token` if it has one. The whole exchange (connect, send,
+        the answer's head and its first MAX_ANSWER bytes) has `timeout` seconds
+        (None: the default); past them the connection is closed.
         """
         body = json.dumps({"data": job.data, "attempts": job.attempts}).encode()
-        request = urllib.request.Request(self.url(job, base_url), data=body, headers=self._headers, method="POST")
+        headers = self._headers_for(job, body, signing_secrets or self.signing_secrets, callback_token)
+        request = urllib.request.Request(self.url(job, base_url), data=body, headers=headers, method="POST")
         try:
             return self._send(request, self.timeout if timeout is None else timeout)
         finally:
             self._connections.release(request)
+
+    def _headers_for(self, job: QueuedJob, body: bytes, secrets: Sequence[str], callback_token: str | None) -> dict[str, str]:
+        if not secrets and callback_token is None:
+            return self._headers  # exactly Rickover's
+        headers = dict(self._headers)
+        if callback_token is not None:
+            headers[CALLBACK_TOKEN_HEADER] = callback_token
+        if secrets:
+            # signed at each POST: a 503's resend carries a fresh timestamp under the same id
+            headers.update(signing.sign(secrets, webhook_id(job), int(time.time()), body))
+        return headers
 
     def _send(self, request: urllib.request.Request, timeout: float) -> tuple[Delivery, str]:
         try:
@@ -314,6 +342,12 @@ class Downstream:
         except (TimeoutError, ConnectionError, http.client.HTTPException) as error:
             # the request went out; the answer did not come back whole
             return Delivery.MAYBE_DELIVERED, type(error).__name__
+
+
+def webhook_id(job: QueuedJob) -> str:
+    """The Standard Webhooks id of a job's attempt: `<job id>-<attempts>` (the body's "attempts", which its
+    callback names as "attempt"); a downstream may use it to recognise a resend of an attempt it already has."""
+    return f"{job.job_id}-{job.attempts}"
 
 
 def error_kind(outcome: Delivery, reason: str) -> str:

@@ -108,6 +108,14 @@ class NotPaused(JobrunnerError):
         self.name = name
 
 
+class CallbackForbidden(JobrunnerError):
+    """A callback for a job type with a callback token that did not present it (403): it changes nothing."""
+
+    def __init__(self, name: str):
+        super().__init__(f"Callbacks for job type {name!r} must carry its callback token")
+        self.name = name
+
+
 class Unauthorized(JobrunnerError):
     """Who is asking is not known (401): raised by an Authorizer."""
 

@@ -13,6 +13,8 @@ import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .models import CALLBACK_TOKEN_HEADER
+
 log = logging.getLogger(__name__)
 
 
@@ -30,10 +32,13 @@ def serve(sock: socket.socket, api_url: str, user: str, password: str, stop: thr
             self.end_headers()
             self.wfile.write(b"{}")
             log.info("example downstream: ran %s with data %s", self.path, json.dumps(job.get("data")))
+            headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+            if CALLBACK_TOKEN_HEADER in self.headers:  # the job type's callback token: handed back with the callback
+                headers[CALLBACK_TOKEN_HEADER] = self.headers[CALLBACK_TOKEN_HEADER]
             callback = urllib.request.Request(
                 api_url + self.path,
                 data=json.dumps({"status": "succeeded", "attempt": job.get("attempts", 0)}).encode(),
-                headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+                headers=headers,
                 method="POST",
             )
             try:

@@ -6,11 +6,13 @@ each in a transaction of its own under the schema's advisory lock, and records i
 in jobrunner_schema_migrations; a kill between two leaves the first applied and
 recorded, and the next `migrate` goes on from there. `run`, `serve` and `work`
 call `check`, which refuses a database that is behind this code or ahead of it.
-Adding a migration is adding a file (and its objects to schema.sql).
+Adding a migration is adding a file (and its objects to schema.sql); a file, once
+released, is never renamed, renumbered or edited: databases record it by number and name.
 """
 
 import dataclasses
 import re
+from collections.abc import Callable
 from datetime import datetime
 from importlib import resources
 
@@ -63,11 +65,12 @@ def status(conn: store.Connection) -> Status:
     """What the database has, against what this code knows."""
     migrations = known()
     applied = store.schema_migrations(conn) or {}
-    versions = {migration.version for migration in migrations}
+    # a number recorded under another name is unknown too: another branch's migration, not this one
+    names = {migration.version: migration.name for migration in migrations}
     return Status(
         applied=applied,
         pending=tuple(migration for migration in migrations if migration.version not in applied),
-        unknown=tuple(label(version, name) for version, (name, _) in applied.items() if version not in versions),
+        unknown=tuple(label(version, name) for version, (name, _) in applied.items() if names.get(version) != name),
     )
 
 
@@ -83,14 +86,23 @@ def check(conn: store.Connection) -> None:
         raise SchemaMissing(f"The database's schema is older than this jobrunner needs (missing migrations {missing}): run `jobrunner migrate`")
 
 
-def apply(conn: store.Connection) -> list[Migration]:
-    """Apply the migrations the database lacks, in order; the ones this call applied (none when up to date)."""
+def apply(conn: store.Connection, applied: Callable[[Migration], None] = lambda migration: None) -> list[Migration]:
+    """Apply the migrations the database lacks, in order; the ones this call applied (none when up to date).
+
+    `applied(migration)` is called as each one commits, so a failure later still leaves a
+    report of what was done.
+    """
     state = status(conn)
     if state.unknown:
         raise _too_new(state.unknown)
     # up to date: not even the lock. Otherwise one transaction each, and each looks
     # again under the lock: another `migrate` may have applied it meanwhile
-    return [migration for migration in state.pending if _apply_one(conn, migration)]
+    done = []
+    for migration in state.pending:
+        if _apply_one(conn, migration):
+            done.append(migration)
+            applied(migration)
+    return done
 
 
 def _apply_one(conn: store.Connection, migration: Migration) -> bool:

@@ -67,6 +67,9 @@ class TypePolicy:
 
 DEFAULT_POLICY = TypePolicy()
 
+# A job type's callback token travels in this header: with each of its jobs' POSTs, and back on their callbacks.
+CALLBACK_TOKEN_HEADER = "Jobrunner-Callback-Token"
+
 
 @dataclasses.dataclass(frozen=True)
 class QueuedJob:

@@ -20,6 +20,7 @@ from typing import Any
 from . import batching, dashboard, metrics, plugins, services, store
 from .config import ConfigError
 from .errors import (
+    CallbackForbidden,
     DatabaseUnavailable,
     Forbidden,
     InvalidField,
@@ -39,7 +40,7 @@ from .errors import (
     Unauthorized,
 )
 from .metrics import ServiceMetrics, render_gauges
-from .models import MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
+from .models import CALLBACK_TOKEN_HEADER, MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
 from .plugins import Authorizer
 from .protocol import HttpError, ProtocolHandler, ProtocolServer, is_number
 
@@ -109,6 +110,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(400, "stale_attempt", message)
     if isinstance(error, NotInProgress):
         return HttpError(400, "job_not_in_progress", message)
+    if isinstance(error, CallbackForbidden):
+        return HttpError(403, "forbidden", message, f"Send the {CALLBACK_TOKEN_HEADER} header that came with the job's POST")
     if isinstance(error, DatabaseUnavailable):
         # no detail: the driver's message names hosts, ports and users (APIServer.note_outage logs it)
         return HttpError(503, "service_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"})
@@ -412,7 +415,8 @@ class Handler(ProtocolHandler):
             raise HttpError(400, "invalid_request", BAD_JSON, "retryable must be true or false")
         job_id = parse_job_id(id_text)
         try:
-            job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable)
+            token = self.headers.get(CALLBACK_TOKEN_HEADER)
+            job = self.server.callbacks_batcher.handle_status_callback(job_id, name, status, attempt, retryable, token)
         except (JobAlreadyArchived, UnknownJob, JobNameMismatch) as error:
             raise HttpError(400, "duplicate_status_request", "This job has already been archived, or was never queued", str(error)) from None
         self.server.metrics.outcome(job)
@@ -490,7 +494,7 @@ class Handler(ProtocolHandler):
         job_id = parse_job_id(id_text)
         timeout = timedelta(seconds=self.server.config.job_timeout)
         with self._db() as conn:
-            job, deadline = services.heartbeat(conn, job_id, name, attempt, extend, timeout)
+            job, deadline = services.heartbeat(conn, job_id, name, attempt, extend, timeout, self.headers.get(CALLBACK_TOKEN_HEADER))
         self.server.metrics.heartbeats.inc(job.name)
         self.send_json(200, {**job_json(job), "deadline": timestamp(deadline)})
 

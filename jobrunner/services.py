@@ -11,6 +11,7 @@ database clock decides.
 
 import base64
 import dataclasses
+import hmac
 import importlib
 import logging
 import math
@@ -21,6 +22,7 @@ from uuid import UUID
 
 from . import store
 from .errors import (
+    CallbackForbidden,
     DatabaseUnavailable,
     InvalidField,
     JobAlreadyArchived,
@@ -386,13 +388,32 @@ def handle_status_callback(
         return _fail(conn, locked, attempt, retryable, now)
 
 
-def succeed_many(conn: Connection, callbacks: list[tuple[UUID, str]]) -> list[ArchivedJob | None]:
-    """Archive many jobs `succeeded` in one statement (the server's group commit): (job id, type) each.
+def succeed_many(conn: Connection, callbacks: list[tuple[UUID, str, str | None]]) -> list[ArchivedJob | None]:
+    """Archive many jobs `succeeded` in one statement (the server's group commit): (job id, type, token presented) each.
 
-    None for each the batch did not archive (not queued, another type, a repeat):
-    `handle_status_callback` it alone, which says why.
+    None for each the batch did not archive (not queued, another type, a repeat,
+    not the type's callback token): `check_callback_token` and
+    `handle_status_callback` it alone, which say why.
     """
-    return store.archive_succeeded_jobs(conn, callbacks)
+    tokens = store.callback_tokens(conn, {name for _, name, _ in callbacks})
+    allowed = [_token_accepted(tokens.get(name), presented) for _, name, presented in callbacks]
+    archived = iter(store.archive_succeeded_jobs(conn, [(job_id, name) for (job_id, name, _), ok in zip(callbacks, allowed) if ok]))
+    return [next(archived) if ok else None for ok in allowed]
+
+
+def check_callback_token(conn: Connection, name: str, presented: str | None) -> None:
+    """Raise CallbackForbidden unless callbacks for `name` need no token or `presented` is its token.
+
+    For the HTTP callbacks of downstreams (docs/security.md); a worker in this
+    process records its outcomes without one.
+    """
+    if not _token_accepted(store.callback_tokens(conn, [name]).get(name), presented):
+        raise CallbackForbidden(name)
+
+
+def _token_accepted(expected: str | None, presented: str | None) -> bool:
+    # constant time: how long a wrong token takes tells nothing of the right one
+    return expected is None or hmac.compare_digest(expected.encode(), (presented or "").encode("utf-8", "replace"))
 
 
 def heartbeat(
@@ -402,17 +423,21 @@ def heartbeat(
     attempt: int,
     extend: float | None,
     default_timeout: timedelta,
+    callback_token: str | None = None,
     now: datetime | None = None,
 ) -> tuple[QueuedJob, datetime]:
     """The downstream is still at work on `attempt`: its callback deadline becomes now + `extend` seconds.
 
     `extend` defaults to the type's job_timeout (else `default_timeout`); the
-    overdue check and the watcher count from the new deadline. A heartbeat for
-    another attempt, or for a job queued or archived, changes nothing and says
-    why. Returns the job (updated_at: now) and its deadline.
+    overdue check and the watcher count from the new deadline. A type with a
+    callback token needs it (`callback_token`: the one presented), as a
+    callback does. A heartbeat for another attempt, or for a job queued or
+    archived, changes nothing and says why. Returns the job (updated_at: now)
+    and its deadline.
     """
     if extend is not None and not 0 < extend <= MAX_HEARTBEAT_EXTEND.total_seconds():
         raise InvalidField("extend", f"must be more than 0 and at most {MAX_HEARTBEAT_EXTEND.total_seconds():.0f} seconds, not {extend!r}")
+    check_callback_token(conn, name, callback_token)
     beat = store.heartbeat(conn, job_id, name, attempt, None if extend is None else timedelta(seconds=extend), default_timeout, now)
     if beat is not None:
         return beat

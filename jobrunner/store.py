@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -432,6 +432,19 @@ def job_type_policy(conn: Connection, name: str) -> TypePolicy:
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(JOB_TYPE_POLICY, {"name": name}).fetchone()
     return DEFAULT_POLICY if row is None else _policy(row)
+
+
+# The callback tokens of the named types that have one: their callbacks must present it.
+CALLBACK_TOKENS = """
+SELECT name, callback_token FROM jobrunner_job_type_settings
+WHERE name = ANY(%(names)s) AND callback_token IS NOT NULL
+"""
+
+
+def callback_tokens(conn: Connection, names: Collection[str]) -> dict[str, str]:
+    """Each named type's callback token, for those that have one."""
+    with translated_errors():
+        return dict(conn.execute(CALLBACK_TOKENS, {"names": list(names)}).fetchall())
 
 
 def save_job_type_policy(conn: Connection, name: str, policy: TypePolicy) -> None:

@@ -80,7 +80,7 @@ class Worker:
         )
         self.timeout = timedelta(seconds=config.job_timeout)  # a type's own job_timeout, when set, is read in SQL
         self._shortest_timeout = config.job_timeout  # of the default and the types' (see _poll)
-        self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout)
+        self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout, config.signing_secrets)
         self.http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
         self.default_handler, self.handlers = plugins.build_handlers(config, self.http)
         # an application's default handler may pace the safety poll (`sleep`, optional); else the built-in pacing

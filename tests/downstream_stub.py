@@ -21,6 +21,9 @@ HANG = "hang"  # answer nothing until the client gives up
 CALL_BACK_THEN_UNAVAILABLE = "call_back_then_unavailable"  # call back `succeeded`, then answer 503 (a proxy timing out)
 
 
+CALLBACK_TOKEN = "jobrunner-callback-token"
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 refuses connections under load
 
@@ -34,6 +37,8 @@ class Post:
     authorization: str
     path: str = ""
     action: str = ""
+    headers: dict = dataclasses.field(default_factory=dict)  # names in lower case
+    raw: bytes = b""  # the body as received, which a signature covers
 
     @property
     def attempts(self) -> int:
@@ -76,9 +81,12 @@ class DownstreamStub:
             return [post for post in self.posts if post.job_id == job_id]
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
-        body = json.loads(request.rfile.read(int(request.headers["Content-Length"])))
+        raw = request.rfile.read(int(request.headers["Content-Length"]))
         name, job_id = request.path.split("/")[-2:]  # .../v1/jobs/<name>/<id>, after a type's own base path
-        post = Post(time.monotonic(), name, job_id, body, request.headers.get("Authorization", ""), request.path)
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        post = Post(
+            time.monotonic(), name, job_id, json.loads(raw), request.headers.get("Authorization", ""), request.path, headers=headers, raw=raw
+        )
         post.action = self.policy(post)
         with self._lock:
             self.posts.append(post)
@@ -136,13 +144,16 @@ class DownstreamStub:
 
     def _send_callback(self, post: Post, status: str) -> int:
         token = base64.b64encode(":".join(self.api_auth).encode()).decode()
+        headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+        if CALLBACK_TOKEN in post.headers:  # a job type's callback token: handed back, as a downstream should
+            headers[CALLBACK_TOKEN] = post.headers[CALLBACK_TOKEN]
         connection = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=30)
         try:
             connection.request(
                 "POST",
                 f"/v1/jobs/{post.name}/{post.job_id}",
                 body=json.dumps({"status": status, "attempt": post.attempts}),
-                headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+                headers=headers,
             )
             response = connection.getresponse()
             response.read()

@@ -66,7 +66,7 @@ def downstream_client(url: str, timeout: float = 5):
 def test_a_post_goes_to_the_base_url_it_is_given_with_the_path_appended_and_the_same_credentials():
     with keep_alive_server() as (default_url, _, default_posts), keep_alive_server() as (other_url, _, other_posts):
         with downstream_client(default_url) as client:
-            assert client.post(JOB, f"{other_url}/") == (Delivery.ACCEPTED, "HTTP 202")
+            assert client.post(JOB, base_url=f"{other_url}/") == (Delivery.ACCEPTED, "HTTP 202")
             assert client.url(JOB, f"{other_url}/base/") == f"{other_url}/base/v1/jobs/email/{JOB.job_id}"
     assert (len(default_posts), len(other_posts)) == (0, 1)
 
@@ -74,7 +74,7 @@ def test_a_post_goes_to_the_base_url_it_is_given_with_the_path_appended_and_the_
 def test_one_thread_keeps_a_connection_to_each_host_it_posts_to():
     with keep_alive_server() as (first, first_connections, _), keep_alive_server() as (second, second_connections, _):
         with downstream_client(first) as client:
-            outcomes = [client.post(JOB, url)[0] for url in (first, second) * 4]
+            outcomes = [client.post(JOB, base_url=url)[0] for url in (first, second) * 4]
     assert outcomes == [Delivery.ACCEPTED] * 8
     assert (len(first_connections), len(second_connections)) == (1, 1)
 
@@ -98,13 +98,13 @@ def test_connections_idle_past_max_idle_are_closed_so_many_hosts_keep_memory_fla
     with contextlib.ExitStack() as servers:
         urls = [servers.enter_context(keep_alive_server())[0] for _ in range(6)]
         with downstream_client(urls[0]) as client:
-            assert [client.post(JOB, url)[0] for url in urls] == [Delivery.ACCEPTED] * 6
+            assert [client.post(JOB, base_url=url)[0] for url in urls] == [Delivery.ACCEPTED] * 6
             assert len(client._connections._kept) == 1  # the last host's; one per host before
 
 
 def test_a_host_that_does_not_resolve_is_not_delivered():
     with downstream_client("http://127.0.0.1:9") as client:
-        outcome, reason = client.post(JOB, "http://jobrunner-test.invalid")
+        outcome, reason = client.post(JOB, base_url="http://jobrunner-test.invalid")
     assert outcome is Delivery.NOT_DELIVERED, reason
 
 

@@ -211,6 +211,19 @@ def test_the_client_heartbeats_and_reports_a_refusal(api, conn):
     assert (answer["status"], deadline - updated_at) == (IN_PROGRESS, timedelta(seconds=600))
 
 
+def test_a_type_with_a_callback_token_takes_heartbeats_that_carry_it_only(api, conn):
+    make_type(conn)
+    set_policy(conn, "email", callback_token="t0ken-for-email")
+    job = claim_one(conn)
+    client = Client(f"http://127.0.0.1:{api.port}", API_USER, API_PASSWORD)
+    for wrong in (None, "t0ken-for-sms"):
+        with pytest.raises(ApiError) as refusal:
+            client.heartbeat("email", job.job_id, 3, callback_token=wrong)
+        assert (refusal.value.status, refusal.value.id) == (403, "forbidden")
+    assert services.get_job(conn, job.id) == job and deadlines(conn) == 0
+    assert client.heartbeat("email", job.job_id, 3, callback_token="t0ken-for-email")["status"] == IN_PROGRESS
+
+
 # --- a real service, and a downstream that heartbeats through a long job ---------------------
 
 

@@ -144,10 +144,12 @@ def test_pending_migrations_are_applied_in_order_each_in_its_own_transaction(con
     with pytest.raises(SchemaMissing, match=r"missing migrations 9001_first_later, 9002_broken\): run `jobrunner migrate`"):
         migrate.check(conn)
 
+    reported = []
     with pytest.raises(DatabaseError, match="Migration 9002_broken failed: relation \"no_such_table\" does not exist"):
-        migrate.apply(conn)
+        migrate.apply(conn, reported.append)
 
-    # the first is applied and recorded; nothing of the second is left
+    # the first is applied, recorded and reported; nothing of the second is left
+    assert reported == [later[0]]
     assert recorded(conn)[-1] == (9001, "first_later")
     tables = {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'later_%'")}
     assert tables == {"later_one"}
@@ -290,6 +292,15 @@ def test_a_database_a_newer_jobrunner_migrated_is_refused_by_check_and_by_migrat
         with pytest.raises(SchemaTooNew, match=r"newer than this jobrunner: it has migrations 9999_from_the_future .* Upgrade jobrunner"):
             refused(conn)
     assert recorded(conn) == before
+
+
+def test_a_number_recorded_under_another_name_is_refused_as_unknown(conn):
+    """Two branches that took the same number: the database has the other one, not this code's."""
+    conn.execute(f"UPDATE {MIGRATIONS_TABLE} SET name = 'someone_elses' WHERE version = 1")
+
+    with pytest.raises(SchemaTooNew, match="it has migrations 0001_someone_elses that this version does not know"):
+        migrate.check(conn)
+    assert migrate.status(conn).pending == ()  # and this code's 0001 is not applied over it
 
 
 def test_schema_sql_builds_the_same_schema_as_all_migrations(conn, empty_conn):

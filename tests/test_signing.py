@@ -4,12 +4,20 @@ import http.client
 import io
 import subprocess
 import sys
+import time
+import uuid
+from datetime import datetime, timezone
 
+import downstream_stub as stub
 import pytest
+from conftest import API_PASSWORD, API_USER, DOWNSTREAM_PASSWORD, count_rows, running_service, wait_until
+from downstream_stub import DownstreamStub
 
-from jobrunner import signing
+from jobrunner import signing, store
 from jobrunner.client import WebhookVerificationError, verify_webhook
 from jobrunner.config import ConfigError, effective_settings, load_config
+from jobrunner.downstream import Delivery, Downstream
+from jobrunner.models import QueuedJob, TypePolicy
 
 # The published test vectors of the Standard Webhooks reference libraries
 # (github.com/standard-webhooks/standard-webhooks: libraries/python/tests/test_webhooks.py,
@@ -126,8 +134,6 @@ def test_the_timestamp_must_be_within_the_tolerance_either_way():
 
 
 def test_without_now_the_clock_of_this_host_decides():
-    import time
-
     fresh = signing.sign([SECRET_A], "msg_1", int(time.time()), b"{}")
     verify_webhook(SECRET_A, fresh, b"{}")
     stale = signing.sign([SECRET_A], "msg_1", int(time.time()) - 3600, b"{}")
@@ -197,3 +203,117 @@ def test_the_secrets_are_masked_wherever_the_config_is_shown():
     assert SECRET_A not in repr(config)
     line = next(line for line in effective_settings(config).splitlines() if line.startswith("signing_secrets"))
     assert "****" in line and SECRET_A not in line
+
+
+# --- what the downstream receives ---------------------------------------------------
+
+SECRET_C = "whsec_" + "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M="
+NOW = datetime.now(timezone.utc)
+JOB = QueuedJob(uuid.uuid4(), "email", 3, NOW, None, NOW, NOW, "in-progress", {"to": "a@example.com"})
+
+
+@pytest.fixture
+def receiver():
+    """A downstream that records each POST (headers and raw body) and answers 202."""
+    downstream = DownstreamStub(0, (API_USER, API_PASSWORD), DOWNSTREAM_PASSWORD)
+    downstream.policy = lambda post: stub.ACCEPT_SILENTLY
+    yield downstream
+    downstream.close()
+
+
+def post_once(receiver, job=JOB, global_secrets=(), **kwargs):
+    client = Downstream(receiver.url, DOWNSTREAM_PASSWORD, 5, global_secrets)
+    try:
+        assert client.post(job, **kwargs)[0] is Delivery.ACCEPTED
+    finally:
+        client.close()
+    return receiver.posts[-1]
+
+
+def test_without_secrets_or_token_the_post_carries_exactly_rickovers_headers(receiver):
+    post = post_once(receiver)
+    assert set(post.headers) == {"accept-encoding", "content-length", "host", "user-agent", "authorization", "content-type", "accept"}
+
+
+def test_with_the_global_secrets_each_post_is_signed_under_the_attempts_id(receiver):
+    before = int(time.time())
+    post = post_once(receiver, global_secrets=(SECRET_A,))
+    verify_webhook(SECRET_A, post.headers, post.raw)
+    assert post.headers["webhook-id"] == f"{JOB.job_id}-3"  # the body's "attempts": what its callback names
+    assert before <= int(post.headers["webhook-timestamp"]) <= time.time()
+    assert post.authorization.startswith("Basic ")  # in addition to Basic auth, not instead
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(SECRET_B, post.headers, post.raw)
+
+
+def test_a_types_own_secrets_replace_the_global_ones_and_during_a_rotation_both_sign(receiver):
+    post = post_once(receiver, global_secrets=(SECRET_A,), signing_secrets=(SECRET_C, SECRET_B))
+    for holds in (SECRET_C, SECRET_B):  # a downstream that has the new secret, or still the old one
+        verify_webhook(holds, post.headers, post.raw)
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(SECRET_A, post.headers, post.raw)
+
+
+def test_a_types_callback_token_travels_with_its_job(receiver):
+    post = post_once(receiver, callback_token="tok-0123456789abcdef")
+    assert post.headers["jobrunner-callback-token"] == "tok-0123456789abcdef"
+    assert not any(name.startswith("webhook-") for name in post.headers)
+
+
+def test_a_real_service_signs_every_post_and_its_downstream_verifies_each(db_url, detached_downstream):
+    """`jobrunner run` with global secrets, a type with its own (in rotation) and a callback token: a downstream
+    holding one secret per type verifies every request it receives, and refuses any other."""
+    downstream = detached_downstream
+    holds = {"email": SECRET_A, "sms": SECRET_B}  # sms's downstream still has the old secret of the rotation
+    refused = []
+
+    def verify_then_accept(post):
+        try:
+            verify_webhook(holds[post.name], post.headers, post.raw)
+        except WebhookVerificationError as error:
+            refused.append(f"{post.name} {post.job_id}: {error}")
+            return stub.ERROR_500
+        other = holds["sms" if post.name == "email" else "email"]
+        with pytest.raises(WebhookVerificationError):  # the other type's secret does not verify it
+            verify_webhook(other, post.headers, post.raw)
+        return stub.ACCEPT
+
+    downstream.policy = verify_then_accept
+    with running_service(db_url, downstream.url, JOBRUNNER_SIGNING_SECRETS=SECRET_A) as service:
+        downstream.api_port = service.port
+        for name in holds:
+            body = {"name": name, "delivery_strategy": "at_least_once", "attempts": 1, "concurrency": 5}
+            assert service.api.post("/v1/jobs", body).status == 201
+        with store.connect(db_url) as conn:
+            store.save_job_type_policy(conn, "sms", TypePolicy(signing_secrets=(SECRET_C, SECRET_B), callback_token="tok-0123456789abcdef"))
+        ids = {name: [enqueue_over(service, name) for _ in range(10)] for name in holds}
+        wait_until(lambda: succeeded(db_url) == 20 or refused, "20 jobs to succeed", timeout=30)
+    assert not refused and not downstream.callback_errors
+    assert {post.job_id for post in downstream.posts} == {job_id for each in ids.values() for job_id in each}
+    assert all(post.headers["jobrunner-callback-token"] == "tok-0123456789abcdef" for post in downstream.posts if post.name == "sms")
+    assert not any("jobrunner-callback-token" in post.headers for post in downstream.posts if post.name == "email")
+
+
+def enqueue_over(service, name: str) -> str:
+    job_id = f"job_{uuid.uuid4()}"
+    assert service.api.put(f"/v1/jobs/{name}/{job_id}", {"data": {"n": 1}}).status == 202
+    return job_id
+
+
+def succeeded(db_url: str) -> int:
+    with store.connect(db_url) as conn:
+        return count_rows(conn, "archived_jobs", "succeeded")
+
+
+def test_the_downstream_example_in_the_client_docs_is_python_using_what_the_client_exports():
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "verify_webhook" in block]
+    imported = {alias.name for node in ast.walk(ast.parse(example)) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert {"verify_webhook", "WebhookVerificationError"} <= imported
+    import jobrunner.client
+
+    assert all(hasattr(jobrunner.client, name) for name in ("verify_webhook", "WebhookVerificationError"))
