@@ -160,13 +160,15 @@ def wait_for(condition, what: str, timeout: float = 30, interval: float = 0.05):
 
 
 class Service:
-    """`python -m jobrunner run` with the given settings (environment variables), on a free port."""
+    """`python -m jobrunner run` with the given settings (environment variables), on a free port.
 
-    def __init__(self, database: Database, settings: dict[str, str], port: int | None = None):
+    `root`: the checkout whose code runs (another one: the code before a change, side by side in one run)."""
+
+    def __init__(self, database: Database, settings: dict[str, str], port: int | None = None, root: Path = ROOT):
         self.port = port or free_port()
         env = {key: value for key, value in os.environ.items() if not key.startswith(("JOBRUNNER_", "PG_", "DOWNSTREAM"))}
         env.update({"DATABASE_URL": database.url, "JOBRUNNER_USERS": f"{USER}:{PASSWORD}", "JOBRUNNER_LOG_LEVEL": "WARNING",
-                    "JOBRUNNER_HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONPATH": str(ROOT), **settings})
+                    "JOBRUNNER_HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONPATH": str(root), **settings})
         self.workers = int(settings.get("JOBRUNNER_WORKERS", os.cpu_count() or 1))
         self.process = subprocess.Popen([sys.executable, "-m", "jobrunner", "run"], env=env, cwd=database.workdir,
                                         stdout=subprocess.DEVNULL)
@@ -310,16 +312,16 @@ def put_job(port: int, name: str) -> tuple[str, float, float]:
 
 
 @contextlib.contextmanager
-def idle_service(database: Database, types: int, concurrency: int, settings: dict[str, str] | None = None):
+def idle_service(database: Database, types: int, concurrency: int, settings: dict[str, str] | None = None, root: Path = ROOT):
     """`jobrunner run` with `types` job types of `concurrency` each, warmed up (one job each, called back), then idle.
 
     Yields (service, downstream, arrivals, type names)."""
     port = free_port()
     downstream = Downstream(port, arrivals=True)
     arrivals = Arrivals(downstream.process.stdout)
-    service = Service(database, {**downstream_settings(downstream), **(settings or {})}, port)
+    service = Service(database, {**downstream_settings(downstream), **(settings or {})}, port, root)
     try:
-        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
+        database.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs CASCADE")  # and the types' settings
         names = [f"idle{n:03d}" for n in range(types)]
         for name in names:
             create_type(port, name, concurrency)

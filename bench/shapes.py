@@ -1,7 +1,7 @@
 """The shapes users load a queue with (issue 15), jobrunner side by side with Rickover.
 
     python bench/shapes.py SHAPE [--rounds 3] [--jobs 10000] [--concurrency 50] [--rickover DIR]
-                                 [--backlog 1000000] [--types 1000] [--profile]
+                                 [--backlog 1000000] [--types 1000] [--profile] [--before DIR]
 
 SHAPE is one of:
 
@@ -27,6 +27,10 @@ enqueue  (e) PUT .../random_id with `ab -k -c 100 -n N`, then `wrk -c 100` for 5
 
 C = 10 (f) is bench/drain.py --concurrency 10 --rickover DIR.
 
+--before DIR (burst, enqueue) runs DIR's jobrunner too, in the same rounds: a change
+measured side by side with the code before it (DIR: e.g. `git archive` of the
+commit before, unpacked).
+
 Drain rate = jobs / time from the first archive to the last; every job must end
 `succeeded`. Each shape prints one line per run and appends one result line with
 the medians [min–max] to bench/results.txt. --profile attaches py-spy (--gil) to
@@ -44,9 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import drain as drain_bench
-from harness import (AUTH, BENCH, DOWNSTREAM_PASSWORD, Database, Downstream, Service, downstream_settings, free_port,
+from harness import (AUTH, BENCH, DOWNSTREAM_PASSWORD, ROOT, Database, Downstream, Service, downstream_settings, free_port,
                      median_spread, private_database, record, request, stop, top_statements, wait_for)
 
 from jobrunner import services
@@ -64,13 +69,19 @@ def ensure_tool(name: str, package: str) -> str:
     return shutil.which(name)
 
 
-def ab_put(port: int, name: str, jobs: int, user: str) -> float:
-    """PUT `jobs` jobs with ab -k -c 100 to .../random_id; requests/s. Every answer must be 2xx."""
+def ab_put(port: int, name: str, jobs: int, user: str, keep_alive: bool = True, clients: int = 100) -> float:
+    """PUT `jobs` jobs with ab -c `clients` (-k unless told) to .../random_id; requests/s. Every answer must be 2xx."""
+    return float(re.search(r"Requests per second:\s+([\d.]+)", ab_put_output(port, name, jobs, user, keep_alive, clients)).group(1))
+
+
+def ab_put_output(port: int, name: str, jobs: int, user: str, keep_alive: bool = True, clients: int = 100) -> str:
+    """ab's report of `jobs` PUTs to .../random_id (-k: on kept-alive connections); exits unless every answer was 2xx."""
     with tempfile.NamedTemporaryFile(suffix=".json") as body:
         body.write(BODY)
         body.flush()
-        output = subprocess.run([ensure_tool("ab", "apache2-utils"), "-q", "-k", "-c", "100", "-n", str(jobs), "-u", body.name,
-                                 "-T", "application/json", "-A", user, f"http://127.0.0.1:{port}/v1/jobs/{name}/random_id"],
+        output = subprocess.run([ensure_tool("ab", "apache2-utils"), "-q", *(["-k"] if keep_alive else []), "-c", str(clients),
+                                 "-n", str(jobs), "-u", body.name, "-T", "application/json", "-A", user,
+                                 f"http://127.0.0.1:{port}/v1/jobs/{name}/random_id"],
                                 capture_output=True, text=True, check=True).stdout
     # ab counts an answer whose length differs from the first one's as failed: ids and times vary in length
     breakdown = re.search(r"\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)", output)
@@ -78,7 +89,7 @@ def ab_put(port: int, name: str, jobs: int, user: str) -> float:
     non_2xx = re.search(r"Non-2xx responses:\s+(\d+)", output)
     if failed or non_2xx:
         sys.exit(f"shapes: ab: {failed} failed, {non_2xx.group(1) if non_2xx else 0} non-2xx:\n{output}")
-    return float(re.search(r"Requests per second:\s+([\d.]+)", output).group(1))
+    return output
 
 
 def wrk_put(port: int, name: str, auth: str, seconds: int = 5) -> float:
@@ -151,12 +162,12 @@ def rickover_downstream(port: int, fresh: bool) -> Downstream:
 
 # --- (a, b) the burst ---------------------------------------------------------------------
 
-def burst_jobrunner(database: Database, args, fresh: bool, profile: bool) -> dict:
+def burst_jobrunner(database: Database, args, fresh: bool, profile: bool, root: Path = ROOT) -> dict:
     empty_queue_with_empty_statistics(database)
     services.update_job_type(database.conn, "burst", concurrency=0)
     port = free_port()
     downstream = Downstream(port, fresh=fresh)
-    service = Service(database, jobrunner_settings(args, downstream), port)
+    service = Service(database, jobrunner_settings(args, downstream), port, root)
     try:
         enqueue_rate = ab_put(port, "burst", args.jobs, "bench:bench")
         profiler = start_profiler(service) if profile else None
@@ -202,11 +213,16 @@ def shape_burst(database: Database, args) -> None:
     runs = [("jobrunner fresh", lambda r: burst_jobrunner(database, args, True, args.profile and r == 1)),
             ("jobrunner kept", lambda r: burst_jobrunner(database, args, False, False)),
             ("jobrunner favourable", lambda r: favourable(database, args))]
+    if args.before:
+        runs += [("before fresh", lambda r: burst_jobrunner(database, args, True, False, Path(args.before))),
+                 ("before kept", lambda r: burst_jobrunner(database, args, False, False, Path(args.before)))]
     if args.rickover:
         runs.append(("rickover fresh", lambda r: burst_rickover(database, args, True)))
     results = run_rounds(args, runs)
     line = f"burst {args.jobs:,} jobs PUT (ab -k -c 100) onto an empty queue with empty statistics, C={args.concurrency}, {args.rounds} rounds:"
     pairs = [("jobrunner fresh", "jobrunner kept"), ("jobrunner fresh", "jobrunner favourable")]
+    if args.before:
+        pairs += [("before fresh", "before kept"), ("jobrunner fresh", "before fresh")]
     line += summary(results, pairs + ([("jobrunner fresh", "rickover fresh")] if args.rickover else []))
     enqueues = {name: [r["enqueue"] for r in runs] for name, runs in results.items() if "enqueue" in runs[0]}
     line += "; enqueue " + ", ".join(f"{name} {median_spread(rates)} req/s" for name, rates in enqueues.items())
@@ -331,9 +347,9 @@ def shape_backlog(database: Database, args) -> None:
 
 # --- (e) enqueue -----------------------------------------------------------------------------------
 
-def enqueue_jobrunner(database: Database, args) -> dict:
+def enqueue_jobrunner(database: Database, args, root: Path = ROOT) -> dict:
     database.conn.execute("TRUNCATE queued_jobs")
-    service = Service(database, {"JOBRUNNER_WORKERS": "0"})
+    service = Service(database, {"JOBRUNNER_WORKERS": "0"}, root=root)
     try:
         ab = ab_put(service.port, "bench", args.jobs, "bench:bench")
         wrk = wrk_put(service.port, "bench", AUTH)
@@ -356,6 +372,8 @@ def enqueue_rickover(database: Database, args) -> dict:
 def shape_enqueue(database: Database, args) -> None:
     services.create_job_type(database.conn, "bench", "at_least_once", 3, 0)
     runs = [("jobrunner", lambda r: enqueue_jobrunner(database, args))]
+    if args.before:
+        runs.append(("before", lambda r: enqueue_jobrunner(database, args, Path(args.before))))
     if args.rickover:
         runs.append(("rickover", lambda r: enqueue_rickover(database, args)))
     results = run_rounds(args, runs)
@@ -408,6 +426,7 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=1000000)
     parser.add_argument("--rickover", help="directory of Rickover's server and dequeuer binaries")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--before", help="burst, enqueue: also run this checkout's code (the code before a change), in the same rounds")
     args = parser.parse_args()
     with private_database() as database:
         # Rickover's dequeuer claims ORDER BY created_at: its own migrations add this index, which it needs

@@ -8,6 +8,9 @@ recorded, and the next `migrate` goes on from there. `run`, `serve` and `work`
 call `check`, which refuses a database that is behind this code or ahead of it.
 Adding a migration is adding a file (and its objects to schema.sql); a file, once
 released, is never renamed, renumbered or edited: databases record it by number and name.
+A file runs inside its transaction, so it has no COMMIT of its own, and nothing that
+cannot run in one (CREATE INDEX CONCURRENTLY); new columns on Rickover's tables are
+nullable or defaulted, because Rickover's INSERTs name their columns.
 """
 
 import dataclasses

@@ -40,15 +40,6 @@ _UUID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 
 
 @dataclasses.dataclass(frozen=True)
-class JobType:
-    name: str
-    delivery_strategy: str
-    attempts: int
-    concurrency: int
-    created_at: datetime
-
-
-@dataclasses.dataclass(frozen=True)
 class TypePolicy:
     """A job type's delivery settings (table jobrunner_job_type_settings); None: today's behaviour."""
 
@@ -61,14 +52,25 @@ class TypePolicy:
     retry_max_duration: float | None = None  # seconds since the job's created_at
     rate_per_second: float | None = None
     rate_burst: int | None = None
-    callback_token: str | None = None
-    signing_secrets: tuple[str, ...] = ()  # whsec_...; two during a rotation, the first signs
+    # secrets: never in a repr, so never in a log line
+    callback_token: str | None = dataclasses.field(default=None, repr=False)
+    signing_secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # whsec_...; two during a rotation, the first signs
 
 
 DEFAULT_POLICY = TypePolicy()
 
 # A job type's callback token travels in this header: with each of its jobs' POSTs, and back on their callbacks.
 CALLBACK_TOKEN_HEADER = "Jobrunner-Callback-Token"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobType:
+    name: str
+    delivery_strategy: str
+    attempts: int
+    concurrency: int
+    created_at: datetime
+    policy: TypePolicy = DEFAULT_POLICY  # its delivery settings (a table of their own)
 
 
 @dataclasses.dataclass(frozen=True)

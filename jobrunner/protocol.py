@@ -1,10 +1,11 @@
-"""HTTP/1.1 on the stdlib's ThreadingHTTPServer: parsing, limits, keep-alive, bodies, and a graceful stop.
+"""HTTP/1.1 on the stdlib's HTTPServer: parsing, limits, keep-alive, bodies, and a graceful stop.
 
 This is the part a newcomer should rarely need to read: server.py holds the
 routes. `ProtocolHandler` reads one request at a time from a connection, hands
 it to `dispatch()` (the subclass's), and writes the answer in one send();
-`ProtocolServer` accepts connections, bounds them, drops clients too slow to
-send a request, and stops without cutting off a request in flight.
+`ProtocolServer` accepts connections, bounds them, serves each on one of its
+long-lived `ConnectionThreads`, drops clients too slow to send a request, and
+stops without cutting off a request in flight.
 
 Every error this layer answers is the API's JSON error body, never an HTML page.
 """
@@ -14,12 +15,14 @@ import errno
 import json
 import logging
 import os
+import queue
 import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,9 @@ FIRST_BYTE_TIMEOUT = 2.0
 # accept() failing for want of file descriptors: the listening socket stays readable, so
 # the accept loop leaves it alone this long (else it would spin a core) before trying again.
 ACCEPT_BACKOFF = 0.5
+# A connection thread with no connection to serve for this long ends: a burst of connections
+# leaves no crowd of idle threads behind, and a steady load starts none.
+IDLE_THREAD_SECONDS = 60.0
 
 
 class Headers(dict):
@@ -291,7 +297,7 @@ class Connections:
     """The open connections, at most `limit`: when full, the one that has waited on its client longest makes room.
 
     Entries are made by the accept loop (a connection's handler does not exist
-    yet) and given their handler when its thread starts.
+    yet) and given their handler when a connection thread takes it.
     """
 
     def __init__(self, limit: int):
@@ -334,18 +340,86 @@ class Connections:
         return len(self._open)
 
 
-class ProtocolServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on an already-bound socket: request slots, bounded connections, a graceful stop.
+class ConnectionThreads:
+    """Long-lived threads that each serve one connection at a time, handed to them through a queue.
+
+    A thread started per connection (ThreadingMixIn's model) made Thread.start a
+    tenth of the server's CPU when clients open a connection per request; here a
+    new connection costs a queue put. A thread is started only when none is free,
+    so a connection never waits behind another (a slow or silent client holds its
+    own thread, never the queue), up to `most`, the server's connection limit. A
+    thread idle for IDLE_THREAD_SECONDS ends.
+    """
+
+    def __init__(self, serve: Callable[[socket.socket, Any], None], most: int):
+        self._serve = serve
+        self._most = most
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._free = 0  # threads not serving a connection, less the connections queued for them
+
+    def submit(self, request: socket.socket, client_address: Any) -> None:
+        """Serve `request` on a free thread, or on a new one when none is free."""
+        with self._lock:
+            if self._free <= 0 and len(self._threads) < self._most:
+                thread = threading.Thread(target=self._run, name="http-idle", daemon=True)  # close() joins them
+                thread.start()
+                self._threads.add(thread)
+                self._free += 1
+            # Past `most`, the connection waits for a thread: only an evicted connection's (Connections.admit),
+            # which ends as soon as it sees its socket shut down.
+            self._free -= 1
+            self._queue.put((request, client_address))
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            try:
+                work = self._queue.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                if self._retire(me):
+                    return
+                continue
+            if work is None:  # close()
+                return
+            me.name = "http-connection"  # what a thread dump (and the tests) see while it serves one
+            try:
+                self._serve(*work)
+            finally:
+                with self._lock:
+                    self._free += 1
+                me.name = "http-idle"  # after: once no thread is named serving, the next connection finds one free
+
+    def _retire(self, thread: threading.Thread) -> bool:
+        """End an idle thread, unless a queued connection counts on it."""
+        with self._lock:
+            if self._free <= 0:
+                return False
+            self._free -= 1
+            self._threads.discard(thread)
+            return True
+
+    def close(self) -> None:
+        """Let every thread finish the connection it serves (and those queued), then end them and wait for them."""
+        with self._lock:
+            threads, self._most = list(self._threads), 0
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join()
+
+
+class ProtocolServer(HTTPServer):
+    """HTTPServer on an already-bound socket: request slots, bounded connections, a graceful stop.
 
     `max_requests` requests are answered at once (more get a quick 503); an idle
     connection holds no request slot, only one of the
-    `connections_per_request_slot` x `max_requests` connections kept open.
+    `connections_per_request_slot` x `max_requests` connections kept open, and
+    the connection thread serving it.
     """
 
-    # Wait for in-flight requests on close (ThreadingHTTPServer's default daemon threads would not).
-    daemon_threads = False
-    block_on_close = True
-    connections_per_request_slot = 4  # each open connection has a thread: this bounds them
+    connections_per_request_slot = 4  # each open connection holds a thread: this bounds them
 
     def __init__(self, sock: socket.socket, handler: type[ProtocolHandler], read_timeout: float, max_requests: int, max_body_bytes: int):
         super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
@@ -362,6 +436,7 @@ class ProtocolServer(ThreadingHTTPServer):
         self.stopping = False
         self.request_slots = threading.BoundedSemaphore(max_requests)
         self.connections = Connections(max_requests * self.connections_per_request_slot)
+        self.connection_threads = ConnectionThreads(self._serve_connection, self.connections.limit)
         self._next_slow_check = 0.0
         self._wake_up, self._woken = socket.socketpair()  # a stop wakes the accept loop at once
         self._stop_accepting = False
@@ -443,6 +518,7 @@ class ProtocolServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self.connection_threads.close()  # in-flight requests finish: what ThreadingMixIn's block_on_close did
         self._wake_up.close()
         self._woken.close()
         if self._spare_fd is not None:
@@ -478,15 +554,19 @@ class ProtocolServer(ThreadingHTTPServer):
             self._refuse_busy(request)
             return
         try:
-            super().process_request(request, client_address)
+            self.connection_threads.submit(request, client_address)
         except BaseException:
             self.connections.release(request)
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def _serve_connection(self, request: socket.socket, client_address) -> None:
+        """One connection, from its first request to its close, on a connection thread (the stdlib's process_request_thread)."""
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self.connections.release(request)
 
     def _refuse_busy(self, request: socket.socket) -> None:

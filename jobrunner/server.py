@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import batching, dashboard, metrics, plugins, services, store
+from . import batching, dashboard, metrics, plugins, policies, services, store
 from .config import ConfigError
 from .errors import (
     CallbackForbidden,
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 MAX_DATA_BYTES = 102400  # Rickover's limit on a job's data
 BAD_JSON = "Invalid request: bad JSON. Double check the types of the fields you sent"
+UPDATE_JOB_TYPE_FIELDS = ("attempts", "concurrency", *policies.SETTINGS)
+CREATE_JOB_TYPE_FIELDS = ("name", "delivery_strategy", *UPDATE_JOB_TYPE_FIELDS)
 # What PostgreSQL and Python's datetime both hold, with a day to spare at each end: a
 # retry's run_after (up to a day later) and a time shown in any zone must still fit.
 EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)
@@ -139,6 +141,7 @@ def job_type_json(job_type: JobType) -> dict:
         "attempts": job_type.attempts,
         "concurrency": job_type.concurrency,
         "created_at": timestamp(job_type.created_at),
+        **policies.policy_json(job_type.policy),
     }
 
 
@@ -233,6 +236,18 @@ def _host_of(url: str) -> str | None:
         return urllib.parse.urlsplit(url).netloc
     except ValueError:
         return None  # malformed: not this server
+
+
+def _refuse_unknown(body: dict, known: tuple[str, ...]) -> None:
+    """A field we do not know is a 400: a client must never believe a setting took effect when it did not."""
+    unknown = [key if len(key) <= 60 else key[:57] + "..." for key in body if key not in known]
+    if unknown:
+        what = "not a field" if len(unknown) == 1 else "not fields"
+        raise HttpError(400, "invalid_parameter", f"Invalid {', '.join(unknown)}: {what} of this request", f"Known fields: {', '.join(known)}")
+
+
+def _settings(body: dict) -> dict:
+    return {key: body[key] for key in policies.SETTINGS if key in body}
 
 
 def _reject_constant(name: str) -> None:
@@ -366,6 +381,7 @@ class Handler(ProtocolHandler):
 
     def handle_create_job_type(self) -> None:
         body = self._read_json()
+        _refuse_unknown(body, CREATE_JOB_TYPE_FIELDS)
         name = _string(body, "name")
         strategy = _string(body, "delivery_strategy")
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False) or 0
@@ -373,7 +389,7 @@ class Handler(ProtocolHandler):
         if concurrency is None:
             raise _missing("concurrency")
         with self._db() as conn:
-            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency)
+            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency, _settings(body))
         self.send_json(201, job_type_json(job_type))
 
     def handle_get_job_type(self, name: str) -> None:
@@ -458,10 +474,11 @@ class Handler(ProtocolHandler):
 
     def handle_update_job_type(self, name: str) -> None:
         body = self._read_json()
+        _refuse_unknown(body, UPDATE_JOB_TYPE_FIELDS)
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False)
         concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
         with self._db() as conn:
-            job_type = services.update_job_type(conn, name, attempts, concurrency)
+            job_type = services.update_job_type(conn, name, attempts, concurrency, _settings(body))
         self.send_json(200, job_type_json(job_type))
 
     def handle_list_jobs(self, name: str) -> None:

@@ -1087,6 +1087,17 @@ ORDER BY q.run_after, q.id
 LIMIT %(limit)s
 """
 
+# Jobs waiting out a retry's back-off: queued, not yet due, with attempts used (the
+# total they started with is their type's attempts, or the one kept when it changed).
+BACKING_OFF_JOBS = """
+SELECT q.name, count(*) AS jobs
+FROM queued_jobs q
+JOIN jobs j ON j.name = q.name
+LEFT JOIN jobrunner_job_attempts a ON a.id = q.id
+WHERE q.status = 'queued' AND q.run_after > coalesce(%(now)s, now()) AND q.attempts < coalesce(a.total_attempts, j.attempts)
+GROUP BY q.name
+"""
+
 DATABASE_NOW = "SELECT coalesce(%(now)s, now())"
 
 
@@ -1108,6 +1119,12 @@ def recent_failures(conn: Connection, limit: int, now: datetime | None = None) -
 def waiting_jobs(conn: Connection, limit: int) -> list[QueuedJob]:
     with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
         return cur.execute(WAITING_JOBS, {"limit": limit}).fetchall()
+
+
+def backing_off_jobs(conn: Connection, now: datetime | None = None) -> dict[str, int]:
+    """Job type -> how many of its jobs wait for a retry (types with none are left out)."""
+    with translated_errors():
+        return dict(conn.execute(BACKING_OFF_JOBS, {"now": now}).fetchall())
 
 
 def database_now(conn: Connection, now: datetime | None = None) -> datetime:

@@ -333,7 +333,7 @@ job_types = st.lists(
 @settings(max_examples=examples(6), phases=PHASES)
 @given(types=job_types, jobs=st.lists(st.tuples(st.integers(0, 1), st.lists(behaviours, min_size=1, max_size=3)), min_size=1, max_size=4))
 def test_a_generated_downstream_loses_nothing_and_never_delivers_twice(module_db_url, api, conn, types, jobs):
-    conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
+    conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs CASCADE")  # and the types' settings
     strategies, concurrency = {}, {}
     for number, (strategy, attempts, slots) in enumerate(types):
         name = f"peer-{number}"

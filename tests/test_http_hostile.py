@@ -584,7 +584,8 @@ def test_a_connection_waiting_on_its_client_does_not_hold_up_a_graceful_stop(db_
 
 
 def handlers() -> int:
-    return sum("process_request_thread" in t.name for t in threading.enumerate())
+    """Connections the server is serving: each holds one of its connection threads, named so while it does."""
+    return sum(t.name == "http-connection" for t in threading.enumerate())
 
 
 def test_a_client_that_resets_its_connection_mid_request_leaves_no_traceback(api, caplog, capfd):
@@ -659,8 +660,8 @@ def test_idle_connections_and_bad_credentials_at_rate_leave_the_server_responsiv
     # request: the median says whether the server starves its honest clients, the slowest only that none hung.
     latencies.sort()
     assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 10, latencies
-    # every connection's thread ends with its connection: nothing accumulates
-    wait_until(lambda: handlers() == 0, "the connections' threads to end")
+    # every connection's thread is given back with its connection: nothing accumulates
+    wait_until(lambda: handlers() == 0, "the connections' threads to be given back")
 
 
 def test_connections_lingering_after_a_refused_body_make_room_for_a_new_client(db_url):

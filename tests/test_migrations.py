@@ -5,12 +5,14 @@ equals the result of all migrations."""
 import difflib
 import fnmatch
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, wait_until
+from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, running_service, wait_until
 
 from jobrunner import migrate, services, store
 from jobrunner.errors import DatabaseError, SchemaMissing, SchemaTooNew
@@ -21,8 +23,10 @@ MIGRATIONS_TABLE = "jobrunner_schema_migrations"
 # The schema as a set of lines: two databases with equal sets have the same tables, columns
 # (in order), types, defaults, constraints, indexes, enums, views, functions and triggers.
 CATALOG = """
-SELECT 'relation ' || relname || ' ' || relkind::text FROM pg_class
+SELECT 'relation ' || relname || ' ' || relkind::text || ' ' || relpersistence::text FROM pg_class
 WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'v', 'm', 'S', 'p')
+UNION ALL
+SELECT 'extension ' || extname FROM pg_extension WHERE extname <> 'plpgsql'
 UNION ALL
 SELECT 'column ' || table_name || '.' || column_name
        || ' #' || row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position)
@@ -88,11 +92,16 @@ def empty_conn(make_database):
     connection.close()
 
 
-def test_the_shipped_migrations_are_numbered_from_0001_base_in_order():
+def test_the_shipped_migrations_are_numbered_from_0001_base_in_order_and_run_in_a_transaction():
     migrations = migrate.known()
     assert migrations[0].version == 1 and migrations[0].name == "base"
     assert [m.version for m in migrations] == sorted({m.version for m in migrations})
     assert all(m.sql.strip() for m in migrations)
+    # `migrate` runs each file in a transaction of its own and records it there: a file that
+    # ends it (COMMIT) or needs none (CONCURRENTLY, VACUUM) would half-apply or fail
+    for migration in migrations:
+        code = re.sub(r"--[^\n]*", "", migration.sql)
+        assert not re.search(r"\b(COMMIT|ROLLBACK|CONCURRENTLY|VACUUM)\b", code, re.IGNORECASE), migration.label
 
 
 def test_every_migration_is_package_data():
@@ -215,7 +224,7 @@ def test_rickovers_database_keeps_everything_gains_jobrunners_additions_and_runs
     assert before <= after, "something Rickover built was changed or dropped"
     added = after - before
     # new tables are jobrunner's own, named jobrunner_...
-    new_tables = {line.split()[1] for line in added if line.startswith("relation ") and line.endswith(" r")}
+    new_tables = {line.split()[1] for line in added if line.startswith("relation ") and line.split()[2] == "r"}
     assert set(JOBRUNNER_TABLES) <= new_tables and all(table.startswith("jobrunner_") for table in new_tables), new_tables
     on_rickovers = {line for line in added if not any(table in line for table in new_tables)}
     assert {line.split()[0] for line in on_rickovers} <= {"index", "oid", "enum", "column"}, on_rickovers
@@ -365,3 +374,20 @@ def test_commands_refuse_a_schema_newer_than_the_code_naming_its_versions(conn, 
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "newer than this jobrunner: it has migrations 9999_from_the_future" in result.stderr
     assert "Upgrade jobrunner" in result.stderr
+
+
+def test_a_reload_onto_a_database_without_the_schema_is_refused_and_the_running_generation_stays(db_url, make_database, detached_downstream):
+    elsewhere = make_database(template="template0")
+    with running_service(db_url, detached_downstream.url, config=f"workers = 1\ndatabase_url = {db_url}\n") as service:
+        before = service.children()
+        with open(service.config_path, "w") as file:
+            file.write(f"[jobrunner]\nworkers = 1\ndatabase_url = {elsewhere}\n")
+
+        service.signal(signal.SIGHUP)
+
+        refused = "SIGHUP: the new configuration is invalid, keeping the running one: DATABASE_URL (database_url): The database has no jobrunner schema version"
+        wait_until(lambda: refused in service.log(), "the reload to be refused")
+        assert "run `jobrunner migrate`" in service.log()
+        assert service.children() == before
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import API_PASSWORD, API_USER, RawClient, raw_request, wait_until
+from conftest import API_PASSWORD, API_USER, RawClient, raw_request, running_server, wait_until
 
 from jobrunner import protocol, server
 from jobrunner.config import load_config
@@ -172,3 +172,45 @@ def test_a_retiring_generation_stops_accepting_at_once_and_answers_what_it_took_
             thread.join(timeout=10)
         listening.close()
     assert not [thread for thread in accepting if thread.is_alive()], "a generation did not stop serving"
+
+
+def serving() -> int:
+    """Connections this process's servers are serving: each holds a connection thread, named so while it does."""
+    return sum(t.name == "http-connection" for t in threading.enumerate())
+
+
+def test_a_connection_per_request_starts_no_thread_per_connection(db_url, monkeypatch):
+    """Clients that open a connection per request (no session) are served by the thread the first one started."""
+    started_by_accept_loop = []
+    start = threading.Thread.start
+
+    def counting_start(thread):
+        if threading.current_thread().name == "http-accept":
+            started_by_accept_loop.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    with running_server(db_url) as api:
+        for _ in range(20):
+            client = RawClient(api.port)
+            client.send(raw_request("GET", "/healthz", ["Connection: close"]))
+            assert client.read_response().status == 200
+            client.wait_for_close(within=5)
+            client.close()
+            wait_until(lambda: serving() == 0, "the connection's thread to be free again")
+    assert len(started_by_accept_loop) == 1, started_by_accept_loop
+
+
+def test_connection_threads_left_idle_by_a_burst_end(db_url, monkeypatch):
+    """A burst of connections leaves no crowd of idle threads behind, and the next client still gets one."""
+    monkeypatch.setattr(protocol, "IDLE_THREAD_SECONDS", 0.2)
+    with running_server(db_url) as api:
+        burst = [RawClient(api.port) for _ in range(6)]
+        for client in burst:
+            client.send(raw_request("GET", "/healthz"))
+            assert client.read_response().status == 200
+        assert serving() == 6  # kept alive, each on its own thread
+        for client in burst:
+            client.close()
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name in ("http-idle", "http-connection")], "the idle threads to end")
+        assert api.get("/healthz").status == 200
