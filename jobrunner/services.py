@@ -104,7 +104,7 @@ def __getattr__(name: str) -> Any:
 
 
 STUCK_JOBS_BATCH = 100
-MAX_HEARTBEAT_EXTEND = timedelta(days=1)  # the most a heartbeat's `extend` may ask for
+MAX_HEARTBEAT_EXTEND = timedelta(seconds=policies.MAX_JOB_TIMEOUT)  # a heartbeat asks for at most the longest job_timeout
 MAX_PAGE = 500
 
 

@@ -152,7 +152,7 @@ def test_a_heartbeat_for_another_attempt_a_queued_job_an_archived_one_or_an_unkn
     assert isinstance(refused(conn, done.id, "email", 3), JobAlreadyArchived)
     assert isinstance(refused(conn, sent.id, "sms", 3), JobNameMismatch)
     assert isinstance(refused(conn, new_id(), None, 3), UnknownJob)
-    for extend in (0, -1, 86400.5):
+    for extend in (0, -1, 604800.5):
         error = refused(conn, sent.id, "email", 3, extend)
         assert isinstance(error, InvalidField) and error.field == "extend"
     assert deadlines(conn) == 0
