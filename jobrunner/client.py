@@ -97,13 +97,17 @@ class Client:
     # --- jobs ---
 
     def enqueue(self, name: str, data: Any, id: str | None = None, run_after: datetime | str | None = None,
-                expires_at: datetime | str | None = None) -> dict:
-        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id."""
+                expires_at: datetime | str | None = None, priority: int | None = None) -> dict:
+        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id.
+
+        Of a type's due jobs, those of a higher `priority` (default 0) are sent first."""
         job_id = id or f"job_{uuid.uuid4()}"
         body: dict[str, Any] = {"data": data}
         for key, value in (("run_after", run_after), ("expires_at", expires_at)):
             if value is not None:
                 body[key] = value.isoformat() if isinstance(value, datetime) else value
+        if priority is not None:
+            body["priority"] = priority
         try:
             return self._request("PUT", f"/v1/jobs/{_quote(name)}/{job_id}", body, retry=True)
         except ApiError as error:

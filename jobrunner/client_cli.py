@@ -58,6 +58,7 @@ def add_parsers(commands) -> None:
     enqueue.add_argument("--id", help="job_<uuid> (default: a new one)")
     enqueue.add_argument("--run-after", help="RFC 3339 time, e.g. 2030-01-01T00:00:00Z")
     enqueue.add_argument("--expires-at", help="RFC 3339 time")
+    enqueue.add_argument("--priority", type=int, help="higher first within its type (default 0; -32768 to 32767)")
 
     job = commands.add_parser("job", help="one job: get, replay or cancel").add_subparsers(dest="action", required=True)
     for action, doc in (("get", "the job, queued or archived"), ("replay", "a new job with an archived job's data"),
@@ -255,7 +256,7 @@ def _enqueue(client: Client, args) -> int:
         data = json.loads(args.data)
     except ValueError as error:
         raise UsageError(f"--data is not JSON: {error}") from None
-    job = client.enqueue(args.name, data, args.id, args.run_after, args.expires_at)
+    job = client.enqueue(args.name, data, args.id, args.run_after, args.expires_at, args.priority)
     return _print_json(job) if args.json else _say(f"{job['id']} {job['status']}, runs after {job.get('run_after', '-')}")
 
 
@@ -273,8 +274,8 @@ def _jobs_list(client: Client, args) -> int:
     jobs = list(client.jobs(args.name, args.status, args.limit))
     if args.json:
         return _print_json(jobs)
-    _table([[j["id"], j["status"], str(j["attempts"]), j.get("created_at", "")] for j in jobs],
-           ["ID", "STATUS", "ATTEMPTS LEFT", "CREATED (ARCHIVED)"])
+    _table([[j["id"], j["status"], str(j.get("priority", 0)), str(j["attempts"]), j.get("created_at", "")] for j in jobs],
+           ["ID", "STATUS", "PRIORITY", "ATTEMPTS LEFT", "CREATED (ARCHIVED)"])
     return 0
 
 

@@ -29,6 +29,7 @@ ARCHIVED_STATUSES = (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
 JOB_ID_PREFIX = "job_"
 MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
 MAX_CONCURRENCY = 32767  # the column is a smallint
+MIN_PRIORITY, MAX_PRIORITY = -32768, 32767  # a smallint
 MAX_NAME_LENGTH = 100
 # Deeper data could be stored (PostgreSQL has no such limit) and then not read back:
 # the JSON decoder's recursion runs out at a depth that depends on the reading thread's stack.
@@ -84,6 +85,7 @@ class QueuedJob:
     updated_at: datetime
     status: str  # QUEUED or IN_PROGRESS
     data: Any
+    priority: int = 0  # higher first within its type
 
     @property
     def job_id(self) -> str:
@@ -99,6 +101,7 @@ class ArchivedJob:
     created_at: datetime  # when it was archived (Rickover's meaning)
     data: Any
     expires_at: datetime | None
+    priority: int = 0  # what it had queued (a replay keeps it)
 
     @property
     def job_id(self) -> str:
@@ -178,6 +181,10 @@ def validate_attempts(attempts: Any) -> int:
 
 def validate_concurrency(concurrency: Any) -> int:
     return _require_int("concurrency", concurrency, 0, MAX_CONCURRENCY)
+
+
+def validate_priority(priority: Any) -> int:
+    return _require_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
 
 
 def _require_int(field: str, value: Any, low: int, high: int) -> int:

@@ -40,7 +40,18 @@ from .errors import (
     Unauthorized,
 )
 from .metrics import ServiceMetrics, render_gauges
-from .models import CALLBACK_TOKEN_HEADER, MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
+from .models import (
+    CALLBACK_TOKEN_HEADER,
+    MAX_ATTEMPTS,
+    MAX_CONCURRENCY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ArchivedJob,
+    JobType,
+    QueuedJob,
+    new_job_id,
+    parse_job_id,
+)
 from .plugins import Authorizer
 from .protocol import HttpError, ProtocolHandler, ProtocolServer, is_number
 
@@ -157,6 +168,7 @@ def job_json(job: QueuedJob | ArchivedJob) -> dict:
             "updated_at": timestamp(job.updated_at),
             "status": job.status,
             "data": job.data,
+            "priority": job.priority,
         }
     return {
         "id": job.job_id,
@@ -166,6 +178,7 @@ def job_json(job: QueuedJob | ArchivedJob) -> dict:
         "created_at": timestamp(job.created_at),
         "data": job.data,
         "expires_at": timestamp(job.expires_at),
+        "priority": job.priority,
     }
 
 
@@ -183,14 +196,14 @@ def _string(body: dict, field: str, required: bool = True) -> str | None:
     return value
 
 
-def _integer(body: dict, field: str, high: int, required: bool = True) -> int | None:
+def _integer(body: dict, field: str, high: int, required: bool = True, low: int = 0) -> int | None:
     value = body.get(field)
     if value is None:
         if required:
             raise _missing(field)
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from 0 to {high}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from {low} to {high}")
     return value
 
 
@@ -403,11 +416,12 @@ class Handler(ProtocolHandler):
             raise _missing("data")
         run_after = _timestamp(body, "run_after")
         expires_at = _timestamp(body, "expires_at")
+        priority = _integer(body, "priority", MAX_PRIORITY, required=False, low=MIN_PRIORITY) or 0
         job_id = new_job_id() if id_text == "random_id" else parse_job_id(id_text)
         if self._data_too_large(body["data"]):
             raise HttpError(413, "entity_too_large", "Data parameter is too large (100KB max)")
         try:
-            job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at)
+            job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at, priority)
         except UnknownJobType:
             raise HttpError(404, "job_type_not_found", f"Job type {name!r} not found", instance=f"/v1/jobs/{name}") from None
         self.server.metrics.enqueued.inc(name)
