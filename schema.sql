@@ -63,12 +63,6 @@ ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS expires_at timestamp with tim
 -- Rickover's claim index; kept for Rickover's code, which orders by run_after alone.
 CREATE INDEX IF NOT EXISTS find_queued_job ON queued_jobs (name, run_after) WHERE status = 'queued';
 
--- jobrunner: the claim. Its ORDER BY (run_after, id) is this index's order after
--- the name, so the only sensible plan is an index scan that stops after the
--- batch, even when the statistics say the queue is empty (after a burst onto a
--- quiet queue, an ORDER BY the index did not cover sorted the whole backlog).
-CREATE INDEX IF NOT EXISTS queued_jobs_claim ON queued_jobs (name, run_after, id) WHERE status = 'queued';
-
 -- jobrunner: due jobs whose expires_at has passed, archived at claim time
 -- without scanning the backlog. Only jobs with an expires_at are in it.
 CREATE INDEX IF NOT EXISTS queued_jobs_expires_at ON queued_jobs (name, expires_at)
@@ -136,3 +130,19 @@ CREATE TABLE IF NOT EXISTS jobrunner_job_type_settings (
     signing_secrets text[],              -- whsec_... ; two during a rotation; first signs
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
+
+-- jobrunner: a job's priority (issue 16): higher first within its type, 0 by
+-- default. Defaulted, so Rickover's code, which names its columns, never sees it;
+-- archived jobs keep it, so that a replay is queued at the same priority.
+ALTER TABLE queued_jobs ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 0;
+ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 0;
+
+-- jobrunner: the claim. It reads each priority of the type in turn, highest
+-- first, and within one its due jobs in (run_after, id) order: this index's
+-- order after the name and priority, so every read is an index scan that stops
+-- after the batch, even when the statistics say the queue is empty (after a
+-- burst onto a quiet queue, an ORDER BY the index did not cover sorted the
+-- whole backlog). It replaces the claim's index of before priorities.
+DROP INDEX IF EXISTS queued_jobs_claim;
+CREATE INDEX IF NOT EXISTS queued_jobs_claim_by_priority ON queued_jobs (name, priority DESC, run_after, id)
+    WHERE status = 'queued';

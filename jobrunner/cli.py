@@ -21,7 +21,7 @@ from . import client_cli, store
 from . import migrate as migrations
 from .children import PARENT_CHECK_INTERVAL
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config, open_file_warnings
-from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError, SchemaMissing
+from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError, SchemaMissing, SchemaTooNew
 from .localdb import LocalPostgres, LocalPostgresError
 
 log = logging.getLogger("jobrunner")
@@ -276,6 +276,11 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
             # what development mode chose at start stays, unless the file now sets it
             fresh = dataclasses.replace(fresh, **{name: value for name, value in runtime.items() if not getattr(fresh, name)})
             check_runnable(fresh)
+            if fresh.database_url != running.database_url:  # another database: its schema too, as at start
+                try:
+                    check_schema(fresh)
+                except (SchemaMissing, SchemaTooNew) as error:
+                    raise ConfigError(f"DATABASE_URL (database_url): {error}") from None
             return fresh
 
         with development_url(config, sockets["api"]):

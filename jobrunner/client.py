@@ -4,6 +4,7 @@
 
     jobs = Client("http://127.0.0.1:9090", "admin", "secret")
     jobs.create_type("email", "at_least_once", attempts=3, concurrency=5)
+    jobs.update_type("email", job_timeout=1800, rate_limit={"per_second": 10})
     job = jobs.enqueue("email", {"to": "someone@example.com"})
     jobs.get(job["id"])["status"]              # "queued", later "succeeded"
     jobs.replay(job["id"])                     # a new job with the same data
@@ -37,6 +38,8 @@ from .signing import verify as verify_webhook
 __all__ = ["ApiError", "Client", "Unreachable", "WebhookVerificationError", "verify_webhook"]
 
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a request that is safe to repeat
+# A job type's delivery settings (docs/api.md, "Job-type settings"): keyword arguments of create_type and update_type.
+TYPE_SETTINGS = ("downstream_url", "downstream_timeout", "job_timeout", "retry", "rate_limit", "callback_token", "signing_secrets")
 
 
 class ApiError(Exception):
@@ -71,13 +74,16 @@ class Client:
     def type(self, name: str) -> dict:
         return self._request("GET", f"/v1/jobs/{_quote(name)}", retry=True)
 
-    def create_type(self, name: str, delivery_strategy: str, attempts: int, concurrency: int) -> dict:
+    def create_type(self, name: str, delivery_strategy: str, attempts: int, concurrency: int, **settings: Any) -> dict:
+        """A new job type; `settings` are its delivery settings, e.g. `job_timeout=1800, rate_limit={"per_second": 5}`."""
         body = {"name": name, "delivery_strategy": delivery_strategy, "attempts": attempts, "concurrency": concurrency}
-        return self._request("POST", "/v1/jobs", body)
+        return self._request("POST", "/v1/jobs", {**body, **_settings("create_type", settings)})
 
-    def update_type(self, name: str, attempts: int | None = None, concurrency: int | None = None) -> dict:
+    def update_type(self, name: str, attempts: int | None = None, concurrency: int | None = None, **settings: Any) -> dict:
+        """Change what is given: a setting given as None is cleared (back to the default), one not given is left as it is;
+        `retry` and `rate_limit` change key by key the same way (`retry={"max_doublings": None}`)."""
         body = {key: value for key, value in (("attempts", attempts), ("concurrency", concurrency)) if value is not None}
-        return self._request("POST", f"/v1/jobs/{_quote(name)}", body)
+        return self._request("POST", f"/v1/jobs/{_quote(name)}", {**body, **_settings("update_type", settings)})
 
     def pause(self, name: str) -> dict:
         """Concurrency 0 (jobs in flight finish); the old concurrency is kept for `resume`."""
@@ -91,13 +97,17 @@ class Client:
     # --- jobs ---
 
     def enqueue(self, name: str, data: Any, id: str | None = None, run_after: datetime | str | None = None,
-                expires_at: datetime | str | None = None) -> dict:
-        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id."""
+                expires_at: datetime | str | None = None, priority: int | None = None) -> dict:
+        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id.
+
+        Of a type's due jobs, those of a higher `priority` (default 0) are sent first."""
         job_id = id or f"job_{uuid.uuid4()}"
         body: dict[str, Any] = {"data": data}
         for key, value in (("run_after", run_after), ("expires_at", expires_at)):
             if value is not None:
                 body[key] = value.isoformat() if isinstance(value, datetime) else value
+        if priority is not None:
+            body["priority"] = priority
         try:
             return self._request("PUT", f"/v1/jobs/{_quote(name)}/{job_id}", body, retry=True)
         except ApiError as error:
@@ -153,6 +163,13 @@ class Client:
                 if delay is None:
                     raise Unreachable(f"{method} {self.url}{path}: {error}") from None
             time.sleep(delay)
+
+
+def _settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    for key in settings:
+        if key not in TYPE_SETTINGS:
+            raise TypeError(f"{method}() got an unexpected keyword argument {key!r} (settings: {', '.join(TYPE_SETTINGS)})")
+    return {key: list(value) if key == "signing_secrets" and isinstance(value, tuple) else value for key, value in settings.items()}
 
 
 def _quote(name: str) -> str:

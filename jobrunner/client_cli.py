@@ -19,6 +19,7 @@ import urllib.parse
 from datetime import datetime, timedelta, timezone
 
 from .client import ApiError, Client, Unreachable
+from .policies import describe
 
 COMMANDS = ("types", "enqueue", "job", "jobs", "replay")
 DEV_PASSWORD_FILE = os.path.join(".jobrunner", "api-password")
@@ -33,16 +34,19 @@ def add_parsers(commands) -> None:
     common.add_argument("--json", action="store_true", help="print the API's answer as JSON")
 
     types = commands.add_parser("types", help="list, create, change, pause or resume job types").add_subparsers(dest="action", required=True)
-    types.add_parser("list", parents=[common], help="every job type with its counts")
-    create = types.add_parser("create", parents=[common], help="a new job type")
+    types.add_parser("list", parents=[common], help="every job type with its counts and settings")
+    types.add_parser("get", parents=[common], help="one job type: every field and setting").add_argument("name")
+    create = types.add_parser("create", parents=[common], help="a new job type", epilog=SETTINGS_HELP)
     create.add_argument("name")
     create.add_argument("--strategy", choices=["at_least_once", "at_most_once"], default="at_least_once")
     create.add_argument("--attempts", type=int, default=3)
     create.add_argument("--concurrency", type=int, default=5)
-    update = types.add_parser("update", parents=[common], help="change attempts or concurrency (0 pauses the type)")
+    _add_setting_flags(create)
+    update = types.add_parser("update", parents=[common], help="change attempts, concurrency (0 pauses the type) or settings", epilog=SETTINGS_HELP)
     update.add_argument("name")
     update.add_argument("--attempts", type=int)
     update.add_argument("--concurrency", type=int)
+    _add_setting_flags(update)
     types.add_parser("pause", parents=[common], help="concurrency 0, the old one kept for resume").add_argument("name")
     resume = types.add_parser("resume", parents=[common], help="back to the concurrency it had when paused")
     resume.add_argument("name")
@@ -54,6 +58,7 @@ def add_parsers(commands) -> None:
     enqueue.add_argument("--id", help="job_<uuid> (default: a new one)")
     enqueue.add_argument("--run-after", help="RFC 3339 time, e.g. 2030-01-01T00:00:00Z")
     enqueue.add_argument("--expires-at", help="RFC 3339 time")
+    enqueue.add_argument("--priority", type=int, help="higher first within its type (default 0; -32768 to 32767)")
 
     job = commands.add_parser("job", help="one job: get, replay or cancel").add_subparsers(dest="action", required=True)
     for action, doc in (("get", "the job, queued or archived"), ("replay", "a new job with an archived job's data"),
@@ -70,6 +75,82 @@ def add_parsers(commands) -> None:
     replay.add_argument("name")
     replay.add_argument("--status", required=True, choices=["failed", "expired", "succeeded", "cancelled"])
     replay.add_argument("--since", default="1h", help="how far back, by archive time: 30m, 6h, 2d (default 1h)")
+
+
+# --- a job type's delivery settings (docs/api.md, "Job-type settings") ---
+
+SETTINGS_HELP = (
+    "Durations are seconds, or a number and s, m, h or d (30m). On update, the value `none` clears a setting "
+    "(back to the global default); a setting not given is left as it is. `-` reads a callback token, or the "
+    "signing secrets (one a line), from stdin, so that they do not show in the process list."
+)
+_UNSET = object()  # a flag not given: the setting is left as it is
+
+
+def _seconds(text: str):
+    if text.strip().lower() == "none":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, or a number and s, m, h or d (30m), or none")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _or_none(parse):
+    def convert(text: str):
+        if text.strip().lower() == "none":
+            return None
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {parse.__name__}, nor none") from None
+        if isinstance(value, float) and not (0 <= value < float("inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of jobs a second")
+        return value
+    return convert
+
+
+# (flag, where the value goes in the API's body, how to read it); the flag is the field's path, `-` for `_` and `.`
+SETTING_FLAGS = (
+    ("--downstream-url", ("downstream_url",), _or_none(str), "base URL this type's jobs are POSTed to"),
+    ("--downstream-timeout", ("downstream_timeout",), _seconds, "how long to wait for the POST's answer"),
+    ("--job-timeout", ("job_timeout",), _seconds, "how long a sent job may wait for its callback"),
+    ("--retry-min-backoff", ("retry", "min_backoff"), _seconds, "wait before the first retry"),
+    ("--retry-max-backoff", ("retry", "max_backoff"), _seconds, "longest wait between attempts"),
+    ("--retry-max-doublings", ("retry", "max_doublings"), _or_none(int), "times the wait doubles (0-62)"),
+    ("--retry-max-retry-duration", ("retry", "max_retry_duration"), _seconds, "after this long since its creation a failing job is archived"),
+    ("--rate-limit-per-second", ("rate_limit", "per_second"), _or_none(float), "jobs sent per second, all hosts together (0.5: one every 2 s)"),
+    ("--rate-limit-burst", ("rate_limit", "burst"), _or_none(int), "jobs that may go at once after a quiet spell"),
+    ("--callback-token", ("callback_token",), _or_none(str), "token a callback for this type must present (- : from stdin)"),
+)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("delivery settings (none: the global default)")
+    for flag, _, parse, doc in SETTING_FLAGS:
+        group.add_argument(flag, type=parse, default=_UNSET, help=doc)
+    group.add_argument("--signing-secret", action="append", help="whsec_ secret to sign requests with; twice during a rotation, the first signs (- : from stdin)")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The API body's settings from the flags given."""
+    body: dict = {}
+    for flag, path, _, _ in SETTING_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is _UNSET:
+            continue
+        if path == ("callback_token",) and value == "-":
+            value = sys.stdin.readline().strip()
+        if len(path) == 1:
+            body[path[0]] = value
+        else:
+            body.setdefault(path[0], {})[path[1]] = value
+    if args.signing_secret is not None:
+        secrets = args.signing_secret
+        if "-" in secrets:
+            secrets = [line.strip() for line in sys.stdin if line.strip()]
+        body["signing_secrets"] = None if [s.lower() for s in secrets] == ["none"] else secrets
+    return body
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,21 +201,44 @@ def _types_list(client: Client, args) -> int:
     if args.json:
         return _print_json(types)
     columns = ("name", "delivery_strategy", "attempts", "concurrency", "queued", "due", "in_progress")
-    _table([[str(t.get(c, "")) for c in columns] for t in types], ["NAME", "STRATEGY", "ATTEMPTS", "CONCURRENCY", "QUEUED", "DUE", "IN PROGRESS"])
+    header = ["NAME", "STRATEGY", "ATTEMPTS", "CONCURRENCY", "QUEUED", "DUE", "IN PROGRESS"]
+    rows = [[str(t.get(c, "")) for c in columns] for t in types]
+    settings = [", ".join(describe(t)) or "-" for t in types]
+    if any(text != "-" for text in settings):  # a column only when some type has settings
+        header, rows = [*header, "SETTINGS"], [[*row, text] for row, text in zip(rows, settings)]
+    _table(rows, header)
+    return 0
+
+
+def _types_get(client: Client, args) -> int:
+    job_type = client.type(args.name)
+    if args.json:
+        return _print_json(job_type)
+    fields = []
+    for key, value in job_type.items():
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        fields += [(f"{key}.{part}" if part else key, "-" if item is None else str(item).lower() if isinstance(item, bool) else str(item)) for part, item in inner]
+    _table([list(field) for field in fields[1:]], [job_type["name"], ""])
     return 0
 
 
 def _types_create(client: Client, args) -> int:
-    created = client.create_type(args.name, args.strategy, args.attempts, args.concurrency)
+    created = client.create_type(args.name, args.strategy, args.attempts, args.concurrency, **_settings(args))
     return _print_json(created) if args.json else _say(f"created {created['name']}: {created['delivery_strategy']}, "
-                                                          f"{created['attempts']} attempts, concurrency {created['concurrency']}")
+                                                          f"{created['attempts']} attempts, concurrency {created['concurrency']}{_described(created)}")
 
 
 def _types_update(client: Client, args) -> int:
-    if args.attempts is None and args.concurrency is None:
-        raise UsageError("give --attempts or --concurrency")
-    updated = client.update_type(args.name, args.attempts, args.concurrency)
-    return _print_json(updated) if args.json else _say(f"{updated['name']}: {updated['attempts']} attempts, concurrency {updated['concurrency']}")
+    settings = _settings(args)
+    if args.attempts is None and args.concurrency is None and not settings:
+        raise UsageError("give --attempts, --concurrency or a setting to change (see --help)")
+    updated = client.update_type(args.name, args.attempts, args.concurrency, **settings)
+    return _print_json(updated) if args.json else _say(f"{updated['name']}: {updated['attempts']} attempts, concurrency {updated['concurrency']}{_described(updated)}")
+
+
+def _described(job_type: dict) -> str:
+    parts = describe(job_type)
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def _types_pause(client: Client, args) -> int:
@@ -152,7 +256,7 @@ def _enqueue(client: Client, args) -> int:
         data = json.loads(args.data)
     except ValueError as error:
         raise UsageError(f"--data is not JSON: {error}") from None
-    job = client.enqueue(args.name, data, args.id, args.run_after, args.expires_at)
+    job = client.enqueue(args.name, data, args.id, args.run_after, args.expires_at, args.priority)
     return _print_json(job) if args.json else _say(f"{job['id']} {job['status']}, runs after {job.get('run_after', '-')}")
 
 
@@ -170,8 +274,8 @@ def _jobs_list(client: Client, args) -> int:
     jobs = list(client.jobs(args.name, args.status, args.limit))
     if args.json:
         return _print_json(jobs)
-    _table([[j["id"], j["status"], str(j["attempts"]), j.get("created_at", "")] for j in jobs],
-           ["ID", "STATUS", "ATTEMPTS LEFT", "CREATED (ARCHIVED)"])
+    _table([[j["id"], j["status"], str(j.get("priority", 0)), str(j["attempts"]), j.get("created_at", "")] for j in jobs],
+           ["ID", "STATUS", "PRIORITY", "ATTEMPTS LEFT", "CREATED (ARCHIVED)"])
     return 0
 
 
@@ -219,6 +323,7 @@ def _say(text: str) -> int:
 
 _COMMANDS = {
     ("types", "list"): _types_list,
+    ("types", "get"): _types_get,
     ("types", "create"): _types_create,
     ("types", "update"): _types_update,
     ("types", "pause"): _types_pause,

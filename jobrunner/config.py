@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .plugins import import_factory
+from .policies import MAX_SECRETS
 from .signing import check_secret
 
 
@@ -90,6 +91,8 @@ def _http_url(text: str) -> str:
 def _signing_secrets(text: str) -> tuple[str, ...]:
     """`whsec_...,whsec_...`: the first signs; every one is a signature, so during a rotation either verifies."""
     secrets = [part.strip() for part in text.split(",") if part.strip()]
+    if len(secrets) > MAX_SECRETS:
+        raise ValueError(f"must be at most {MAX_SECRETS} secrets (the new one first, and the old one during a rotation), not {len(secrets)}")
     for number, secret in enumerate(secrets, 1):
         try:
             check_secret(secret)

@@ -21,7 +21,8 @@ import urllib.parse
 from base64 import b64encode
 from datetime import datetime, timedelta, timezone
 
-from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, format_job_id, new_job_id
+from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, TypePolicy, format_job_id, new_job_id
+from .policies import describe, policy_json
 from .services import Overview
 from .store import JobTypeCounts, JobTypeError
 
@@ -65,6 +66,7 @@ th.group{text-align:center;border-bottom:1px solid var(--faint)}
 .badge.paused,.badge.stopped{background:#e8edf7;color:#33518f}
 .badge.due{background:#e4f4ea;color:#22683f}
 .badge.scheduled{background:#eef0f3;color:var(--muted)}
+.badge.backoff{background:#fdf1d8;color:#8a5a0b}
 code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 code{white-space:nowrap}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;max-width:40rem;background:var(--bg);padding:.3rem .5rem;border-radius:4px}
@@ -266,11 +268,24 @@ def _type_row(counts: JobTypeCounts, overview: Overview) -> str:
     return (
         f'<tr data-type="{_escape(name)}"><td><span class="name">{_escape(name)}</span>'
         f'<span class="sub">{_escape(strategy)}, {job_type.attempts} attempt{"s" if job_type.attempts != 1 else ""}</span>'
+        f"{_policy(job_type.policy)}{_backing_off(overview.backing_off.get(name, 0))}"
         f"{_type_error(overview.type_errors.get(name), overview.now)}</td>"
         f'<td class="n">{_concurrency(job_type.concurrency, overview.paused.get(name))}</td>'
         f"{_count_cell(counts.queued)}{_count_cell(counts.due)}{_count_cell(counts.in_progress)}{finished}"
         f"<td>{_pause_button(name, job_type.concurrency, overview.paused.get(name))}</td></tr>"
     )
+
+
+def _policy(policy: TypePolicy) -> str:
+    """The type's delivery settings in a line (nothing for a type that sets none); secrets only as set or not."""
+    parts = describe(policy_json(policy))
+    return f'<span class="sub policy">{_escape(", ".join(parts))}</span>' if parts else ""
+
+
+def _backing_off(jobs: int) -> str:
+    if not jobs:
+        return ""
+    return f'<span class="badge backoff" title="queued again after a failed attempt, waiting out the retry back-off">{jobs:,} backing off</span>'
 
 
 def _type_error(error: JobTypeError | None, now: datetime) -> str:

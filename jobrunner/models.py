@@ -29,6 +29,7 @@ ARCHIVED_STATUSES = (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
 JOB_ID_PREFIX = "job_"
 MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
 MAX_CONCURRENCY = 32767  # the column is a smallint
+MIN_PRIORITY, MAX_PRIORITY = -32768, 32767  # a smallint
 MAX_NAME_LENGTH = 100
 # Deeper data could be stored (PostgreSQL has no such limit) and then not read back:
 # the JSON decoder's recursion runs out at a depth that depends on the reading thread's stack.
@@ -37,15 +38,6 @@ MAX_DATA_DEPTH = 100
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[1-8][0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # any version
-
-
-@dataclasses.dataclass(frozen=True)
-class JobType:
-    name: str
-    delivery_strategy: str
-    attempts: int
-    concurrency: int
-    created_at: datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +53,25 @@ class TypePolicy:
     retry_max_duration: float | None = None  # seconds since the job's created_at
     rate_per_second: float | None = None
     rate_burst: int | None = None
-    callback_token: str | None = None
-    signing_secrets: tuple[str, ...] = ()  # whsec_...; two during a rotation, the first signs
+    # secrets: never in a repr, so never in a log line
+    callback_token: str | None = dataclasses.field(default=None, repr=False)
+    signing_secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # whsec_...; two during a rotation, the first signs
 
 
 DEFAULT_POLICY = TypePolicy()
 
 # A job type's callback token travels in this header: with each of its jobs' POSTs, and back on their callbacks.
 CALLBACK_TOKEN_HEADER = "Jobrunner-Callback-Token"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobType:
+    name: str
+    delivery_strategy: str
+    attempts: int
+    concurrency: int
+    created_at: datetime
+    policy: TypePolicy = DEFAULT_POLICY  # its delivery settings (a table of their own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class QueuedJob:
     updated_at: datetime
     status: str  # QUEUED or IN_PROGRESS
     data: Any
+    priority: int = 0  # higher first within its type
 
     @property
     def job_id(self) -> str:
@@ -97,6 +101,7 @@ class ArchivedJob:
     created_at: datetime  # when it was archived (Rickover's meaning)
     data: Any
     expires_at: datetime | None
+    priority: int = 0  # what it had queued (a replay keeps it)
 
     @property
     def job_id(self) -> str:
@@ -166,6 +171,10 @@ def validate_attempts(attempts: Any) -> int:
 
 def validate_concurrency(concurrency: Any) -> int:
     return _require_int("concurrency", concurrency, 0, MAX_CONCURRENCY)
+
+
+def validate_priority(priority: Any) -> int:
+    return _require_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
 
 
 def _require_int(field: str, value: Any, low: int, high: int) -> int:

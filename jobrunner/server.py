@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import batching, dashboard, metrics, plugins, services, store
+from . import batching, dashboard, metrics, plugins, policies, services, store
 from .config import ConfigError
 from .errors import (
     CallbackForbidden,
@@ -39,7 +39,18 @@ from .errors import (
     Unauthorized,
 )
 from .metrics import ServiceMetrics, render_gauges
-from .models import CALLBACK_TOKEN_HEADER, MAX_ATTEMPTS, MAX_CONCURRENCY, ArchivedJob, JobType, QueuedJob, new_job_id, parse_job_id
+from .models import (
+    CALLBACK_TOKEN_HEADER,
+    MAX_ATTEMPTS,
+    MAX_CONCURRENCY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ArchivedJob,
+    JobType,
+    QueuedJob,
+    new_job_id,
+    parse_job_id,
+)
 from .plugins import Authorizer
 from .protocol import HttpError, ProtocolHandler, ProtocolServer, is_number
 
@@ -47,6 +58,8 @@ log = logging.getLogger(__name__)
 
 MAX_DATA_BYTES = 102400  # Rickover's limit on a job's data
 BAD_JSON = "Invalid request: bad JSON. Double check the types of the fields you sent"
+UPDATE_JOB_TYPE_FIELDS = ("attempts", "concurrency", *policies.SETTINGS)
+CREATE_JOB_TYPE_FIELDS = ("name", "delivery_strategy", *UPDATE_JOB_TYPE_FIELDS)
 # What PostgreSQL and Python's datetime both hold, with a day to spare at each end: a
 # retry's run_after (up to a day later) and a time shown in any zone must still fit.
 EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)
@@ -135,6 +148,7 @@ def job_type_json(job_type: JobType) -> dict:
         "attempts": job_type.attempts,
         "concurrency": job_type.concurrency,
         "created_at": timestamp(job_type.created_at),
+        **policies.policy_json(job_type.policy),
     }
 
 
@@ -150,6 +164,7 @@ def job_json(job: QueuedJob | ArchivedJob) -> dict:
             "updated_at": timestamp(job.updated_at),
             "status": job.status,
             "data": job.data,
+            "priority": job.priority,
         }
     return {
         "id": job.job_id,
@@ -159,6 +174,7 @@ def job_json(job: QueuedJob | ArchivedJob) -> dict:
         "created_at": timestamp(job.created_at),
         "data": job.data,
         "expires_at": timestamp(job.expires_at),
+        "priority": job.priority,
     }
 
 
@@ -176,14 +192,14 @@ def _string(body: dict, field: str, required: bool = True) -> str | None:
     return value
 
 
-def _integer(body: dict, field: str, high: int, required: bool = True) -> int | None:
+def _integer(body: dict, field: str, high: int, required: bool = True, low: int = 0) -> int | None:
     value = body.get(field)
     if value is None:
         if required:
             raise _missing(field)
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
-        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from 0 to {high}")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from {low} to {high}")
     return value
 
 
@@ -213,6 +229,18 @@ def _host_of(url: str) -> str | None:
         return urllib.parse.urlsplit(url).netloc
     except ValueError:
         return None  # malformed: not this server
+
+
+def _refuse_unknown(body: dict, known: tuple[str, ...]) -> None:
+    """A field we do not know is a 400: a client must never believe a setting took effect when it did not."""
+    unknown = [key if len(key) <= 60 else key[:57] + "..." for key in body if key not in known]
+    if unknown:
+        what = "not a field" if len(unknown) == 1 else "not fields"
+        raise HttpError(400, "invalid_parameter", f"Invalid {', '.join(unknown)}: {what} of this request", f"Known fields: {', '.join(known)}")
+
+
+def _settings(body: dict) -> dict:
+    return {key: body[key] for key in policies.SETTINGS if key in body}
 
 
 def _reject_constant(name: str) -> None:
@@ -346,6 +374,7 @@ class Handler(ProtocolHandler):
 
     def handle_create_job_type(self) -> None:
         body = self._read_json()
+        _refuse_unknown(body, CREATE_JOB_TYPE_FIELDS)
         name = _string(body, "name")
         strategy = _string(body, "delivery_strategy")
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False) or 0
@@ -353,7 +382,7 @@ class Handler(ProtocolHandler):
         if concurrency is None:
             raise _missing("concurrency")
         with self._db() as conn:
-            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency)
+            job_type = services.create_job_type(conn, name, strategy, attempts, concurrency, _settings(body))
         self.send_json(201, job_type_json(job_type))
 
     def handle_get_job_type(self, name: str) -> None:
@@ -367,11 +396,12 @@ class Handler(ProtocolHandler):
             raise _missing("data")
         run_after = _timestamp(body, "run_after")
         expires_at = _timestamp(body, "expires_at")
+        priority = _integer(body, "priority", MAX_PRIORITY, required=False, low=MIN_PRIORITY) or 0
         job_id = new_job_id() if id_text == "random_id" else parse_job_id(id_text)
         if self._data_too_large(body["data"]):
             raise HttpError(413, "entity_too_large", "Data parameter is too large (100KB max)")
         try:
-            job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at)
+            job = self.server.enqueuer.enqueue(job_id, name, body["data"], run_after, expires_at, priority)
         except UnknownJobType:
             raise HttpError(404, "job_type_not_found", f"Job type {name!r} not found", instance=f"/v1/jobs/{name}") from None
         self.server.metrics.enqueued.inc(name)
@@ -438,10 +468,11 @@ class Handler(ProtocolHandler):
 
     def handle_update_job_type(self, name: str) -> None:
         body = self._read_json()
+        _refuse_unknown(body, UPDATE_JOB_TYPE_FIELDS)
         attempts = _integer(body, "attempts", MAX_ATTEMPTS, required=False)
         concurrency = _integer(body, "concurrency", MAX_CONCURRENCY, required=False)
         with self._db() as conn:
-            job_type = services.update_job_type(conn, name, attempts, concurrency)
+            job_type = services.update_job_type(conn, name, attempts, concurrency, _settings(body))
         self.send_json(200, job_type_json(job_type))
 
     def handle_list_jobs(self, name: str) -> None:

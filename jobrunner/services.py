@@ -15,11 +15,12 @@ import hmac
 import importlib
 import logging
 import math
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from . import store
+from . import policies, store
 from .errors import (
     CallbackForbidden,
     DatabaseUnavailable,
@@ -38,6 +39,7 @@ from .errors import (
 from .models import (
     ARCHIVED_STATUSES,
     AT_MOST_ONCE,
+    DEFAULT_POLICY,
     CANCELLED,
     EXPIRED,
     FAILED,
@@ -55,6 +57,7 @@ from .models import (
     validate_data,
     validate_delivery_strategy,
     validate_job_type_name,
+    validate_priority,
 )
 from .outcomes import (
     Accepted,
@@ -99,19 +102,31 @@ MAX_PAGE = 500
 # --- job types ---------------------------------------------------------------
 
 
-def create_job_type(conn: Connection, name: Any, delivery_strategy: Any, attempts: Any, concurrency: Any) -> JobType:
+def create_job_type(
+    conn: Connection, name: Any, delivery_strategy: Any, attempts: Any, concurrency: Any, settings: Mapping[str, Any] | None = None
+) -> JobType:
+    """A new type; `settings` are its delivery settings (see policies), saved with it or not at all."""
     validate_job_type_name(name)
     validate_delivery_strategy(delivery_strategy)
     validate_attempts(attempts)
     validate_concurrency(concurrency)
-    return store.create_job_type(conn, name, delivery_strategy, attempts, concurrency)
+    policy = policies.apply(DEFAULT_POLICY, settings or {})
+    with store.transaction(conn):
+        job_type = store.create_job_type(conn, name, delivery_strategy, attempts, concurrency)
+        if policy != DEFAULT_POLICY:  # a type without settings has no row
+            store.save_job_type_policy(conn, name, policy)
+    return dataclasses.replace(job_type, policy=policy)
 
 
 def get_job_type(conn: Connection, name: str) -> JobType:
     job_type = store.get_job_type(conn, name)
     if job_type is None:
         raise UnknownJobType(name)
-    return job_type
+    return _with_policy(conn, job_type)
+
+
+def _with_policy(conn: Connection, job_type: JobType) -> JobType:
+    return dataclasses.replace(job_type, policy=store.job_type_policy(conn, job_type.name))
 
 
 def list_job_types(conn: Connection) -> list[JobType]:
@@ -119,25 +134,35 @@ def list_job_types(conn: Connection) -> list[JobType]:
 
 
 def list_job_types_with_counts(conn: Connection, now: datetime | None = None) -> list[store.JobTypeCounts]:
-    """Every job type with its queued, in-progress and due-now counts."""
-    return store.list_job_types_with_counts(conn, now)
+    """Every job type, with its settings, and its queued, in-progress and due-now counts."""
+    counts = store.list_job_types_with_counts(conn, now)
+    found = store.job_type_policies(conn)
+    return [dataclasses.replace(c, job_type=dataclasses.replace(c.job_type, policy=found.get(c.job_type.name, DEFAULT_POLICY))) for c in counts]
 
 
-def update_job_type(conn: Connection, name: str, attempts: Any = None, concurrency: Any = None) -> JobType:
-    """Change a type's attempts (for jobs enqueued from now on) and concurrency (from the next claim on)."""
-    if attempts is None and concurrency is None:
-        raise InvalidField("request", "give attempts, concurrency or both")
+def update_job_type(
+    conn: Connection, name: str, attempts: Any = None, concurrency: Any = None, settings: Mapping[str, Any] | None = None
+) -> JobType:
+    """Change a type's attempts (for jobs enqueued from now on), concurrency (from the next claim on)
+    and delivery settings (a merge patch: see policies); all of it or nothing."""
+    if attempts is None and concurrency is None and not settings:
+        raise InvalidField("request", "give attempts, concurrency or both (or a delivery setting)")
     if attempts is not None:
         validate_attempts(attempts)
     if concurrency is not None:
         validate_concurrency(concurrency)
     with store.transaction(conn):
+        # its row lock makes a concurrent change wait, then read what this one saved
         updated = store.update_job_type(conn, name, attempts, concurrency)
         if updated is None:
             raise UnknownJobType(name)
         if concurrency is not None:
             store.forget_concurrency(conn, name)  # set by hand: a later resume must not undo it
-    return updated
+        policy = store.job_type_policy(conn, name)
+        if settings:
+            policy = policies.apply(policy, settings)
+            store.save_job_type_policy(conn, name, policy)
+    return dataclasses.replace(updated, policy=policy)
 
 
 def pause_job_type(conn: Connection, name: str) -> JobType:
@@ -147,7 +172,7 @@ def pause_job_type(conn: Connection, name: str) -> JobType:
         paused = store.update_job_type(conn, name, None, 0)
         if paused is None:
             raise UnknownJobType(name)
-    return paused
+        return _with_policy(conn, paused)
 
 
 def resume_job_type(conn: Connection, name: str, concurrency: Any = None) -> JobType:
@@ -164,7 +189,7 @@ def resume_job_type(conn: Connection, name: str, concurrency: Any = None) -> Job
             if job_type.concurrency == 0:
                 raise NotPaused(name)
             return job_type
-        return store.update_job_type(conn, name, None, concurrency)
+        return _with_policy(conn, store.update_job_type(conn, name, None, concurrency))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +204,7 @@ class Overview:
     recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
     waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
     type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
+    backing_off: dict[str, int]  # type -> its jobs waiting out a retry's back-off
 
 
 def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
@@ -192,13 +218,14 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
         day = {(name, status): count for name, status, count in store.archived_last_day(conn, now)}
         return Overview(
             now=store.database_now(conn, now),
-            types=store.list_job_types_with_counts(conn, now),
+            types=list_job_types_with_counts(conn, now),
             paused=store.paused_job_types(conn),
             archived={key: (hour.get(key, 0), count) for key, count in day.items()},
             per_minute=sorted((minute, status, count) for (minute, status), count in minutes.items()),
             recent_failures=store.recent_failures(conn, limit, now),
             waiting=store.waiting_jobs(conn, limit),
             type_errors=store.type_errors(conn),
+            backing_off=store.backing_off_jobs(conn, now),
         )
 
 
@@ -213,14 +240,16 @@ def enqueue(
     run_after: datetime | None = None,
     expires_at: datetime | None = None,
     now: datetime | None = None,
+    priority: int = 0,
 ) -> QueuedJob:
     """Queue a job; idempotent: enqueueing a queued id again returns the stored job unchanged.
 
     `run_after` defaults to now. An `expires_at` in the past is accepted: the job is
-    archived as expired when it comes due, and never sent.
+    archived as expired when it comes due, and never sent. Of a type's due jobs,
+    those of a higher `priority` are claimed first.
     """
-    validate_new_job(data, run_after, expires_at)
-    job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now)
+    validate_new_job(data, run_after, expires_at, priority)
+    job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now, priority)
     if job is not None:
         return job
     queued = store.get_queued_job(conn, job_id)
@@ -243,11 +272,13 @@ def enqueue_many(conn: Connection, jobs: list[store.NewJob]) -> list[QueuedJob |
     return store.enqueue_jobs(conn, jobs)
 
 
-def validate_new_job(data: Any, run_after: datetime | None, expires_at: datetime | None) -> None:
-    """A new job's data must be readable back; its run_after and expires_at, when given, timestamps with a time zone."""
+def validate_new_job(data: Any, run_after: datetime | None, expires_at: datetime | None, priority: int = 0) -> None:
+    """A new job's data must be readable back; its run_after and expires_at, when given, timestamps
+    with a time zone; its priority a smallint."""
     validate_data(data)
     _require_aware("run_after", run_after)
     _require_aware("expires_at", expires_at)
+    validate_priority(priority)
 
 
 def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJob | ArchivedJob:
@@ -263,7 +294,7 @@ def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJo
 def replay(
     conn: Connection, job_id: UUID, name: str | None = None, new_id: UUID | None = None, now: datetime | None = None
 ) -> QueuedJob | ArchivedJob:
-    """Enqueue an archived job again, with its data and expires_at, under `new_id` (or a fresh id).
+    """Enqueue an archived job again, with its data, expires_at and priority, under `new_id` (or a fresh id).
 
     With `new_id` a replay is idempotent, like an enqueue: replaying again with the
     same id answers the job the first replay made, queued or archived since, so
@@ -273,11 +304,11 @@ def replay(
     if isinstance(job, QueuedJob):
         raise NotReplayable(job.job_id, job.status)
     if new_id is None:
-        return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+        return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now, job.priority)
     if new_id == job.id:
         raise JobIdInUse(format_job_id(new_id), job.name)
     try:
-        made = store.enqueue_job(conn, new_id, job.name, job.data, None, job.expires_at, now)
+        made = store.enqueue_job(conn, new_id, job.name, job.data, None, job.expires_at, now, job.priority)
     except JobAlreadyArchived:  # archived while we inserted: read below
         made = None
     if made is not None:

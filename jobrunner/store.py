@@ -463,11 +463,12 @@ def save_job_type_policy(conn: Connection, name: str, policy: TypePolicy) -> Non
 # one JSON array: serialising it is one C call, where binding five Python lists as
 # Postgres arrays costs more than the insert itself. One job is a batch of one.
 ENQUEUE_JOBS = """
-INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data)
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data, priority)
 SELECT r.id, j.name, j.attempts, coalesce(r.run_after, %(now)s, now()), r.expires_at,
        coalesce(%(now)s, now()), coalesce(%(now)s, now()), 'queued',
-       coalesce(r.data, 'null')  -- jsonb_to_recordset reads a JSON null as SQL NULL
-FROM jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text, run_after timestamptz, expires_at timestamptz, data jsonb)
+       coalesce(r.data, 'null'),  -- jsonb_to_recordset reads a JSON null as SQL NULL
+       r.priority
+FROM jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text, run_after timestamptz, expires_at timestamptz, data jsonb, priority smallint)
 JOIN jobs j ON j.name = r.name
 -- an archived id is never queued again
 WHERE NOT EXISTS (SELECT 1 FROM archived_jobs a WHERE a.id = r.id)
@@ -497,6 +498,7 @@ class NewJob:
     data: Any
     run_after: datetime | None
     expires_at: datetime | None
+    priority: int = 0
 
 
 def enqueue_job(
@@ -507,9 +509,10 @@ def enqueue_job(
     run_after: datetime | None,
     expires_at: datetime | None,
     now: datetime | None = None,
+    priority: int = 0,
 ) -> QueuedJob | None:
     """Insert a queued job; None when nothing was inserted (id taken, archived, or no such type)."""
-    [job] = enqueue_jobs(conn, [NewJob(job_id, name, data, run_after, expires_at)], now)
+    [job] = enqueue_jobs(conn, [NewJob(job_id, name, data, run_after, expires_at, priority)], now)
     return job
 
 
@@ -536,7 +539,7 @@ def enqueue_jobs(conn: Connection, jobs: list[NewJob], now: datetime | None = No
                 raise InvalidField(field, f"cannot be stored and read back ({error})") from None
         for job_id, attempts, run_after, expires_at, created_at in rows:
             job = firsts[job_id]
-            inserted[job_id] = QueuedJob(job_id, job.name, attempts, run_after, expires_at, created_at, created_at, QUEUED, job.data)
+            inserted[job_id] = QueuedJob(job_id, job.name, attempts, run_after, expires_at, created_at, created_at, QUEUED, job.data, job.priority)
         if inserted:
             ids = "{" + ",".join(str(job_id) for job_id in inserted) + "}"  # an array literal: cheaper to send than a list
             for (job_id,) in conn.execute(UNDO_ENQUEUES_OF_ARCHIVED_IDS, {"ids": ids}):
@@ -557,6 +560,7 @@ def _json_batch(jobs: list[NewJob]) -> str:
                     "run_after": job.run_after and job.run_after.isoformat(),
                     "expires_at": job.expires_at and job.expires_at.isoformat(),
                     "data": job.data,
+                    "priority": job.priority,
                 }
                 for job in jobs
             ],
@@ -598,7 +602,7 @@ GET_ARCHIVED_JOB = "SELECT * FROM archived_jobs WHERE id = %(id)s"
 # on its own so that it can stop early.
 LIST_JOBS = """
 (
-    SELECT 'queued' AS source, id, name, attempts, status::text, created_at, data, expires_at, run_after, updated_at
+    SELECT 'queued' AS source, id, name, attempts, status::text, created_at, data, expires_at, priority, run_after, updated_at
     FROM queued_jobs
     WHERE name = %(name)s
       AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
@@ -608,7 +612,7 @@ LIST_JOBS = """
 )
 UNION ALL
 (
-    SELECT 'archived', id, name, attempts, status::text, created_at, data, expires_at, NULL, NULL
+    SELECT 'archived', id, name, attempts, status::text, created_at, data, expires_at, priority, NULL, NULL
     FROM archived_jobs
     WHERE name = %(name)s
       AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
@@ -658,7 +662,7 @@ def get_archived_job(conn: Connection, job_id: UUID) -> ArchivedJob | None:
 LOCK_JOB_TYPE_FOR_CLAIM = "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(name)s))"
 
 CLAIM_JOBS = """
-WITH free_slots AS (
+WITH RECURSIVE free_slots AS (
     -- the type's concurrency now (so a change applies at the next claim) less what is in flight
     SELECT greatest(0, j.concurrency - (
         SELECT count(*) FROM queued_jobs WHERE name = %(name)s AND status = 'in-progress'
@@ -666,20 +670,43 @@ WITH free_slots AS (
     FROM jobs j
     WHERE j.name = %(name)s
 ),
+priorities AS (
+    -- the priorities of the type's queued jobs, highest first, one index probe each
+    -- (a loose index scan), read only as far as the candidates below need: one
+    -- probe when every job has the same priority. Not one scan in (priority DESC,
+    -- run_after) order: it would read past every job not yet due of a higher
+    -- priority (a million scheduled for tomorrow) to reach the due ones below.
+    (SELECT priority FROM queued_jobs WHERE name = %(name)s AND status = 'queued' ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT q.priority FROM queued_jobs q
+        WHERE q.name = %(name)s AND q.status = 'queued' AND q.priority < p.priority
+        ORDER BY q.priority DESC LIMIT 1
+    )
+    FROM priorities p
+    WHERE p.priority IS NOT NULL
+),
 candidates AS MATERIALIZED (
     -- MATERIALIZED: a LIMIT subquery inlined into the UPDATE may run more than once
-    -- and claim more rows than asked. Oldest due first, in exactly the order of the
-    -- index queued_jobs_claim (name, run_after, id): the scan stops after `limit`
-    -- rows whatever the statistics say and however long the backlog. (Ties were
-    -- broken by created_at; by id, only jobs due at the same instant change order.)
-    -- Rows another transaction holds (a cancel, a callback) are skipped, not waited for.
-    SELECT id
-    FROM queued_jobs
-    WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
-      AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
-    ORDER BY run_after, id
+    -- and claim more rows than asked. Highest priority first (the nested loop keeps
+    -- the order of `priorities`), then oldest due first, in exactly the order of the
+    -- index queued_jobs_claim_by_priority (name, priority DESC, run_after, id): each
+    -- scan stops after `limit` rows whatever the statistics say and however long
+    -- the backlog. Rows another transaction holds (a cancel, a callback) are
+    -- skipped, not waited for.
+    SELECT c.id, p.priority, c.run_after
+    FROM priorities p
+    CROSS JOIN LATERAL (
+        SELECT id, run_after
+        FROM queued_jobs
+        WHERE name = %(name)s AND status = 'queued' AND priority = p.priority
+          AND run_after <= coalesce(%(now)s, now())
+          AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
+        ORDER BY run_after, id
+        LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
+        FOR UPDATE SKIP LOCKED
+    ) c
     LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
-    FOR UPDATE SKIP LOCKED
 ),
 expiring AS MATERIALIZED (
     -- due jobs whose expires_at has passed are never sent, and take no slot; locked
@@ -702,7 +729,7 @@ claimed AS (
 SELECT false AS expired, * FROM claimed
 UNION ALL
 SELECT true AS expired, * FROM expiring
-ORDER BY run_after, id
+ORDER BY priority DESC, run_after, id
 """
 # At most this many expired jobs are archived by one claim; the next claim takes the rest.
 EXPIRE_BATCH = 1000
@@ -824,12 +851,13 @@ def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | No
     return claim
 
 
-# The rows a claim of the type reads: due queued jobs, oldest first, and due
-# expired ones (see CLAIM_JOBS). Only their ids, which can always be read.
+# The rows a claim of the type reads: due queued jobs in the claim's order, and due
+# expired ones (see CLAIM_JOBS). Only their ids, which can always be read. Rare (a
+# row that cannot be decoded), so one scan of the claim's index is good enough.
 CLAIMABLE_JOB_IDS = """
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
- ORDER BY run_after, id LIMIT %(limit)s)
+ ORDER BY priority DESC, run_after, id LIMIT %(limit)s)
 UNION
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND expires_at <= coalesce(%(now)s, now())
@@ -1081,10 +1109,22 @@ LIMIT %(limit)s
 WAITING_JOBS = """
 SELECT q.* FROM jobs j
 CROSS JOIN LATERAL (
-    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after, id LIMIT %(limit)s
+    -- find_queued_job's order: the scan stops after `limit`
+    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after LIMIT %(limit)s
 ) q
 ORDER BY q.run_after, q.id
 LIMIT %(limit)s
+"""
+
+# Jobs waiting out a retry's back-off: queued, not yet due, with attempts used (the
+# total they started with is their type's attempts, or the one kept when it changed).
+BACKING_OFF_JOBS = """
+SELECT q.name, count(*) AS jobs
+FROM queued_jobs q
+JOIN jobs j ON j.name = q.name
+LEFT JOIN jobrunner_job_attempts a ON a.id = q.id
+WHERE q.status = 'queued' AND q.run_after > coalesce(%(now)s, now()) AND q.attempts < coalesce(a.total_attempts, j.attempts)
+GROUP BY q.name
 """
 
 DATABASE_NOW = "SELECT coalesce(%(now)s, now())"
@@ -1108,6 +1148,12 @@ def recent_failures(conn: Connection, limit: int, now: datetime | None = None) -
 def waiting_jobs(conn: Connection, limit: int) -> list[QueuedJob]:
     with translated_errors(), conn.cursor(row_factory=class_row(QueuedJob)) as cur:
         return cur.execute(WAITING_JOBS, {"limit": limit}).fetchall()
+
+
+def backing_off_jobs(conn: Connection, now: datetime | None = None) -> dict[str, int]:
+    """Job type -> how many of its jobs wait for a retry (types with none are left out)."""
+    with translated_errors():
+        return dict(conn.execute(BACKING_OFF_JOBS, {"now": now}).fetchall())
 
 
 def database_now(conn: Connection, now: datetime | None = None) -> datetime:
@@ -1183,8 +1229,8 @@ WITH finished AS (
 archived AS (
     -- an id archived already (an old Rickover database may hold one both queued and
     -- archived) keeps its first outcome; the queued row is removed all the same
-    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
-    SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at, priority)
+    SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at, priority
     FROM finished
     ON CONFLICT (id) DO NOTHING
     RETURNING *
@@ -1195,7 +1241,7 @@ notified AS (
 )
 -- the data only when asked: the watcher counts what it archived, and must not
 -- stop at data it cannot decode (a claim quarantines such a job instead)
-SELECT id, name, attempts, status, created_at, CASE WHEN %(with_data)s THEN data END AS data, expires_at,
+SELECT id, name, attempts, status, created_at, CASE WHEN %(with_data)s THEN data END AS data, expires_at, priority,
        (SELECT count(*) FROM notified) AS notified
 FROM archived
 """

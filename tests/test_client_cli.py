@@ -52,6 +52,15 @@ def test_a_job_is_enqueued_read_cancelled_and_replayed(jr):
     assert [line.split()[:2] for line in listed[1:]] == [[replayed["id"], "queued"], [job["id"], "cancelled"]]
 
 
+def test_a_jobs_priority_is_enqueued_and_listed(jr):
+    jr("types", "create", "email", "--concurrency", "0")
+    urgent = json.loads(jr("enqueue", "email", "--data", "{}", "--priority", "-5", "--json").stdout)
+    assert urgent["priority"] == -5
+    listed = jr("jobs", "list", "email").stdout.splitlines()
+    assert listed[0].split()[:3] == ["ID", "STATUS", "PRIORITY"] and listed[1].split()[:3] == [urgent["id"], "queued", "-5"]
+    assert jr("enqueue", "email", "--data", "{}", "--priority", "high").returncode == 2
+
+
 def test_a_bulk_replay_replays_every_matching_job_and_says_how_many(jr):
     jr("types", "create", "email", "--concurrency", "0")
     ids = [json.loads(jr("enqueue", "email", "--data", f'{{"n": {n}}}', "--json").stdout)["id"] for n in range(3)]

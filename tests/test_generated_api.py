@@ -108,7 +108,8 @@ SNAPSHOT = """
 SELECT (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), '')) FROM queued_jobs t),
        (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), '')) FROM archived_jobs t),
        (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobs t),
-       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_paused_job_types t)
+       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_paused_job_types t),
+       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_job_type_settings t)
 """
 
 
@@ -278,7 +279,8 @@ ROUTE_TEMPLATES = [
 ]
 # The fields each route reads, so that generated bodies reach past "missing field".
 FIELDS = {
-    "POST /v1/jobs": ["name", "delivery_strategy", "attempts", "concurrency"],
+    # settings only where the type is new: one on the shared types would slow their claims for the other examples
+    "POST /v1/jobs": ["name", "delivery_strategy", "attempts", "concurrency", "downstream_url", "job_timeout", "retry", "rate_limit", "signing_secrets"],
     "POST /v1/jobs/{name}": ["attempts", "concurrency"],
     "POST /v1/jobs/{name}/{id}": ["status", "attempt", "retryable"],
     "PUT /v1/jobs/{name}/{id}": ["data", "run_after", "expires_at"],
@@ -295,6 +297,18 @@ PLAUSIBLE = {
     "data": any_json,
     "run_after": timestamp_text,
     "expires_at": timestamp_text,
+    "downstream_url": st.one_of(st.sampled_from(['"https://h.example:8443/x/"', '"ftp://h"', '"http://"', '"http://u:p@h"', '"http://h/?q"']), json_leaf),
+    "job_timeout": st.one_of(st.integers(-2, 700000).map(str), st.sampled_from(ODD_NUMBERS), json_leaf),
+    "retry": st.one_of(
+        st.lists(st.tuples(st.sampled_from(['"min_backoff"', '"max_backoff"', '"max_doublings"', '"max_retry_duration"', '"max_backof"']),
+                           st.one_of(st.integers(-2, 100).map(str), st.sampled_from(ODD_NUMBERS), json_leaf)), max_size=4).map(_object),
+        json_leaf,
+    ),
+    "rate_limit": st.one_of(
+        st.lists(st.tuples(st.sampled_from(['"per_second"', '"burst"']), st.one_of(st.sampled_from(ODD_NUMBERS), json_leaf)), max_size=2).map(_object),
+        json_leaf,
+    ),
+    "signing_secrets": st.one_of(st.sampled_from(['["whsec_' + "A" * 32 + '"]', '["whsec_!"]', "[]", '"whsec_' + "A" * 32 + '"']), json_leaf),
 }
 
 

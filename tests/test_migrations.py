@@ -6,12 +6,13 @@ import difflib
 import fnmatch
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, wait_until
+from conftest import SCHEMA_SQL, free_port, make_type, new_id, package_data, run_concurrently, running_service, wait_until
 
 from jobrunner import migrate, services, store
 from jobrunner.errors import DatabaseError, SchemaMissing, SchemaTooNew
@@ -50,15 +51,17 @@ SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisintern
 """
 # an object dropped and created again gets a new oid
 OIDS = "SELECT 'oid ' || relname || ' ' || oid FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+# Rows as Rickover's columns hold them (jobrunner's added columns are checked on their own).
 ROWS = """
 SELECT 'jobs', to_jsonb(j) FROM jobs j
-UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
-UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
+UNION ALL SELECT 'queued', to_jsonb(q) - 'priority' FROM queued_jobs q
+UNION ALL SELECT 'archived', to_jsonb(a) - 'priority' FROM archived_jobs a
 """
+PRIORITIES = "SELECT priority FROM queued_jobs UNION ALL SELECT priority FROM archived_jobs"
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
 # jobrunner's own tables of 0001_base, beside Rickover's (later migrations add more, named jobrunner_...)
 JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
-JOBRUNNER_ADDITIONS = {"queued_jobs_claim", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
+JOBRUNNER_ADDITIONS = {"queued_jobs_claim_by_priority", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
 def catalog(conn, oids=False) -> set[str]:
@@ -73,6 +76,17 @@ def rows(conn):
 
 def recorded(conn) -> list[tuple[int, str]]:
     return [tuple(row) for row in conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version")]
+
+
+# What Rickover's code writes (it names its columns): a type, a job in progress, one queued, one archived.
+RICKOVER_ROWS = """
+INSERT INTO jobs (name, delivery_strategy, attempts, concurrency) VALUES ('email', 'at_least_once', 3, 2);
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, status, data)
+VALUES (gen_random_uuid(), 'email', 3, now(), NULL, 'in-progress', '{"hello": "world"}'),
+       (gen_random_uuid(), 'email', 3, now(), NULL, 'queued', '{"hello": "world"}');
+INSERT INTO archived_jobs (id, name, attempts, status, data, expires_at)
+VALUES (gen_random_uuid(), 'email', 3, 'succeeded', '{"hello": "world"}', NULL);
+"""
 
 
 def add_some_jobs(conn):
@@ -213,13 +227,14 @@ def test_two_migrate_processes_started_together_wait_for_each_other(make_databas
 def test_rickovers_database_keeps_everything_gains_jobrunners_additions_and_runs_both(conn, make_database):
     rickover = store.connect(make_database(template="template0"))
     rickover.execute(RICKOVER_SCHEMA)
-    add_some_jobs(rickover)
+    rickover.execute(RICKOVER_ROWS)  # jobrunner's own code needs its columns: it cannot write to Rickover's schema
     before, data, columns = catalog(rickover, oids=True), rows(rickover), set(rickover.execute(TABLE_COLUMNS))
 
     migrate.apply(rickover)
 
     after = catalog(rickover, oids=True)
     assert rows(rickover) == data
+    assert [priority for (priority,) in rickover.execute(PRIORITIES)] == [0, 0, 0]
     assert before <= after, "something Rickover built was changed or dropped"
     added = after - before
     # new tables are jobrunner's own, named jobrunner_...
@@ -373,3 +388,20 @@ def test_commands_refuse_a_schema_newer_than_the_code_naming_its_versions(conn, 
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "newer than this jobrunner: it has migrations 9999_from_the_future" in result.stderr
     assert "Upgrade jobrunner" in result.stderr
+
+
+def test_a_reload_onto_a_database_without_the_schema_is_refused_and_the_running_generation_stays(db_url, make_database, detached_downstream):
+    elsewhere = make_database(template="template0")
+    with running_service(db_url, detached_downstream.url, config=f"workers = 1\ndatabase_url = {db_url}\n") as service:
+        before = service.children()
+        with open(service.config_path, "w") as file:
+            file.write(f"[jobrunner]\nworkers = 1\ndatabase_url = {elsewhere}\n")
+
+        service.signal(signal.SIGHUP)
+
+        refused = "SIGHUP: the new configuration is invalid, keeping the running one: DATABASE_URL (database_url): The database has no jobrunner schema version"
+        wait_until(lambda: refused in service.log(), "the reload to be refused")
+        assert "run `jobrunner migrate`" in service.log()
+        assert service.children() == before
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(timeout=15) == 0

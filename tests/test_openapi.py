@@ -180,7 +180,7 @@ def test_the_validator_catches_what_it_claims_to(document):
     """A checker that passes everything proves nothing: each rule is seen refusing."""
     validator = Validator(document)
     job = {"id": "job_6740b44e-13b9-475d-af06-979627e0e0d6", "name": "email", "attempts": 3, "status": "cancelled",
-           "created_at": "2026-11-29T00:40:00.327409Z", "data": None, "expires_at": None}
+           "created_at": "2026-11-29T00:40:00.327409Z", "data": None, "expires_at": None, "priority": 0}
     job_schema = {"$ref": "#/components/schemas/Job"}
     assert validator.errors(job, job_schema) == []
     for broken in (
