@@ -53,6 +53,7 @@ from .models import (
     JobType,
     QueuedJob,
     RetryPolicy,
+    Schedule,
     format_job_id,
     new_job_id,
     validate_attempts,
@@ -214,6 +215,7 @@ class Overview:
     recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
     waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
     type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
+    schedules: list[tuple[Schedule, str | None]]  # every schedule and the status of its last job
     backing_off: dict[str, int]  # type -> its jobs waiting out a retry's back-off
 
 
@@ -235,6 +237,7 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
             recent_failures=store.recent_failures(conn, limit, now),
             waiting=store.waiting_jobs(conn, limit),
             type_errors=store.type_errors(conn),
+            schedules=store.list_schedules(conn),
             backing_off=store.backing_off_jobs(conn, now),
         )
 
