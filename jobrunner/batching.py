@@ -106,14 +106,20 @@ class EnqueueBatcher:
         self._group = GroupCommit(pool, services.enqueue_many, "enqueue-batcher")
 
     def enqueue(
-        self, job_id: UUID, name: str, data: Any, run_after: datetime | None = None, expires_at: datetime | None = None
+        self,
+        job_id: UUID,
+        name: str,
+        data: Any,
+        run_after: datetime | None = None,
+        expires_at: datetime | None = None,
+        priority: int = 0,
     ) -> QueuedJob:
-        services.validate_new_job(data, run_after, expires_at)
-        job = self._group.submit(store.NewJob(job_id, name, data, run_after, expires_at))
+        services.validate_new_job(data, run_after, expires_at, priority)
+        job = self._group.submit(store.NewJob(job_id, name, data, run_after, expires_at, priority))
         if job is not None:
             return job
         with self._pool.connection() as conn:
-            return services.enqueue(conn, job_id, name, data, run_after, expires_at)
+            return services.enqueue(conn, job_id, name, data, run_after, expires_at, priority=priority)
 
     def close(self) -> None:
         self._group.close()

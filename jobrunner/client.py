@@ -8,6 +8,7 @@
     job = jobs.enqueue("email", {"to": "someone@example.com"})
     jobs.get(job["id"])["status"]              # "queued", later "succeeded"
     jobs.replay(job["id"])                     # a new job with the same data
+    jobs.create_schedule("nightly", "email", {"report": "daily"}, cron="0 2 * * *", time_zone="Europe/Berlin")
     for job in jobs.jobs("email", status="failed"):
         print(job["id"])
 
@@ -97,13 +98,17 @@ class Client:
     # --- jobs ---
 
     def enqueue(self, name: str, data: Any, id: str | None = None, run_after: datetime | str | None = None,
-                expires_at: datetime | str | None = None) -> dict:
-        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id."""
+                expires_at: datetime | str | None = None, priority: int | None = None) -> dict:
+        """Enqueue one job (its id: `id`, or a new one); safe to retry, as it is done under that id.
+
+        Of a type's due jobs, those of a higher `priority` (default 0) are sent first."""
         job_id = id or f"job_{uuid.uuid4()}"
         body: dict[str, Any] = {"data": data}
         for key, value in (("run_after", run_after), ("expires_at", expires_at)):
             if value is not None:
                 body[key] = value.isoformat() if isinstance(value, datetime) else value
+        if priority is not None:
+            body["priority"] = priority
         try:
             return self._request("PUT", f"/v1/jobs/{_quote(name)}/{job_id}", body, retry=True)
         except ApiError as error:
@@ -141,6 +146,37 @@ class Client:
             cursor = page.get("next_cursor")
             if not cursor:
                 return
+
+    # --- schedules ---
+
+    def schedules(self) -> list[dict]:
+        return self._request("GET", "/v1/schedules", retry=True)["schedules"]
+
+    def schedule(self, name: str) -> dict:
+        return self._request("GET", f"/v1/schedules/{_quote(name)}", retry=True)
+
+    def create_schedule(self, name: str, job_type: str, data: Any = None, **fields: Any) -> dict:
+        """A schedule: `cron="0 2 * * *"` (and `time_zone="Europe/Berlin"`) or `interval_seconds=30`, and the
+        other fields of docs/schedules.md (run_after_offset, expires_after, misfire, misfire_limit, paused, config_owned)."""
+        return self._request("POST", "/v1/schedules", {"name": name, "job_type": job_type, "data": data, **fields})
+
+    def update_schedule(self, name: str, **changes: Any) -> dict:
+        """Change the fields given (None puts one back to its default)."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}", changes)
+
+    def delete_schedule(self, name: str) -> dict:
+        return self._request("DELETE", f"/v1/schedules/{_quote(name)}")
+
+    def pause_schedule(self, name: str) -> dict:
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/pause")
+
+    def resume_schedule(self, name: str) -> dict:
+        """Tick again, from the first tick after now."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/resume")
+
+    def run_schedule(self, name: str) -> dict:
+        """An extra job now (not retried: each call is one more job); the ticks are not touched."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/run")
 
     # --- the wire ---
 

@@ -100,6 +100,18 @@ class NotPaused(JobrunnerError):
         self.name = name
 
 
+class UnknownSchedule(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"Schedule {name!r} does not exist")
+        self.name = name
+
+
+class ScheduleExists(JobrunnerError):
+    def __init__(self, name: str):
+        super().__init__(f"A schedule named {name!r} already exists")
+        self.name = name
+
+
 class CallbackForbidden(JobrunnerError):
     """A callback for a job type with a callback token that did not present it (403): it changes nothing."""
 

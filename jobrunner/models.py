@@ -6,7 +6,7 @@ These are plain values: no I/O here.
 import dataclasses
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidField, InvalidJobId
@@ -29,6 +29,7 @@ ARCHIVED_STATUSES = (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
 JOB_ID_PREFIX = "job_"
 MAX_ATTEMPTS = 255  # the callback's `attempt` is a uint8 in Rickover's API
 MAX_CONCURRENCY = 32767  # the column is a smallint
+MIN_PRIORITY, MAX_PRIORITY = -32768, 32767  # a smallint
 MAX_NAME_LENGTH = 100
 # Deeper data could be stored (PostgreSQL has no such limit) and then not read back:
 # the JSON decoder's recursion runs out at a depth that depends on the reading thread's stack.
@@ -84,6 +85,7 @@ class QueuedJob:
     updated_at: datetime
     status: str  # QUEUED or IN_PROGRESS
     data: Any
+    priority: int = 0  # higher first within its type
 
     @property
     def job_id(self) -> str:
@@ -99,6 +101,7 @@ class ArchivedJob:
     created_at: datetime  # when it was archived (Rickover's meaning)
     data: Any
     expires_at: datetime | None
+    priority: int = 0  # what it had queued (a replay keeps it)
 
     @property
     def job_id(self) -> str:
@@ -170,8 +173,58 @@ def validate_concurrency(concurrency: Any) -> int:
     return _require_int("concurrency", concurrency, 0, MAX_CONCURRENCY)
 
 
+def validate_priority(priority: Any) -> int:
+    return _require_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
+
+
 def _require_int(field: str, value: Any, low: int, high: int) -> int:
     # bool is an int in Python, but `true` is not a number of attempts.
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
     return value
+
+
+# --- schedules -----------------------------------------------------------------
+
+MISFIRE_POLICIES = ("skip", "once", "all")
+MAX_MISFIRE_LIMIT = 1000
+MAX_SECONDS = 10 * 366 * 86400  # ten years: an interval, offset or expiry beyond that is a typo
+# The namespace of the ids of ticks' jobs: uuid5(SCHEDULE_NAMESPACE, "<schedule>@<tick in UTC>").
+SCHEDULE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/jobrunner/schedules")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A stored schedule (jobrunner_schedules): a job of `job_type` with `data` at every tick."""
+
+    name: str
+    job_type: str
+    data: Any
+    cron: str | None  # a cron expression in `time_zone` (UTC when None), or
+    time_zone: str | None
+    interval_seconds: int | None  # ticks on the multiples of this many seconds since the Unix epoch
+    run_after_offset: int  # seconds after the tick its job is due
+    expires_after: int | None  # seconds after the tick its job expires
+    misfire: str  # "skip", "once" or "all"
+    misfire_limit: int  # "all": missed ticks enqueued at most
+    paused: bool
+    config_owned: bool
+    next_tick: datetime
+    last_tick: datetime | None
+    last_job_id: uuid.UUID | None
+    failures: int
+    error: str | None
+    retry_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def tick_job_id(schedule_name: str, tick: datetime) -> uuid.UUID:
+    """The id of a tick's job: the same on every host for the same (schedule, tick), so enqueueing it twice is one job."""
+    utc = tick.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return uuid.uuid5(SCHEDULE_NAMESPACE, f"{schedule_name}@{utc}")
+
+
+def validate_schedule_name(name: Any) -> str:
+    """A schedule's name follows a job type's rules (it travels in URLs too)."""
+    return validate_job_type_name(name)

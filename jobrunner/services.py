@@ -50,6 +50,7 @@ from .models import (
     ArchivedJob,
     JobType,
     QueuedJob,
+    Schedule,
     format_job_id,
     new_job_id,
     validate_attempts,
@@ -57,6 +58,7 @@ from .models import (
     validate_data,
     validate_delivery_strategy,
     validate_job_type_name,
+    validate_priority,
 )
 from .outcomes import (
     Accepted,
@@ -203,6 +205,7 @@ class Overview:
     recent_failures: list[ArchivedJob]  # failed and expired in the last day, newest first
     waiting: list[QueuedJob]  # queued and not yet sent (cancellable), soonest first
     type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
+    schedules: list[tuple[Schedule, str | None]]  # every schedule and the status of its last job
     backing_off: dict[str, int]  # type -> its jobs waiting out a retry's back-off
 
 
@@ -224,6 +227,7 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
             recent_failures=store.recent_failures(conn, limit, now),
             waiting=store.waiting_jobs(conn, limit),
             type_errors=store.type_errors(conn),
+            schedules=store.list_schedules(conn),
             backing_off=store.backing_off_jobs(conn, now),
         )
 
@@ -239,14 +243,16 @@ def enqueue(
     run_after: datetime | None = None,
     expires_at: datetime | None = None,
     now: datetime | None = None,
+    priority: int = 0,
 ) -> QueuedJob:
     """Queue a job; idempotent: enqueueing a queued id again returns the stored job unchanged.
 
     `run_after` defaults to now. An `expires_at` in the past is accepted: the job is
-    archived as expired when it comes due, and never sent.
+    archived as expired when it comes due, and never sent. Of a type's due jobs,
+    those of a higher `priority` are claimed first.
     """
-    validate_new_job(data, run_after, expires_at)
-    job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now)
+    validate_new_job(data, run_after, expires_at, priority)
+    job = store.enqueue_job(conn, job_id, name, data, run_after, expires_at, now, priority)
     if job is not None:
         return job
     queued = store.get_queued_job(conn, job_id)
@@ -269,11 +275,13 @@ def enqueue_many(conn: Connection, jobs: list[store.NewJob]) -> list[QueuedJob |
     return store.enqueue_jobs(conn, jobs)
 
 
-def validate_new_job(data: Any, run_after: datetime | None, expires_at: datetime | None) -> None:
-    """A new job's data must be readable back; its run_after and expires_at, when given, timestamps with a time zone."""
+def validate_new_job(data: Any, run_after: datetime | None, expires_at: datetime | None, priority: int = 0) -> None:
+    """A new job's data must be readable back; its run_after and expires_at, when given, timestamps
+    with a time zone; its priority a smallint."""
     validate_data(data)
     _require_aware("run_after", run_after)
     _require_aware("expires_at", expires_at)
+    validate_priority(priority)
 
 
 def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJob | ArchivedJob:
@@ -289,7 +297,7 @@ def get_job(conn: Connection, job_id: UUID, name: str | None = None) -> QueuedJo
 def replay(
     conn: Connection, job_id: UUID, name: str | None = None, new_id: UUID | None = None, now: datetime | None = None
 ) -> QueuedJob | ArchivedJob:
-    """Enqueue an archived job again, with its data and expires_at, under `new_id` (or a fresh id).
+    """Enqueue an archived job again, with its data, expires_at and priority, under `new_id` (or a fresh id).
 
     With `new_id` a replay is idempotent, like an enqueue: replaying again with the
     same id answers the job the first replay made, queued or archived since, so
@@ -299,11 +307,11 @@ def replay(
     if isinstance(job, QueuedJob):
         raise NotReplayable(job.job_id, job.status)
     if new_id is None:
-        return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now)
+        return store.enqueue_job(conn, new_job_id(), job.name, job.data, None, job.expires_at, now, job.priority)
     if new_id == job.id:
         raise JobIdInUse(format_job_id(new_id), job.name)
     try:
-        made = store.enqueue_job(conn, new_id, job.name, job.data, None, job.expires_at, now)
+        made = store.enqueue_job(conn, new_id, job.name, job.data, None, job.expires_at, now, job.priority)
     except JobAlreadyArchived:  # archived while we inserted: read below
         made = None
     if made is not None:

@@ -25,10 +25,11 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobTypeExists, SchemaMissing
-from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, TypePolicy
+from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, Schedule, TypePolicy
 
 Connection = psycopg.Connection
 
@@ -463,11 +464,12 @@ def save_job_type_policy(conn: Connection, name: str, policy: TypePolicy) -> Non
 # one JSON array: serialising it is one C call, where binding five Python lists as
 # Postgres arrays costs more than the insert itself. One job is a batch of one.
 ENQUEUE_JOBS = """
-INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data)
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, created_at, updated_at, status, data, priority)
 SELECT r.id, j.name, j.attempts, coalesce(r.run_after, %(now)s, now()), r.expires_at,
        coalesce(%(now)s, now()), coalesce(%(now)s, now()), 'queued',
-       coalesce(r.data, 'null')  -- jsonb_to_recordset reads a JSON null as SQL NULL
-FROM jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text, run_after timestamptz, expires_at timestamptz, data jsonb)
+       coalesce(r.data, 'null'),  -- jsonb_to_recordset reads a JSON null as SQL NULL
+       r.priority
+FROM jsonb_to_recordset(%(jobs)s::jsonb) AS r (id uuid, name text, run_after timestamptz, expires_at timestamptz, data jsonb, priority smallint)
 JOIN jobs j ON j.name = r.name
 -- an archived id is never queued again
 WHERE NOT EXISTS (SELECT 1 FROM archived_jobs a WHERE a.id = r.id)
@@ -497,6 +499,7 @@ class NewJob:
     data: Any
     run_after: datetime | None
     expires_at: datetime | None
+    priority: int = 0
 
 
 def enqueue_job(
@@ -507,9 +510,10 @@ def enqueue_job(
     run_after: datetime | None,
     expires_at: datetime | None,
     now: datetime | None = None,
+    priority: int = 0,
 ) -> QueuedJob | None:
     """Insert a queued job; None when nothing was inserted (id taken, archived, or no such type)."""
-    [job] = enqueue_jobs(conn, [NewJob(job_id, name, data, run_after, expires_at)], now)
+    [job] = enqueue_jobs(conn, [NewJob(job_id, name, data, run_after, expires_at, priority)], now)
     return job
 
 
@@ -536,7 +540,7 @@ def enqueue_jobs(conn: Connection, jobs: list[NewJob], now: datetime | None = No
                 raise InvalidField(field, f"cannot be stored and read back ({error})") from None
         for job_id, attempts, run_after, expires_at, created_at in rows:
             job = firsts[job_id]
-            inserted[job_id] = QueuedJob(job_id, job.name, attempts, run_after, expires_at, created_at, created_at, QUEUED, job.data)
+            inserted[job_id] = QueuedJob(job_id, job.name, attempts, run_after, expires_at, created_at, created_at, QUEUED, job.data, job.priority)
         if inserted:
             ids = "{" + ",".join(str(job_id) for job_id in inserted) + "}"  # an array literal: cheaper to send than a list
             for (job_id,) in conn.execute(UNDO_ENQUEUES_OF_ARCHIVED_IDS, {"ids": ids}):
@@ -557,6 +561,7 @@ def _json_batch(jobs: list[NewJob]) -> str:
                     "run_after": job.run_after and job.run_after.isoformat(),
                     "expires_at": job.expires_at and job.expires_at.isoformat(),
                     "data": job.data,
+                    "priority": job.priority,
                 }
                 for job in jobs
             ],
@@ -598,7 +603,7 @@ GET_ARCHIVED_JOB = "SELECT * FROM archived_jobs WHERE id = %(id)s"
 # on its own so that it can stop early.
 LIST_JOBS = """
 (
-    SELECT 'queued' AS source, id, name, attempts, status::text, created_at, data, expires_at, run_after, updated_at
+    SELECT 'queued' AS source, id, name, attempts, status::text, created_at, data, expires_at, priority, run_after, updated_at
     FROM queued_jobs
     WHERE name = %(name)s
       AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
@@ -608,7 +613,7 @@ LIST_JOBS = """
 )
 UNION ALL
 (
-    SELECT 'archived', id, name, attempts, status::text, created_at, data, expires_at, NULL, NULL
+    SELECT 'archived', id, name, attempts, status::text, created_at, data, expires_at, priority, NULL, NULL
     FROM archived_jobs
     WHERE name = %(name)s
       AND (%(statuses)s::text[] IS NULL OR status::text = ANY (%(statuses)s))
@@ -658,7 +663,7 @@ def get_archived_job(conn: Connection, job_id: UUID) -> ArchivedJob | None:
 LOCK_JOB_TYPE_FOR_CLAIM = "SELECT pg_advisory_xact_lock(%(space)s, hashtext(%(name)s))"
 
 CLAIM_JOBS = """
-WITH free_slots AS (
+WITH RECURSIVE free_slots AS (
     -- the type's concurrency now (so a change applies at the next claim) less what is in flight
     SELECT greatest(0, j.concurrency - (
         SELECT count(*) FROM queued_jobs WHERE name = %(name)s AND status = 'in-progress'
@@ -666,20 +671,43 @@ WITH free_slots AS (
     FROM jobs j
     WHERE j.name = %(name)s
 ),
+priorities AS (
+    -- the priorities of the type's queued jobs, highest first, one index probe each
+    -- (a loose index scan), read only as far as the candidates below need: one
+    -- probe when every job has the same priority. Not one scan in (priority DESC,
+    -- run_after) order: it would read past every job not yet due of a higher
+    -- priority (a million scheduled for tomorrow) to reach the due ones below.
+    (SELECT priority FROM queued_jobs WHERE name = %(name)s AND status = 'queued' ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT q.priority FROM queued_jobs q
+        WHERE q.name = %(name)s AND q.status = 'queued' AND q.priority < p.priority
+        ORDER BY q.priority DESC LIMIT 1
+    )
+    FROM priorities p
+    WHERE p.priority IS NOT NULL
+),
 candidates AS MATERIALIZED (
     -- MATERIALIZED: a LIMIT subquery inlined into the UPDATE may run more than once
-    -- and claim more rows than asked. Oldest due first, in exactly the order of the
-    -- index queued_jobs_claim (name, run_after, id): the scan stops after `limit`
-    -- rows whatever the statistics say and however long the backlog. (Ties were
-    -- broken by created_at; by id, only jobs due at the same instant change order.)
-    -- Rows another transaction holds (a cancel, a callback) are skipped, not waited for.
-    SELECT id
-    FROM queued_jobs
-    WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
-      AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
-    ORDER BY run_after, id
+    -- and claim more rows than asked. Highest priority first (the nested loop keeps
+    -- the order of `priorities`), then oldest due first, in exactly the order of the
+    -- index queued_jobs_claim_by_priority (name, priority DESC, run_after, id): each
+    -- scan stops after `limit` rows whatever the statistics say and however long
+    -- the backlog. Rows another transaction holds (a cancel, a callback) are
+    -- skipped, not waited for.
+    SELECT c.id, p.priority, c.run_after
+    FROM priorities p
+    CROSS JOIN LATERAL (
+        SELECT id, run_after
+        FROM queued_jobs
+        WHERE name = %(name)s AND status = 'queued' AND priority = p.priority
+          AND run_after <= coalesce(%(now)s, now())
+          AND (expires_at IS NULL OR expires_at > coalesce(%(now)s, now()))
+        ORDER BY run_after, id
+        LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
+        FOR UPDATE SKIP LOCKED
+    ) c
     LIMIT least(%(limit)s, coalesce((SELECT n FROM free_slots), 0))
-    FOR UPDATE SKIP LOCKED
 ),
 expiring AS MATERIALIZED (
     -- due jobs whose expires_at has passed are never sent, and take no slot; locked
@@ -702,7 +730,7 @@ claimed AS (
 SELECT false AS expired, * FROM claimed
 UNION ALL
 SELECT true AS expired, * FROM expiring
-ORDER BY run_after, id
+ORDER BY priority DESC, run_after, id
 """
 # At most this many expired jobs are archived by one claim; the next claim takes the rest.
 EXPIRE_BATCH = 1000
@@ -824,12 +852,13 @@ def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | No
     return claim
 
 
-# The rows a claim of the type reads: due queued jobs, oldest first, and due
-# expired ones (see CLAIM_JOBS). Only their ids, which can always be read.
+# The rows a claim of the type reads: due queued jobs in the claim's order, and due
+# expired ones (see CLAIM_JOBS). Only their ids, which can always be read. Rare (a
+# row that cannot be decoded), so one scan of the claim's index is good enough.
 CLAIMABLE_JOB_IDS = """
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND run_after <= coalesce(%(now)s, now())
- ORDER BY run_after, id LIMIT %(limit)s)
+ ORDER BY priority DESC, run_after, id LIMIT %(limit)s)
 UNION
 (SELECT id FROM queued_jobs
  WHERE name = %(name)s AND status = 'queued' AND expires_at <= coalesce(%(now)s, now())
@@ -1081,7 +1110,8 @@ LIMIT %(limit)s
 WAITING_JOBS = """
 SELECT q.* FROM jobs j
 CROSS JOIN LATERAL (
-    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after, id LIMIT %(limit)s
+    -- find_queued_job's order: the scan stops after `limit`
+    SELECT * FROM queued_jobs WHERE name = j.name AND status = 'queued' ORDER BY run_after LIMIT %(limit)s
 ) q
 ORDER BY q.run_after, q.id
 LIMIT %(limit)s
@@ -1140,12 +1170,12 @@ LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
 
 
 class Listener:
-    """One connection that LISTENs; behind PgBouncer it needs a session-pooled or direct URL."""
+    """One connection that LISTENs (to the workers' channels unless `listen` says others); behind PgBouncer it needs a session-pooled or direct URL."""
 
-    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True):
+    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True, listen: str = LISTEN):
         self._conn = connect(url, name, prepared_statements=prepared_statements)
         with translated_errors():
-            self._conn.execute(LISTEN)
+            self._conn.execute(listen)
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         """(channel, payload) of every notification that arrives within `timeout` seconds, at least one if any."""
@@ -1153,6 +1183,11 @@ class Listener:
             first = list(self._conn.notifies(timeout=timeout, stop_after=1))
             rest = list(self._conn.notifies(timeout=0.0)) if first else []
         return [(n.channel, n.payload) for n in first + rest]
+
+    @property
+    def connection(self) -> Connection:
+        """The listening connection, for statements between waits (the scheduler needs no other)."""
+        return self._conn
 
     def close(self) -> None:
         self._conn.close()
@@ -1200,8 +1235,8 @@ WITH finished AS (
 archived AS (
     -- an id archived already (an old Rickover database may hold one both queued and
     -- archived) keeps its first outcome; the queued row is removed all the same
-    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at)
-    SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at
+    INSERT INTO archived_jobs (id, name, attempts, status, created_at, data, expires_at, priority)
+    SELECT id, name, greatest(0, attempts - %(attempts_used)s), %(status)s, coalesce(%(now)s, now()), data, expires_at, priority
     FROM finished
     ON CONFLICT (id) DO NOTHING
     RETURNING *
@@ -1212,7 +1247,7 @@ notified AS (
 )
 -- the data only when asked: the watcher counts what it archived, and must not
 -- stop at data it cannot decode (a claim quarantines such a job instead)
-SELECT id, name, attempts, status, created_at, CASE WHEN %(with_data)s THEN data END AS data, expires_at,
+SELECT id, name, attempts, status, created_at, CASE WHEN %(with_data)s THEN data END AS data, expires_at, priority,
        (SELECT count(*) FROM notified) AS notified
 FROM archived
 """
@@ -1336,3 +1371,191 @@ def _without(row: dict, *keys: str) -> dict:
     for key in keys:
         del row[key]
     return row
+
+
+# --- schedules -----------------------------------------------------------------
+
+SCHEDULES_CHANNEL = "jobrunner_schedules"  # payload: a schedule that was created, changed or deleted
+LISTEN_SCHEDULES = "LISTEN jobrunner_schedules"
+
+_SCHEDULE_FIELDS = (
+    "job_type", "data", "cron", "time_zone", "interval_seconds", "run_after_offset", "expires_after",
+    "misfire", "misfire_limit", "paused", "config_owned", "next_tick",
+)  # what a create or an update writes; the rest is the scheduler's bookkeeping
+
+# Every change tells the schedulers at once (sent on commit): the next tick may be sooner.
+CREATE_SCHEDULE = """
+WITH created AS (
+    INSERT INTO jobrunner_schedules (name, job_type, data, cron, time_zone, interval_seconds, run_after_offset,
+                                     expires_after, misfire, misfire_limit, paused, config_owned, next_tick,
+                                     created_at, updated_at)
+    VALUES (%(name)s, %(job_type)s, %(data)s, %(cron)s, %(time_zone)s, %(interval_seconds)s, %(run_after_offset)s,
+            %(expires_after)s, %(misfire)s, %(misfire_limit)s, %(paused)s, %(config_owned)s, %(next_tick)s,
+            coalesce(%(now)s, now()), coalesce(%(now)s, now()))
+    ON CONFLICT (name) DO NOTHING
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM created
+"""
+
+# A change clears the row's error: what failed may be what was changed.
+UPDATE_SCHEDULE = """
+WITH updated AS (
+    UPDATE jobrunner_schedules
+    SET job_type = %(job_type)s, data = %(data)s, cron = %(cron)s, time_zone = %(time_zone)s,
+        interval_seconds = %(interval_seconds)s, run_after_offset = %(run_after_offset)s,
+        expires_after = %(expires_after)s, misfire = %(misfire)s, misfire_limit = %(misfire_limit)s,
+        paused = %(paused)s, config_owned = %(config_owned)s, next_tick = %(next_tick)s,
+        failures = 0, error = NULL, retry_at = NULL, updated_at = coalesce(%(now)s, now())
+    WHERE name = %(name)s
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM updated
+"""
+
+DELETE_SCHEDULE = """
+WITH deleted AS (DELETE FROM jobrunner_schedules WHERE name = %(name)s RETURNING *)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM deleted
+"""
+
+GET_SCHEDULE = "SELECT * FROM jobrunner_schedules WHERE name = %(name)s"
+
+# A change of a schedule waits for the scheduler's round that holds it, and the other way round.
+LOCK_SCHEDULE = "SELECT * FROM jobrunner_schedules WHERE name = %(name)s FOR UPDATE"
+
+# Every schedule with the status of its last job (NULL once that job is gone, by retention).
+LIST_SCHEDULES = """
+SELECT s.*, coalesce(q.status::text, a.status::text) AS last_job_status
+FROM jobrunner_schedules s
+LEFT JOIN queued_jobs q ON q.id = s.last_job_id
+LEFT JOIN archived_jobs a ON a.id = s.last_job_id
+WHERE %(name)s::text IS NULL OR s.name = %(name)s
+ORDER BY s.name
+"""
+
+# Due schedules, locked: another host's scheduler skips them (and finds them moved
+# on once this transaction commits). A row that failed waits for its retry_at.
+LOCK_DUE_SCHEDULES = """
+SELECT *
+FROM jobrunner_schedules
+WHERE NOT paused AND next_tick <= coalesce(%(now)s, now())
+  AND (retry_at IS NULL OR retry_at <= coalesce(%(now)s, now()))
+ORDER BY next_tick
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+ADVANCE_SCHEDULE = """
+UPDATE jobrunner_schedules
+SET next_tick = %(next_tick)s,
+    last_tick = coalesce(%(last_tick)s, last_tick),
+    last_job_id = coalesce(%(last_job_id)s, last_job_id),
+    failures = 0, error = NULL, retry_at = NULL
+WHERE name = %(name)s
+"""
+
+SET_LAST_JOB = "UPDATE jobrunner_schedules SET last_job_id = %(last_job_id)s WHERE name = %(name)s"
+
+# Back-off of a row that fails: 2^failures seconds, at most `max_delay`. The
+# failures before this one: 0 means it is new, and is logged.
+RECORD_SCHEDULE_ERROR = """
+UPDATE jobrunner_schedules
+SET failures = failures + 1, error = %(error)s,  -- SET reads the row as it was
+    retry_at = coalesce(%(now)s, now()) + least(power(2, least(failures + 1, 20)) * interval '1 second', %(max_delay)s)
+WHERE name = %(name)s
+RETURNING failures - 1
+"""
+
+# Seconds until the earliest schedule is due (0 if one is), None when none is active.
+NEXT_SCHEDULE_DUE_IN = """
+SELECT greatest(0, extract(epoch FROM min(greatest(next_tick, coalesce(retry_at, next_tick))) - coalesce(%(now)s, now())))::float8
+FROM jobrunner_schedules
+WHERE NOT paused
+"""
+
+# Config-declared schedules are reconciled by one process at a time (every host's scheduler starts with it).
+LOCK_SCHEDULE_RECONCILE = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
+SCHEDULE_RECONCILE_LOCK_KEY = 1
+
+CONFIG_OWNED_SCHEDULES = "SELECT name FROM jobrunner_schedules WHERE config_owned ORDER BY name"
+
+
+def _schedule(row: dict | None) -> Schedule | None:
+    return None if row is None else Schedule(**_without(row, "notified"))
+
+
+def _schedule_params(name: str, fields: dict, now: datetime | None) -> dict:
+    params = {field: fields[field] for field in _SCHEDULE_FIELDS}
+    return {**params, "data": Jsonb(params["data"]), "name": name, "now": now}
+
+
+def create_schedule(conn: Connection, name: str, fields: dict, now: datetime | None = None) -> Schedule | None:
+    """Insert a schedule with `fields` (every one of _SCHEDULE_FIELDS); None when the name is taken."""
+    with translated_errors("schedule"), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(CREATE_SCHEDULE, _schedule_params(name, fields, now)).fetchone())
+
+
+def update_schedule(conn: Connection, name: str, fields: dict, now: datetime | None = None) -> Schedule | None:
+    with translated_errors("schedule"), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(UPDATE_SCHEDULE, _schedule_params(name, fields, now)).fetchone())
+
+
+def delete_schedule(conn: Connection, name: str) -> Schedule | None:
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(DELETE_SCHEDULE, {"name": name}).fetchone())
+
+
+def get_schedule(conn: Connection, name: str, lock: bool = False) -> Schedule | None:
+    """The schedule; with `lock`, locked until the caller's transaction ends."""
+    with translated_errors(), conn.cursor(row_factory=class_row(Schedule)) as cur:
+        return cur.execute(LOCK_SCHEDULE if lock else GET_SCHEDULE, {"name": name}).fetchone()
+
+
+def list_schedules(conn: Connection, name: str | None = None) -> list[tuple[Schedule, str | None]]:
+    """Every schedule (or the one named), by name, with the status of its last job (None: no job, or no longer kept)."""
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_SCHEDULES, {"name": name}).fetchall()
+    return [(Schedule(**{key: value for key, value in row.items() if key != "last_job_status"}), row["last_job_status"]) for row in rows]
+
+
+def lock_due_schedules(conn: Connection, limit: int, now: datetime | None = None) -> list[Schedule]:
+    with translated_errors(), conn.cursor(row_factory=class_row(Schedule)) as cur:
+        return cur.execute(LOCK_DUE_SCHEDULES, {"limit": limit, "now": now}).fetchall()
+
+
+def advance_schedule(
+    conn: Connection, name: str, next_tick: datetime, last_tick: datetime | None, last_job_id: UUID | None
+) -> None:
+    """Move a schedule to its next tick (and record the last tick and job, when there is one), clearing its error."""
+    params = {"name": name, "next_tick": next_tick, "last_tick": last_tick, "last_job_id": last_job_id}
+    with translated_errors():
+        conn.execute(ADVANCE_SCHEDULE, params)
+
+
+def set_last_job(conn: Connection, name: str, job_id: UUID) -> None:
+    with translated_errors():
+        conn.execute(SET_LAST_JOB, {"name": name, "last_job_id": job_id})
+
+
+def record_schedule_error(conn: Connection, name: str, error: str, max_delay: timedelta, now: datetime | None = None) -> int:
+    """Keep why a schedule failed and when to try it again; the failures it had before this one."""
+    params = {"name": name, "error": error, "max_delay": max_delay, "now": now}
+    with translated_errors():
+        row = conn.execute(RECORD_SCHEDULE_ERROR, params).fetchone()
+    return 0 if row is None else row[0]
+
+
+def next_schedule_due_in(conn: Connection, now: datetime | None = None) -> float | None:
+    """Seconds until a schedule is due by the database's clock (0: one is); None when none is active."""
+    with translated_errors():
+        return conn.execute(NEXT_SCHEDULE_DUE_IN, {"now": now}).fetchone()[0]
+
+
+def lock_schedule_reconcile(conn: Connection) -> None:
+    with translated_errors():
+        conn.execute(LOCK_SCHEDULE_RECONCILE, {"space": ADVISORY_LOCK_SPACE, "key": SCHEDULE_RECONCILE_LOCK_KEY})
+
+
+def config_owned_schedules(conn: Connection) -> list[str]:
+    with translated_errors():
+        return [name for (name,) in conn.execute(CONFIG_OWNED_SCHEDULES)]

@@ -125,7 +125,28 @@ def test_enqueue_answers_202_with_the_queued_job(email):
         "updated_at": response.json["updated_at"],
         "status": "queued",
         "data": {"to": "a@example.com"},
+        "priority": 0,
     }
+
+
+def test_a_jobs_priority_is_stored_returned_and_listed(email):
+    jid = job_id()
+    enqueued = email.put(f"/v1/jobs/email/{jid}", {"data": {}, "priority": -32768})
+    assert (enqueued.status, enqueued.json["priority"]) == (202, -32768)
+    assert email.put(f"/v1/jobs/email/{job_id()}", {"data": {}, "priority": 32767}).json["priority"] == 32767
+    assert email.put(f"/v1/jobs/email/{job_id()}", {"data": {}, "priority": None}).json["priority"] == 0
+
+    assert email.get(f"/v1/jobs/email/{jid}").json["priority"] == -32768
+    assert sorted(job["priority"] for job in email.get("/v1/jobs/email/jobs").json["jobs"]) == [-32768, 0, 32767]
+
+
+@pytest.mark.parametrize("priority", [True, False, 1.5, 1.0, "1", 32768, -32769, [1], {"level": 1}])
+def test_a_priority_that_is_not_a_smallint_is_refused_naming_it_and_nothing_stored(email, priority):
+    jid = job_id()
+    refused = email.put(f"/v1/jobs/email/{jid}", {"data": {}, "priority": priority})
+    assert_error(refused, 400, "invalid_request")
+    assert "priority" in refused.json["detail"]
+    assert_error(email.get(f"/v1/jobs/email/{jid}"), 404, "not_found")
 
 
 def test_enqueue_random_id_and_any_json_data(email):
@@ -293,7 +314,7 @@ def test_get_a_job_by_both_url_forms(email):
 
     email.post(f"/v1/jobs/email/{jid}", {"status": "succeeded", "attempt": 3})
     archived = email.get(f"/v1/jobs/email/{jid}").json
-    assert set(archived) == {"id", "name", "attempts", "status", "created_at", "data", "expires_at"}
+    assert set(archived) == {"id", "name", "attempts", "status", "created_at", "data", "expires_at", "priority"}
     assert_error(email.get(f"/v1/jobs/sms/{jid}"), 404, "job_not_found")
 
 

@@ -131,6 +131,31 @@ def test_replay_enqueues_an_archived_job_under_a_new_id(conn):
     assert services.get_job(conn, job.id).status == "failed"  # the original is unchanged
 
 
+def test_a_jobs_priority_stays_through_a_retry_into_the_archive_and_a_replay(conn):
+    make_type(conn, attempts=2)
+    job = services.enqueue(conn, new_id(), "email", {"x": 1}, priority=-7)
+    [claimed] = services.claim(conn, "email", limit=1).jobs
+    retried = services.handle_status_callback(conn, claimed.id, "email", "failed", 2)
+    conn.execute("UPDATE queued_jobs SET run_after = now()")  # due again without waiting out the back-off
+    [claimed] = services.claim(conn, "email", limit=1).jobs
+    archived = services.handle_status_callback(conn, claimed.id, "email", "failed", 1)
+
+    replayed = services.replay(conn, job.id, "email")
+    chosen = services.replay(conn, job.id, "email", new_id=new_id())
+
+    assert [job.priority, retried.priority, claimed.priority, archived.priority] == [-7] * 4
+    assert (archived.status, services.get_job(conn, job.id).priority) == ("failed", -7)
+    assert [replayed.priority, chosen.priority, services.get_job(conn, replayed.id).priority] == [-7] * 3
+
+
+@pytest.mark.parametrize("priority", [True, 1.5, "1", 32768, -32769, None])
+def test_a_priority_that_is_not_a_smallint_is_refused_naming_it(conn, priority):
+    make_type(conn)
+    with pytest.raises(InvalidField, match="priority"):
+        services.enqueue(conn, new_id(), "email", {}, priority=priority)
+    assert count_rows(conn, "queued_jobs") == 0
+
+
 def test_replaying_an_expired_job_archives_the_new_one_as_expired(conn):
     make_type(conn)
     job = services.enqueue(conn, new_id(), "email", {}, expires_at=utcnow() - timedelta(seconds=1))

@@ -51,15 +51,17 @@ SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisintern
 """
 # an object dropped and created again gets a new oid
 OIDS = "SELECT 'oid ' || relname || ' ' || oid FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+# Rows as Rickover's columns hold them (jobrunner's added columns are checked on their own).
 ROWS = """
 SELECT 'jobs', to_jsonb(j) FROM jobs j
-UNION ALL SELECT 'queued', to_jsonb(q) FROM queued_jobs q
-UNION ALL SELECT 'archived', to_jsonb(a) FROM archived_jobs a
+UNION ALL SELECT 'queued', to_jsonb(q) - 'priority' FROM queued_jobs q
+UNION ALL SELECT 'archived', to_jsonb(a) - 'priority' FROM archived_jobs a
 """
+PRIORITIES = "SELECT priority FROM queued_jobs UNION ALL SELECT priority FROM archived_jobs"
 TABLE_COLUMNS = "SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default FROM information_schema.columns WHERE table_name IN ('jobs', 'queued_jobs', 'archived_jobs') ORDER BY 1, 2"
 # jobrunner's own tables of 0001_base, beside Rickover's (later migrations add more, named jobrunner_...)
 JOBRUNNER_TABLES = ("jobrunner_paused_job_types", "jobrunner_job_attempts", "jobrunner_type_errors")
-JOBRUNNER_ADDITIONS = {"queued_jobs_claim", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
+JOBRUNNER_ADDITIONS = {"queued_jobs_claim_by_priority", "queued_jobs_in_progress", "queued_jobs_expires_at", "archived_jobs_failures"}
 
 
 def catalog(conn, oids=False) -> set[str]:
@@ -74,6 +76,17 @@ def rows(conn):
 
 def recorded(conn) -> list[tuple[int, str]]:
     return [tuple(row) for row in conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE} ORDER BY version")]
+
+
+# What Rickover's code writes (it names its columns): a type, a job in progress, one queued, one archived.
+RICKOVER_ROWS = """
+INSERT INTO jobs (name, delivery_strategy, attempts, concurrency) VALUES ('email', 'at_least_once', 3, 2);
+INSERT INTO queued_jobs (id, name, attempts, run_after, expires_at, status, data)
+VALUES (gen_random_uuid(), 'email', 3, now(), NULL, 'in-progress', '{"hello": "world"}'),
+       (gen_random_uuid(), 'email', 3, now(), NULL, 'queued', '{"hello": "world"}');
+INSERT INTO archived_jobs (id, name, attempts, status, data, expires_at)
+VALUES (gen_random_uuid(), 'email', 3, 'succeeded', '{"hello": "world"}', NULL);
+"""
 
 
 def add_some_jobs(conn):
@@ -214,13 +227,14 @@ def test_two_migrate_processes_started_together_wait_for_each_other(make_databas
 def test_rickovers_database_keeps_everything_gains_jobrunners_additions_and_runs_both(conn, make_database):
     rickover = store.connect(make_database(template="template0"))
     rickover.execute(RICKOVER_SCHEMA)
-    add_some_jobs(rickover)
+    rickover.execute(RICKOVER_ROWS)  # jobrunner's own code needs its columns: it cannot write to Rickover's schema
     before, data, columns = catalog(rickover, oids=True), rows(rickover), set(rickover.execute(TABLE_COLUMNS))
 
     migrate.apply(rickover)
 
     after = catalog(rickover, oids=True)
     assert rows(rickover) == data
+    assert [priority for (priority,) in rickover.execute(PRIORITIES)] == [0, 0, 0]
     assert before <= after, "something Rickover built was changed or dropped"
     added = after - before
     # new tables are jobrunner's own, named jobrunner_...

@@ -180,7 +180,7 @@ def test_the_validator_catches_what_it_claims_to(document):
     """A checker that passes everything proves nothing: each rule is seen refusing."""
     validator = Validator(document)
     job = {"id": "job_6740b44e-13b9-475d-af06-979627e0e0d6", "name": "email", "attempts": 3, "status": "cancelled",
-           "created_at": "2026-11-29T00:40:00.327409Z", "data": None, "expires_at": None}
+           "created_at": "2026-11-29T00:40:00.327409Z", "data": None, "expires_at": None, "priority": 0}
     job_schema = {"$ref": "#/components/schemas/Job"}
     assert validator.errors(job, job_schema) == []
     for broken in (
@@ -609,6 +609,30 @@ def replay(c: Checked, db_url: str) -> None:
     c.request("POST", f"/v1/jobs/{new_id()}/replay", status=404)
 
 
+def schedules(c: Checked, db_url: str) -> None:
+    c.request("POST", "/v1/jobs", EMAIL, 201)
+    nightly = {"name": "nightly", "job_type": "email", "cron": "0 2 * * *", "time_zone": "Europe/Berlin", "data": {"report": "daily"}}
+    c.request("POST", "/v1/schedules", nightly, 201)
+    c.request("POST", "/v1/schedules", nightly, 409)
+    c.request("POST", "/v1/schedules", {**nightly, "name": "other", "time_zone": "Mars/Olympus"}, 400)
+    c.request("POST", "/v1/schedules", {**nightly, "name": "other", "job_type": "nope"}, 400)
+    c.request("POST", "/v1/schedules", {"name": "every-minute", "job_type": "email", "interval_seconds": 60, "expires_after": 30, "config_owned": True}, 201)
+    c.request("POST", "/v1/schedules", b"[", 400)
+    c.request("GET", "/v1/schedules", status=200)
+    c.request("GET", "/v1/schedules/nightly", status=200)
+    c.request("GET", "/v1/schedules/nope", status=404)
+    c.request("POST", "/v1/schedules/nightly", {"misfire": "all", "misfire_limit": 10}, 200)
+    c.request("POST", "/v1/schedules/nightly", {"interval_seconds": 0}, 400)
+    c.request("POST", "/v1/schedules/nope", {"paused": True}, 404)
+    c.request("POST", "/v1/schedules/nightly/pause", status=200)
+    c.request("POST", "/v1/schedules/nightly/resume", status=200)
+    c.request("POST", "/v1/schedules/nightly/run", status=201)
+    c.request("GET", "/v1/schedules/nightly", status=200)  # with its last job
+    c.request("POST", "/v1/schedules/nope/run", status=404)
+    c.request("DELETE", "/v1/schedules/nightly", status=200)
+    c.request("DELETE", "/v1/schedules/nightly", status=404)
+
+
 def operations_routes(c: Checked, db_url: str) -> None:
     c.request("GET", "/", status=200)
     c.request("GET", "/healthz", status=200, auth=None)
@@ -635,6 +659,10 @@ SCENARIOS = {
     "job types": (job_types, {"createJobType", "listJobTypes", "getJobTypeOrJob", "updateJobType", "pauseJobType", "resumeJobType"}),
     "jobs": (jobs, {"enqueue", "getJobTypeOrJob", "getJob", "listJobs", "recordStatus", "cancelJob"}),
     "replay": (replay, {"replayJob", "replayJobById"}),
+    "schedules": (
+        schedules,
+        {"createSchedule", "listSchedules", "getSchedule", "updateSchedule", "deleteSchedule", "pauseSchedule", "resumeSchedule", "runSchedule"},
+    ),
     "operations": (operations_routes, {"dashboard", "health", "metrics"}),
     "this document": (this_document, {"openapi"}),
 }
