@@ -30,6 +30,9 @@ WORKER = "jobrunner/worker.py"
 PROMISES = "tests/test_promises.py"
 CRON = "jobrunner/cron.py"
 CRON_TESTS = ("tests/test_cron.py",)
+POLICIES = "jobrunner/policies.py"
+SERVER = "jobrunner/server.py"
+SETTINGS_TESTS = ("tests/test_type_settings.py", "tests/test_policies.py")
 SCHEDULES = "jobrunner/schedules.py"
 TIMETABLE = "jobrunner/timetable.py"
 SCHEDULE_TESTS = ("tests/test_schedules.py",)
@@ -292,6 +295,79 @@ MUTATIONS = [
         "if len(found) >= limit or window_start == start_exclusive:",
         "if True:",
         CRON_TESTS,
+    ),
+    # --- job-type settings: the rules of docs/api.md, "Job-type settings" ----------------
+    Mutation(
+        "settings-create-atomic",
+        "a type is created with its settings or not at all",
+        SERVICES,
+        "    with store.transaction(conn):\n        job_type = store.create_job_type(",
+        "    if True:\n        job_type = store.create_job_type(",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-unknown-key",
+        "an unknown key in a new type's body is a 400 naming it",
+        SERVER,
+        "        _refuse_unknown(body, CREATE_JOB_TYPE_FIELDS)\n",
+        "",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-min-not-over-max",
+        "retry.min_backoff may not exceed retry.max_backoff, checked on the merged settings",
+        POLICIES,
+        "if low is not None and high is not None and low > high:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-burst-needs-rate",
+        "a burst without per_second is refused",
+        POLICIES,
+        "if policy.rate_burst is not None and policy.rate_per_second is None:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-job-timeout-longer",
+        "job_timeout must be longer than downstream_timeout (equal is refused)",
+        POLICIES,
+        "sent <= answered",
+        "sent < answered",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-true-is-not-a-number",
+        "JSON true is not a number of seconds",
+        POLICIES,
+        "return isinstance(value, int) and not isinstance(value, bool)",
+        "return isinstance(value, int)",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-no-credentials-in-url",
+        "a downstream_url with user:password@ is refused (GET shows the URL)",
+        POLICIES,
+        "if parts.username is not None or parts.password is not None:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-null-clears-group",
+        "retry: null clears every retry setting",
+        POLICIES,
+        "return {column: None for parser in parsers.values() for column in parser(None)}",
+        "return {}",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-token-write-only",
+        "GET shows whether a callback token is set, never the token",
+        POLICIES,
+        '"callback_token_set": policy.callback_token is not None,',
+        '"callback_token_set": policy.callback_token,',
+        SETTINGS_TESTS,
     ),
     # --- schedules: docs/schedules.md ------------------------------------------------------
     Mutation(
