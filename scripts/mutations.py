@@ -33,6 +33,9 @@ CRON_TESTS = ("tests/test_cron.py",)
 POLICIES = "jobrunner/policies.py"
 SERVER = "jobrunner/server.py"
 SETTINGS_TESTS = ("tests/test_type_settings.py", "tests/test_policies.py")
+SCHEDULES = "jobrunner/schedules.py"
+TIMETABLE = "jobrunner/timetable.py"
+SCHEDULE_TESTS = ("tests/test_schedules.py",)
 
 MUTATIONS = [
     # --- pause / resume ------------------------------------------------------------------
@@ -365,5 +368,62 @@ MUTATIONS = [
         '"callback_token_set": policy.callback_token is not None,',
         '"callback_token_set": policy.callback_token,',
         SETTINGS_TESTS,
+    ),
+    # --- schedules: docs/schedules.md ------------------------------------------------------
+    Mutation(
+        "schedule-tick-id",
+        "a tick's job id is derived from (schedule, tick): a tick enqueued twice is one job",
+        SCHEDULES,
+        "jobs = [NewJob(tick_job_id(schedule.name, tick),",
+        "jobs = [NewJob(new_job_id(),",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-advance",
+        "the schedule moves past now in the transaction that enqueues its ticks",
+        SCHEDULES,
+        "            store.advance_schedule(conn, schedule.name, due.next_tick, last, last_id)\n",
+        "",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-skip-grace",
+        "skip: the latest due tick gets its job only when at most the grace late",
+        TIMETABLE,
+        "now - kept[-1] > MISFIRE_GRACE",
+        "now - kept[-1] > MISFIRE_GRACE * 1000",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-all-bound",
+        "all: at most misfire_limit missed ticks are enqueued",
+        TIMETABLE,
+        'keep = schedule.misfire_limit if schedule.misfire == "all" else 1',
+        'keep = SCAN_LIMIT if schedule.misfire == "all" else 1',
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-zone",
+        "a cron expression is read in the schedule's time zone",
+        TIMETABLE,
+        "return _parse(definition.cron).next_after(after, zone_of(definition.time_zone))",
+        "return _parse(definition.cron).next_after(after, zone_of(None))",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-bad-row-isolated",
+        "one schedule that cannot be evaluated never stops the others",
+        SCHEDULES,
+        "    except DatabaseUnavailable:\n        raise\n    except Exception as error:",
+        "    except DatabaseUnavailable:\n        raise\n    except ZeroDivisionError as error:",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-resume-from-now",
+        "a resumed schedule starts at the next tick after now: the paused ticks are not misfires",
+        SCHEDULES,
+        "resumed = old.paused and not new.paused",
+        "resumed = False",
+        SCHEDULE_TESTS,
     ),
 ]
