@@ -36,6 +36,10 @@ SETTINGS_TESTS = ("tests/test_type_settings.py", "tests/test_policies.py")
 SCHEDULES = "jobrunner/schedules.py"
 TIMETABLE = "jobrunner/timetable.py"
 SCHEDULE_TESTS = ("tests/test_schedules.py",)
+SIGNING = "jobrunner/signing.py"
+DOWNSTREAM = "jobrunner/downstream.py"
+SIGNING_TESTS = ("tests/test_signing.py",)
+TOKEN_TESTS = ("tests/test_callback_token.py",)
 
 MUTATIONS = [
     # --- pause / resume ------------------------------------------------------------------
@@ -425,5 +429,78 @@ MUTATIONS = [
         "resumed = old.paused and not new.paused",
         "resumed = False",
         SCHEDULE_TESTS,
+    ),
+    # --- signed requests and callback scope (issue 16 items 5 and 6) -----------------------
+    Mutation(
+        "callback-token-batch",
+        "a succeeded callback in the group commit is checked against its type's token",
+        SERVICES,
+        "allowed = [_token_accepted(tokens.get(name), presented) for _, name, presented in callbacks]",
+        "allowed = [True for _ in callbacks]",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-alone",
+        "a callback done alone (failed, or left by the batch) is checked against its type's token",
+        BATCHING,
+        "            services.check_callback_token(conn, name, callback_token)\n",
+        "",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-any",
+        "a callback must present its type's token, not just any token",
+        SERVICES,
+        'hmac.compare_digest(expected.encode(), (presented or "").encode("utf-8", "replace"))',
+        "bool(presented)",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "signing-too-old",
+        "a webhook-timestamp more than the tolerance in the past is refused",
+        SIGNING,
+        "if int(stamp) < now - tolerance:",
+        "if int(stamp) < now - tolerance - 1:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-too-new",
+        "a webhook-timestamp more than the tolerance in the future is refused",
+        SIGNING,
+        "if int(stamp) > now + tolerance:",
+        "if int(stamp) > now + 2 * tolerance:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-every-secret",
+        "during a rotation every secret signs, so a downstream holding either verifies",
+        SIGNING,
+        '" ".join(signature(secret, msg_id, timestamp, body) for secret in secrets)',
+        "signature(secrets[0], msg_id, timestamp, body)",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-version",
+        "only v1 signatures are checked: the right digest under another scheme's name is refused",
+        SIGNING,
+        "if version != VERSION:",
+        "if not version:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-type-secrets-first",
+        "a type's own signing secrets replace the global ones",
+        DOWNSTREAM,
+        "signing_secrets or self.signing_secrets",
+        "self.signing_secrets or signing_secrets",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "webhook-id-per-attempt",
+        "webhook-id names the attempt: the next attempt of a job is a new message",
+        DOWNSTREAM,
+        'return f"{job.job_id}-{job.attempts}"',
+        "return job.job_id",
+        SIGNING_TESTS,
     ),
 ]
