@@ -94,7 +94,8 @@ def ab_put_output(port: int, name: str, jobs: int, user: str, keep_alive: bool =
 
 def wrk_put(port: int, name: str, auth: str, seconds: int = 5) -> float:
     wrk = ensure_tool("wrk", "wrk")
-    output = subprocess.run([wrk, "-t2", "-c100", f"-d{seconds}s", "-s", str(BENCH / "enqueue.lua"),
+    # --timeout: on a loaded machine an answer can take over wrk's default 2 s; slow is not failed
+    output = subprocess.run([wrk, "-t2", "-c100", f"-d{seconds}s", "--timeout", "10s", "-s", str(BENCH / "enqueue.lua"),
                              f"http://127.0.0.1:{port}/v1/jobs/{name}/", "--", auth], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in output or "Socket errors" in output:
         sys.exit(f"shapes: wrk: some requests failed:\n{output}")

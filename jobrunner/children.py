@@ -1,6 +1,6 @@
 """The kinds of child the supervisor forks, and the wrapper that runs one.
 
-Each kind (server, watcher, worker, the development downstream) is one entry in
+Each kind (server, watcher with the host's scheduler, worker, the development downstream) is one entry in
 KINDS: its name, how many the config wants, and its `run(config, stop, ready,
 context)`, which serves until `stop` is set, calls `ready()` once it serves (the
 supervisor's READY=1 and a reload's switch wait for every child's), and counts
@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import example_downstream, server, watcher, worker
+from . import example_downstream, scheduler, server, watcher, worker
 from .config import Config
 from .metrics import Publisher, ServiceMetrics
 
@@ -84,7 +84,13 @@ def _run_server(config: Config, stop: threading.Event, ready: Callable[[], None]
 
 def _run_watcher(config: Config, stop: threading.Event, ready: Callable[[], None], context: ChildContext) -> None:
     ready()  # it waits for nothing: a round that cannot reach the database is logged, and the next one tries again
-    watcher.run(config, stop, context.metrics)
+    # the host's scheduler: a thread here, as the watcher is one per host and idle between its rounds
+    ticks = threading.Thread(target=scheduler.run, args=(config, stop, context.metrics), name="scheduler")
+    ticks.start()
+    try:
+        watcher.run(config, stop, context.metrics)
+    finally:
+        ticks.join()
 
 
 def _run_worker(config: Config, stop: threading.Event, ready: Callable[[], None], context: ChildContext) -> None:

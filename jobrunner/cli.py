@@ -17,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from . import client_cli, store
+from . import client_cli, schedules, store
 from . import migrate as migrations
 from .children import PARENT_CHECK_INTERVAL
 from .config import Config, ConfigError, check_runnable, describe, effective_settings, load_config, open_file_warnings
-from .errors import DatabaseError, DatabaseUnavailable, JobrunnerError, SchemaMissing, SchemaTooNew
+from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobrunnerError, SchemaMissing, SchemaTooNew
 from .localdb import LocalPostgres, LocalPostgresError
 
 log = logging.getLogger("jobrunner")
@@ -187,6 +187,36 @@ def check_prepared_statements(config: Config) -> None:
         first.close()
 
 
+def apply_config_schedules(config: Config) -> None:
+    """Make the config file's [schedule] sections the config-owned schedules, before the children start.
+
+    A declaration the database refuses (an unknown job type) is a ConfigError: `run`
+    does not start, and a SIGHUP keeps the running config. With the database
+    unreachable it is only logged: the scheduler applies them once it can.
+    """
+    if not config.config_file:
+        return  # no file, no declarations: config-owned schedules are left as they are
+    try:
+        conn = store.connect(config.database_url, "config", connect_timeout=max(2, round(config.db_timeout)))
+    except DatabaseUnavailable as error:
+        log.warning("the config file's schedules are applied once the database answers (%s)", error)
+        return
+    try:
+        done = schedules.reconcile(conn, config.schedules)
+    except InvalidField as error:
+        raise ConfigError(f"config file {config.config_file}, {error.field}: {error.reason}") from None
+    except DatabaseUnavailable as error:
+        log.warning("the config file's schedules are applied once the database answers (%s)", error)
+        return
+    finally:
+        conn.close()
+    for verb, names in (("created", done.created), ("updated", done.updated), ("deleted", done.deleted)):
+        if names:
+            log.info("config file schedules %s: %s", verb, ", ".join(names))
+    for name in done.not_owned:
+        log.warning("schedule %r in the config file exists and was made through the API: left alone (mark it config_owned to hand it over)", name)
+
+
 # an orphaned child stops within the graceful timeout of noticing its parent is gone, or exits anyway
 PARENT_GONE_NOTICED = 2 * PARENT_CHECK_INTERVAL + 2.0
 
@@ -269,6 +299,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
             running = dataclasses.replace(running, downstream_url=f"http://127.0.0.1:{sockets['downstream'].getsockname()[1]}")
             print(f"jobrunner: development mode, example downstream on {running.downstream_url}", flush=True)
         check_runnable(running)
+        apply_config_schedules(running)
         runtime = {name: getattr(running, name) for name in ("database_url", "users", "downstream_url")}
 
         def reload() -> Config:
@@ -281,6 +312,7 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
                     check_schema(fresh)
                 except (SchemaMissing, SchemaTooNew) as error:
                     raise ConfigError(f"DATABASE_URL (database_url): {error}") from None
+            apply_config_schedules(fresh)
             return fresh
 
         with development_url(config, sockets["api"]):
@@ -356,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_prepared_statements(config)
                 check_schema(config)
             print(effective_settings(config))
+            if config.schedules:
+                print(f"schedules declared in {config.config_file}: {', '.join(schedule.name for schedule in config.schedules)}")
             print("jobrunner: configuration is valid")
     except ConfigError as error:
         print(f"jobrunner {args.command}: bad configuration: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@
     job = jobs.enqueue("email", {"to": "someone@example.com"})
     jobs.get(job["id"])["status"]              # "queued", later "succeeded"
     jobs.replay(job["id"])                     # a new job with the same data
+    jobs.create_schedule("nightly", "email", {"report": "daily"}, cron="0 2 * * *", time_zone="Europe/Berlin")
     for job in jobs.jobs("email", status="failed"):
         print(job["id"])
 
@@ -129,6 +130,16 @@ class Client:
         name = name or self.get(job_id)["name"]
         return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/cancel", {})
 
+    def heartbeat(self, name: str, job_id: str, attempt: int, extend: float | None = None, callback_token: str | None = None) -> dict:
+        """For a downstream still working on `attempt` of a job: push its callback deadline to now + `extend`
+        seconds (default: the type's job_timeout). `callback_token`: the Jobrunner-Callback-Token the job's
+        POST carried, for a type that has one. The job, with its new "deadline"; safe to retry."""
+        body: dict[str, Any] = {"attempt": attempt}
+        if extend is not None:
+            body["extend"] = extend
+        headers = {} if callback_token is None else {"Jobrunner-Callback-Token": callback_token}
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/heartbeat", body, retry=True, headers=headers)
+
     def jobs(self, name: str, status: str | None = None, limit: int | None = None, page_size: int = 100) -> Iterator[dict]:
         """A type's jobs, newest first, page after page; at most `limit`."""
         cursor, given = None, 0
@@ -146,12 +157,43 @@ class Client:
             if not cursor:
                 return
 
+    # --- schedules ---
+
+    def schedules(self) -> list[dict]:
+        return self._request("GET", "/v1/schedules", retry=True)["schedules"]
+
+    def schedule(self, name: str) -> dict:
+        return self._request("GET", f"/v1/schedules/{_quote(name)}", retry=True)
+
+    def create_schedule(self, name: str, job_type: str, data: Any = None, **fields: Any) -> dict:
+        """A schedule: `cron="0 2 * * *"` (and `time_zone="Europe/Berlin"`) or `interval_seconds=30`, and the
+        other fields of docs/schedules.md (run_after_offset, expires_after, misfire, misfire_limit, paused, config_owned)."""
+        return self._request("POST", "/v1/schedules", {"name": name, "job_type": job_type, "data": data, **fields})
+
+    def update_schedule(self, name: str, **changes: Any) -> dict:
+        """Change the fields given (None puts one back to its default)."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}", changes)
+
+    def delete_schedule(self, name: str) -> dict:
+        return self._request("DELETE", f"/v1/schedules/{_quote(name)}")
+
+    def pause_schedule(self, name: str) -> dict:
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/pause")
+
+    def resume_schedule(self, name: str) -> dict:
+        """Tick again, from the first tick after now."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/resume")
+
+    def run_schedule(self, name: str) -> dict:
+        """An extra job now (not retried: each call is one more job); the ticks are not touched."""
+        return self._request("POST", f"/v1/schedules/{_quote(name)}/run")
+
     # --- the wire ---
 
-    def _request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
+    def _request(self, method: str, path: str, body: Any = None, retry: bool = False, headers: dict[str, str] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         for attempt, delay in enumerate((*(RETRY_DELAYS if retry else ()), None)):  # None: the last try
-            request = urllib.request.Request(self.url + path, data=data, headers=self._headers, method=method)
+            request = urllib.request.Request(self.url + path, data=data, headers={**self._headers, **(headers or {})}, method=method)
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
                     answer = response.read()

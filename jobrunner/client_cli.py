@@ -1,4 +1,4 @@
-"""The command line's client commands: job types, enqueue, jobs, replay, over the HTTP API (`jobrunner.client`).
+"""The command line's client commands: job types, enqueue, jobs, replay, schedules, over the HTTP API (`jobrunner.client`).
 
 Where the API is, and who asks: --url, --user, --password, or $JOBRUNNER_URL,
 $JOBRUNNER_API_USER, $JOBRUNNER_API_PASSWORD. By default the development
@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from .client import ApiError, Client, Unreachable
 from .policies import describe
 
-COMMANDS = ("types", "enqueue", "job", "jobs", "replay")
+COMMANDS = ("types", "enqueue", "job", "jobs", "replay", "schedules")
 DEV_PASSWORD_FILE = os.path.join(".jobrunner", "api-password")
 DEV_URL_FILE = os.path.join(".jobrunner", "api-url")  # where the development service serves, while it runs
 
@@ -70,6 +70,8 @@ def add_parsers(commands) -> None:
     listing.add_argument("name")
     listing.add_argument("--status", help="queued, in-progress, succeeded, failed, expired or cancelled")
     listing.add_argument("--limit", type=int, default=50)
+
+    _add_schedule_parsers(commands, common)
 
     replay = commands.add_parser("replay", parents=[common], help="replay many archived jobs of a type, with progress")
     replay.add_argument("name")
@@ -151,6 +153,29 @@ def _settings(args: argparse.Namespace) -> dict:
             secrets = [line.strip() for line in sys.stdin if line.strip()]
         body["signing_secrets"] = None if [s.lower() for s in secrets] == ["none"] else secrets
     return body
+
+
+def _add_schedule_parsers(commands, common) -> None:
+    schedules = commands.add_parser("schedules", help="recurring jobs: list, get, create, update, delete, pause, resume, run").add_subparsers(dest="action", required=True)
+    schedules.add_parser("list", parents=[common], help="every schedule, its next run and last job")
+    for action, doc in (("get", "one schedule"), ("delete", "delete a schedule (its jobs stay)"), ("pause", "no job for its ticks until resumed"),
+                        ("resume", "tick again from the next tick"), ("run", "an extra job now")):
+        schedules.add_parser(action, parents=[common], help=doc).add_argument("name")
+    for action, doc in (("create", "a new schedule: --cron (and --time-zone) or --every"), ("update", "change the options given")):
+        parser = schedules.add_parser(action, parents=[common], help=doc)
+        parser.add_argument("name")
+        if action == "create":
+            parser.add_argument("--job-type", required=True)
+        else:
+            parser.add_argument("--job-type")
+        parser.add_argument("--cron", help="5 fields or @daily, ..., e.g. '0 2 * * *'")
+        parser.add_argument("--time-zone", help="IANA zone of --cron, e.g. Europe/Berlin (default UTC)")
+        parser.add_argument("--every", type=int, metavar="SECONDS", help="a tick every SECONDS (instead of --cron)")
+        parser.add_argument("--data", help="each job's data, JSON")
+        parser.add_argument("--run-after-offset", type=int, metavar="SECONDS", help="each job due SECONDS after its tick")
+        parser.add_argument("--expires-after", type=int, metavar="SECONDS", help="each job expires SECONDS after its tick")
+        parser.add_argument("--misfire", choices=["skip", "once", "all"], help="what missed ticks get (default skip)")
+        parser.add_argument("--misfire-limit", type=int, help="--misfire all: the most missed ticks enqueued")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,6 +323,56 @@ def _replay_many(client: Client, args) -> int:
     return _say(f"replayed {len(replayed)} {args.status} {args.name} jobs archived since {since:%Y-%m-%d %H:%M:%S} UTC")
 
 
+SCHEDULE_OPTIONS = {"job_type": "job_type", "cron": "cron", "time_zone": "time_zone", "every": "interval_seconds",
+                    "run_after_offset": "run_after_offset", "expires_after": "expires_after", "misfire": "misfire", "misfire_limit": "misfire_limit"}
+
+
+def _schedule_fields(args) -> dict:
+    fields = {field: getattr(args, option) for option, field in SCHEDULE_OPTIONS.items() if getattr(args, option) is not None}
+    if args.data is not None:
+        try:
+            fields["data"] = json.loads(args.data)
+        except ValueError as error:
+            raise UsageError(f"--data is not JSON: {error}") from None
+    return fields
+
+
+def _schedules_list(client: Client, args) -> int:
+    found = client.schedules()
+    if args.json:
+        return _print_json(found)
+    _table([_schedule_row(s) for s in found], ["NAME", "JOB TYPE", "WHEN", "NEXT (UTC)", "NEXT (ITS ZONE)", "LAST JOB", "STATE"])
+    return 0
+
+
+def _schedule_row(schedule: dict) -> list[str]:
+    when = f"{schedule['cron']} {schedule['time_zone'] or 'UTC'}" if schedule["cron"] else f"every {schedule['interval_seconds']} s"
+    state = "error: " + schedule["error"]["message"] if schedule["error"] else ("paused" if schedule["paused"] else "active")
+    last = f"{schedule['last_job_id']} {schedule['last_job_status'] or ''}".strip() if schedule["last_job_id"] else "-"
+    return [schedule["name"], schedule["job_type"], when, schedule["next_tick"], schedule["next_tick_local"] or "-", last, state]
+
+
+def _schedule(action):
+    def command(client: Client, args) -> int:
+        if action == "create":
+            fields = _schedule_fields(args)
+            schedule = client.create_schedule(args.name, fields.pop("job_type"), fields.pop("data", None), **fields)
+        elif action == "update":
+            fields = _schedule_fields(args)
+            if not fields:
+                raise UsageError("give at least one option to change")
+            schedule = client.update_schedule(args.name, **fields)
+        else:
+            schedule = getattr(client, {"get": "schedule"}.get(action, f"{action}_schedule"))(args.name)
+        if args.json:
+            return _print_json(schedule)
+        if action == "run":
+            return _say(f"{schedule['id']} {schedule['status']}")
+        row = _schedule_row(schedule)
+        return _say(f"{row[0]} ({row[6]}): {row[1]} {row[2]}; next {row[3]}" + (f" ({row[4]})" if row[4] != "-" else "") + f"; last job {row[5]}")
+    return command
+
+
 def _duration(text: str) -> timedelta:
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
     if not match:
@@ -334,4 +409,6 @@ _COMMANDS = {
     ("job", "cancel"): _job("cancel"),
     ("jobs", "list"): _jobs_list,
     ("replay", None): _replay_many,
+    ("schedules", "list"): _schedules_list,
+    **{("schedules", action): _schedule(action) for action in ("get", "create", "update", "delete", "pause", "resume", "run")},
 }

@@ -13,7 +13,10 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import timetable
+from .errors import InvalidField
 from .plugins import import_factory
+from .policies import MAX_SECRETS
 from .signing import check_secret
 
 
@@ -90,6 +93,8 @@ def _http_url(text: str) -> str:
 def _signing_secrets(text: str) -> tuple[str, ...]:
     """`whsec_...,whsec_...`: the first signs; every one is a signature, so during a rotation either verifies."""
     secrets = [part.strip() for part in text.split(",") if part.strip()]
+    if len(secrets) > MAX_SECRETS:
+        raise ValueError(f"must be at most {MAX_SECRETS} secrets (the new one first, and the old one during a rotation), not {len(secrets)}")
     for number, secret in enumerate(secrets, 1):
         try:
             check_secret(secret)
@@ -176,7 +181,7 @@ SETTINGS = (
 Config = dataclasses.make_dataclass(
     "Config",
     [(s.name, Any, dataclasses.field(repr=not s.secret)) for s in SETTINGS]
-    + [("config_file", Any, dataclasses.field(default=None))],
+    + [("config_file", Any, dataclasses.field(default=None)), ("schedules", Any, dataclasses.field(default=()))],
     frozen=True,
 )
 Config.__doc__ = "An immutable, validated set of settings (see SETTINGS for each one's meaning)."
@@ -188,8 +193,10 @@ def load_config(
 ) -> "Config":
     """Build the config from defaults, then the file, then `environ`, then `overrides` (flags)."""
     raw = {setting.name: (setting.default, "default") for setting in SETTINGS}
+    schedules: tuple = ()
     if config_file:
-        for name, text in _read_file(config_file).items():
+        entries, schedules = _read_file(config_file)
+        for name, text in entries.items():
             raw[name] = (text, f"{config_file}")
     for setting in SETTINGS:
         if setting.env in environ:
@@ -209,7 +216,7 @@ def load_config(
     for longer, shorter, why in MUST_BE_LONGER:
         if values[longer] <= values[shorter]:
             raise ConfigError(f"{_named(longer, values, sources)} must be longer than {_named(shorter, values, sources)}: {why}")
-    return Config(**values, config_file=config_file)
+    return Config(**values, config_file=config_file, schedules=schedules)
 
 
 # Pairs of settings, each valid alone, that contradict each other unless the first is the longer.
@@ -222,20 +229,40 @@ def _named(name: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> 
     return f"{_BY_NAME[name].env} ({name}, {values[name]:g} from {sources[name]})"
 
 
-def _read_file(path: str) -> dict[str, str]:
+SCHEDULE_SECTION = "schedule "  # [schedule nightly-report]: a schedule the deploy owns
+
+
+def _read_file(path: str) -> tuple[dict[str, str], tuple]:
+    """The [jobrunner] section's settings, and the schedules its [schedule <name>] sections declare."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path) as file:
             parser.read_file(file)
     except (OSError, configparser.Error) as error:
         raise ConfigError(f"config file {path}: {error}") from None
-    if parser.sections() != ["jobrunner"]:
-        raise ConfigError(f"config file {path}: must hold exactly one section, [jobrunner]")
+    sections = [section for section in parser.sections() if not section.startswith(SCHEDULE_SECTION)]
+    if sections != ["jobrunner"]:
+        raise ConfigError(f"config file {path}: must hold one section [jobrunner], and [schedule <name>] sections, not {sections}")
     entries = dict(parser["jobrunner"])
     for name in entries:
         if name not in _BY_NAME:
             raise ConfigError(f"config file {path}: unknown setting {name!r}")
-    return entries
+    schedules = tuple(
+        _schedule(path, section[len(SCHEDULE_SECTION):].strip(), dict(parser[section]))
+        for section in parser.sections()
+        if section.startswith(SCHEDULE_SECTION)
+    )
+    return entries, schedules
+
+
+def _schedule(path: str, name: str, entries: dict[str, str]):
+    """A [schedule <name>] section as a timetable.Definition; ConfigError names the section and the key."""
+    where = f"config file {path}, [schedule {name}]"
+    try:
+        fields = {key: timetable.parse_config_value(key, text) for key, text in entries.items() if key in timetable.FIELDS}
+        return timetable.validate({**entries, **fields, "name": name})
+    except InvalidField as error:
+        raise ConfigError(f"{where} {error.field}: {error.reason}") from None
 
 
 def changes_needing_restart(old: "Config", new: "Config") -> list[str]:

@@ -1,9 +1,9 @@
-"""The dashboard at `/`: job types, throughput, recent failures and waiting jobs, with their actions.
+"""The dashboard at `/`: job types, schedules, throughput, recent failures and waiting jobs, with their actions.
 
 One HTML page rendered from an `Overview`, with a small inline style sheet and
 script and nothing else to fetch: no build step, no CDN, it works offline. The
 script fetches `/` again every few seconds and swaps in the new <main>, and sends
-the actions (replay, cancel, pause, resume) to the API with the credentials the
+the actions (replay, cancel, pause, resume a type or a schedule) to the API with the credentials the
 browser already holds; the server's origin check admits them because they come
 from this page.
 
@@ -21,7 +21,9 @@ import urllib.parse
 from base64 import b64encode
 from datetime import datetime, timedelta, timezone
 
-from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, TypePolicy, format_job_id, new_job_id
+from . import timetable
+from .errors import InvalidField
+from .models import EXPIRED, FAILED, SUCCEEDED, ArchivedJob, QueuedJob, Schedule, TypePolicy, format_job_id, new_job_id
 from .policies import describe, policy_json
 from .services import Overview
 from .store import JobTypeCounts, JobTypeError
@@ -65,7 +67,9 @@ th.group{text-align:center;border-bottom:1px solid var(--faint)}
 .badge.expired{background:#fdf1d8;color:#8a5a0b}
 .badge.paused,.badge.stopped{background:#e8edf7;color:#33518f}
 .badge.due{background:#e4f4ea;color:#22683f}
-.badge.scheduled{background:#eef0f3;color:var(--muted)}
+.badge.scheduled,.badge.queued,.badge.cancelled{background:#eef0f3;color:var(--muted)}
+.badge.succeeded{background:#e4f4ea;color:#22683f}
+.badge.in-progress{background:#e8edf7;color:#33518f}
 .badge.backoff{background:#fdf1d8;color:#8a5a0b}
 code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 code{white-space:nowrap}
@@ -133,6 +137,8 @@ async function refresh(forced) {
 }
 
 function done(action, button, job) {
+  if (action === "pause-schedule") return "Paused schedule " + job.name;
+  if (action === "resume-schedule") return "Resumed schedule " + job.name + ": next run " + job.next_tick;
   if (action === "replay") return "Replayed " + button.dataset.id + " as " + job.id;
   if (action === "cancel") return "Cancelled " + button.dataset.id;
   if (action === "pause") return "Paused " + job.name;
@@ -157,7 +163,9 @@ async function act(button) {
   const body = action === "resume" ? askConcurrency(button) : action === "replay" ? JSON.stringify({id: button.dataset.newId}) : null;
   if (body === undefined) return;
   if (action === "cancel" && !confirm("Cancel " + id + "? It will never be sent.")) return;
-  const path = "/v1/jobs/" + encodeURIComponent(name) + (id ? "/" + encodeURIComponent(id) : "") + "/" + action;
+  const path = action.endsWith("-schedule")
+    ? "/v1/schedules/" + encodeURIComponent(name) + "/" + action.split("-")[0]
+    : "/v1/jobs/" + encodeURIComponent(name) + (id ? "/" + encodeURIComponent(id) : "") + "/" + action;
   button.disabled = true;
   try {
     const headers = body ? {"Content-Type": "application/json"} : {};
@@ -231,6 +239,7 @@ def _main(overview: Overview) -> str:
     now = overview.now
     return f"""<main id="overview" data-updated="{_updated(now)}">
 {_types_section(overview)}
+{_schedules_section(overview)}
 {_chart_section(overview)}
 {_failures_section(overview.recent_failures, now)}
 {_waiting_section(overview)}
@@ -319,6 +328,66 @@ def _count_cell(count: int, status: str = "") -> str:
         return '<td class="n zero">0</td>'
     emphasis = {FAILED: " bad", EXPIRED: " warn"}.get(status, "")
     return f'<td class="n{emphasis}">{count:,}</td>'
+
+
+# --- schedules -----------------------------------------------------------------
+
+
+def _schedules_section(overview: Overview) -> str:
+    heading = "<h2>Schedules <small>next run in the schedule's zone and in UTC</small></h2>"
+    if not overview.schedules:
+        return f'<section id="schedules">{heading}<p class="empty">No schedules: create one with POST /v1/schedules.</p></section>'
+    rows = "\n".join(_schedule_row(schedule, status, overview.now) for schedule, status in overview.schedules)
+    return f"""<section id="schedules">{heading}
+<table>
+<thead><tr><th>Schedule</th><th>When</th><th>Next run</th><th>Last job</th><th></th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table></section>"""
+
+
+def _schedule_row(schedule: Schedule, last_status: str | None, now: datetime) -> str:
+    name = _escape(schedule.name)
+    when = f"{schedule.cron} ({schedule.time_zone or 'UTC'})" if schedule.cron else f"every {schedule.interval_seconds:,} s"
+    owner = ", config file" if schedule.config_owned else ""
+    state = ""
+    if schedule.paused:
+        state = '<span class="badge paused">paused</span>'
+    if schedule.error is not None:
+        state += (
+            f'<span class="badge failed">failing</span><span class="sub schedule-error">{schedule.failures:,} failed '
+            f'tr{"y" if schedule.failures == 1 else "ies"}: {_escape(schedule.error)}</span>'
+        )
+    action = "resume-schedule" if schedule.paused else "pause-schedule"
+    return (
+        f'<tr data-schedule="{name}"><td><span class="name">{name}</span>'
+        f'<span class="sub">{_escape(schedule.job_type)}, misfire {_escape(schedule.misfire)}{owner}</span>{state}</td>'
+        f"<td><code>{_escape(when)}</code></td>"
+        f"<td>{_next_run(schedule, now)}</td>"
+        f"<td>{_last_job(schedule, last_status)}</td>"
+        f'<td><button data-action="{action}" data-name="{name}">{"Resume" if schedule.paused else "Pause"}</button></td></tr>'
+    )
+
+
+def _next_run(schedule: Schedule, now: datetime) -> str:
+    if schedule.paused:
+        return '<span class="muted">paused</span>'
+    local = ""
+    if schedule.cron:
+        try:
+            moment = schedule.next_tick.astimezone(timetable.zone_of(schedule.time_zone))
+            local = f'<span class="sub">{_escape(f"{moment:%Y-%m-%d %H:%M:%S %Z}")}</span>'
+        except InvalidField:
+            local = '<span class="sub">(zone unknown here)</span>'
+    return f'<span class="when">{_relative(schedule.next_tick, now)}{local}<small>{_escape(_utc(schedule.next_tick))}</small></span>'
+
+
+def _last_job(schedule: Schedule, status: str | None) -> str:
+    if schedule.last_job_id is None:
+        return '<span class="muted">none yet</span>'
+    badge = f'<span class="badge {_escape(status)}">{_escape(status)}</span>' if status else '<span class="muted">no longer kept</span>'
+    return f'{badge}<code class="sub">{_escape(format_job_id(schedule.last_job_id))}</code>'
 
 
 # --- the chart -----------------------------------------------------------------

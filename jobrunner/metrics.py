@@ -161,6 +161,7 @@ class ServiceMetrics(Registry):
         self.cancelled = self.counter("jobrunner_jobs_cancelled_total", "queued jobs cancelled, by job type", by_type)
         self.timed_out = self.counter("jobrunner_jobs_timed_out_total", "sent jobs with no callback within job_timeout, failed by a worker, by job type", by_type)
         self.stuck = self.counter("jobrunner_jobs_stuck_archived_total", "in-progress jobs failed by the watcher after stuck_job_timeout, by job type", by_type)
+        self.heartbeats = self.counter("jobrunner_heartbeats_total", "heartbeats that pushed a sent job's callback deadline forward, by job type", by_type)
         self.claim_errors = self.counter("jobrunner_claim_errors_total", "failed claims of a job type's jobs (other types go on), by job type", by_type)
         self.rate_limited = self.counter(
             "jobrunner_rate_limited_waits_total",
@@ -174,6 +175,11 @@ class ServiceMetrics(Registry):
             "downstream POSTs not accepted, by job type and kind: unavailable (503), http_4xx, http_5xx, http_3xx, connect, timeout, cut_off",
             ("name", "kind"),
         )
+        self.schedule_ticks = self.counter("jobrunner_schedule_ticks_enqueued_total", "jobs enqueued for a schedule's ticks, by schedule", ("schedule",))
+        self.schedule_misfires = self.counter(
+            "jobrunner_schedule_misfires_skipped_total", "missed ticks that got no job of their own (the misfire policy), by schedule", ("schedule",)
+        )
+        self.schedule_errors = self.counter("jobrunner_schedule_errors_total", "rounds in which a schedule could not be evaluated, by schedule", ("schedule",))
         self.restarts = self.counter("jobrunner_child_restarts_total", "children that died and were started again, by kind", ("kind",))
         self.reloads = self.counter("jobrunner_reloads_total", "SIGHUP reloads, by result: ok, rejected (bad config), failed (the new children did not start)", ("result",))
 
@@ -183,6 +189,12 @@ class ServiceMetrics(Registry):
             if isinstance(metric, Counter) and metric.label_names == ("name",):
                 for name in names:
                     metric.inc(name, amount=0)
+
+    def include_schedules(self, names: list[str]) -> None:
+        """Every per-schedule counter shows each schedule, at 0 until its first event."""
+        for metric in (self.schedule_ticks, self.schedule_misfires, self.schedule_errors):
+            for name in names:
+                metric.inc(name, amount=0)
 
     def outcome(self, job: QueuedJob | ArchivedJob) -> None:
         """Count what a callback, a failure or a cancel made of a job: queued again, or archived."""

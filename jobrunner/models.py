@@ -6,7 +6,7 @@ These are plain values: no I/O here.
 import dataclasses
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidField, InvalidJobId
@@ -108,6 +108,16 @@ class ArchivedJob:
         return format_job_id(self.id)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """A job type's retry settings (seconds); all None: Rickover's back-off, 2^(attempts used) seconds."""
+
+    min_backoff: float | None = None
+    max_backoff: float | None = None
+    max_doublings: int | None = None
+    max_duration: float | None = None  # since the job's created_at: a failure after it is final
+
+
 def format_job_id(job_uuid: uuid.UUID) -> str:
     return JOB_ID_PREFIX + str(job_uuid)
 
@@ -182,3 +192,49 @@ def _require_int(field: str, value: Any, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidField(field, f"must be a whole number from {low} to {high}, not {value!r}")
     return value
+
+
+# --- schedules -----------------------------------------------------------------
+
+MISFIRE_POLICIES = ("skip", "once", "all")
+MAX_MISFIRE_LIMIT = 1000
+MAX_SECONDS = 10 * 366 * 86400  # ten years: an interval, offset or expiry beyond that is a typo
+# The namespace of the ids of ticks' jobs: uuid5(SCHEDULE_NAMESPACE, "<schedule>@<tick in UTC>").
+SCHEDULE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/jobrunner/schedules")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A stored schedule (jobrunner_schedules): a job of `job_type` with `data` at every tick."""
+
+    name: str
+    job_type: str
+    data: Any
+    cron: str | None  # a cron expression in `time_zone` (UTC when None), or
+    time_zone: str | None
+    interval_seconds: int | None  # ticks on the multiples of this many seconds since the Unix epoch
+    run_after_offset: int  # seconds after the tick its job is due
+    expires_after: int | None  # seconds after the tick its job expires
+    misfire: str  # "skip", "once" or "all"
+    misfire_limit: int  # "all": missed ticks enqueued at most
+    paused: bool
+    config_owned: bool
+    next_tick: datetime
+    last_tick: datetime | None
+    last_job_id: uuid.UUID | None
+    failures: int
+    error: str | None
+    retry_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def tick_job_id(schedule_name: str, tick: datetime) -> uuid.UUID:
+    """The id of a tick's job: the same on every host for the same (schedule, tick), so enqueueing it twice is one job."""
+    utc = tick.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return uuid.uuid5(SCHEDULE_NAMESPACE, f"{schedule_name}@{utc}")
+
+
+def validate_schedule_name(name: Any) -> str:
+    """A schedule's name follows a job type's rules (it travels in URLs too)."""
+    return validate_job_type_name(name)

@@ -14,10 +14,10 @@ import time
 import urllib.parse
 from base64 import b64decode
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from . import batching, dashboard, metrics, plugins, policies, services, store
+from . import batching, dashboard, metrics, plugins, policies, schedules, services, store, timetable
 from .config import ConfigError
 from .errors import (
     CallbackForbidden,
@@ -31,11 +31,14 @@ from .errors import (
     JobrunnerError,
     JobTypeExists,
     NotCancellable,
+    NotInProgress,
     NotPaused,
     NotReplayable,
+    ScheduleExists,
     StaleCallback,
     UnknownJob,
     UnknownJobType,
+    UnknownSchedule,
     Unauthorized,
 )
 from .metrics import ServiceMetrics, render_gauges
@@ -48,6 +51,8 @@ from .models import (
     ArchivedJob,
     JobType,
     QueuedJob,
+    Schedule,
+    format_job_id,
     new_job_id,
     parse_job_id,
 )
@@ -80,8 +85,14 @@ ROUTES = (
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+|random_id)"), {"GET": "get_job", "POST": "record_status", "PUT": "enqueue"}),
     (re.compile(r"/v1/jobs(?:/([^\s/]+))?/(job_[^\s/]+)/replay"), {"POST": "replay"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+)/cancel"), {"POST": "cancel"}),
+    (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+)/heartbeat"), {"POST": "heartbeat"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/pause"), {"POST": "pause"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/resume"), {"POST": "resume"}),
+    (re.compile(r"/v1/schedules"), {"GET": "list_schedules", "POST": "create_schedule"}),
+    (re.compile(r"/v1/schedules/([^\s/]+)"), {"GET": "get_schedule", "POST": "update_schedule", "DELETE": "delete_schedule"}),
+    (re.compile(r"/v1/schedules/([^\s/]+)/pause"), {"POST": "pause_schedule"}),
+    (re.compile(r"/v1/schedules/([^\s/]+)/resume"), {"POST": "resume_schedule"}),
+    (re.compile(r"/v1/schedules/([^\s/]+)/run"), {"POST": "run_schedule"}),
     (re.compile(r"/"), {"GET": "homepage"}),
     (re.compile(r"/healthz"), {"GET": "healthz"}),
     (re.compile(r"/openapi\.json"), {"GET": "openapi"}),
@@ -103,8 +114,10 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(400, error_id, message)
     if isinstance(error, JobTypeExists):
         return HttpError(400, "invalid_parameter", message)
-    if isinstance(error, (UnknownJobType, UnknownJob)):
+    if isinstance(error, (UnknownJobType, UnknownJob, UnknownSchedule)):
         return HttpError(404, "not_found", message)
+    if isinstance(error, ScheduleExists):
+        return HttpError(409, "schedule_exists", message)
     if isinstance(error, JobNameMismatch):
         return HttpError(404, "job_not_found", message)
     if isinstance(error, JobAlreadyArchived):
@@ -119,6 +132,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(409, "invalid_cancel_attempt", message)
     if isinstance(error, StaleCallback):
         return HttpError(400, "stale_attempt", message)
+    if isinstance(error, NotInProgress):
+        return HttpError(400, "job_not_in_progress", message)
     if isinstance(error, CallbackForbidden):
         return HttpError(403, "forbidden", message, f"Send the {CALLBACK_TOKEN_HEADER} header that came with the job's POST")
     if isinstance(error, DatabaseUnavailable):
@@ -178,6 +193,39 @@ def job_json(job: QueuedJob | ArchivedJob) -> dict:
     }
 
 
+def schedule_json(schedule: Schedule, last_job_status: str | None) -> dict:
+    return {
+        "name": schedule.name,
+        "job_type": schedule.job_type,
+        "data": schedule.data,
+        "cron": schedule.cron,
+        "time_zone": schedule.time_zone,
+        "interval_seconds": schedule.interval_seconds,
+        "run_after_offset": schedule.run_after_offset,
+        "expires_after": schedule.expires_after,
+        "misfire": schedule.misfire,
+        "misfire_limit": schedule.misfire_limit,
+        "paused": schedule.paused,
+        "config_owned": schedule.config_owned,
+        "next_tick": timestamp(schedule.next_tick),
+        "next_tick_local": _local_time(schedule.next_tick, schedule.time_zone) if schedule.cron else None,
+        "last_tick": timestamp(schedule.last_tick),
+        "last_job_id": None if schedule.last_job_id is None else format_job_id(schedule.last_job_id),
+        "last_job_status": last_job_status,
+        "error": None if schedule.error is None else {"message": schedule.error, "failures": schedule.failures, "retry_at": timestamp(schedule.retry_at)},
+        "created_at": timestamp(schedule.created_at),
+        "updated_at": timestamp(schedule.updated_at),
+    }
+
+
+def _local_time(moment: datetime, zone_name: str | None) -> str | None:
+    """The instant in the schedule's zone, with its offset; None where this host does not know the zone."""
+    try:
+        return moment.astimezone(timetable.zone_of(zone_name)).isoformat()
+    except InvalidField:
+        return None
+
+
 # --- request fields ------------------------------------------------------------
 
 
@@ -201,6 +249,22 @@ def _integer(body: dict, field: str, high: int, required: bool = True, low: int 
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from {low} to {high}")
     return value
+
+
+def _number(body: dict, field: str) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a number")
+    return value
+
+
+def _refuse_unknown_fields(body: dict, known: tuple[str, ...]) -> None:
+    """A field this route does not know is refused, so that a client never believes it took effect."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise HttpError(400, "invalid_parameter", f"Unknown field(s): {', '.join(unknown)}", f"known fields: {', '.join(known)}")
 
 
 def _timestamp(body: dict, field: str) -> datetime | None:
@@ -496,6 +560,19 @@ class Handler(ProtocolHandler):
         self.server.metrics.outcome(job)
         self.send_json(200, job_json(job))
 
+    def handle_heartbeat(self, name: str, id_text: str) -> None:
+        """The downstream is still working on the attempt: push its callback deadline (and the stuck-job clock) forward."""
+        body = self._read_json()
+        _refuse_unknown_fields(body, ("attempt", "extend"))
+        attempt = _integer(body, "attempt", MAX_ATTEMPTS)
+        extend = _number(body, "extend")
+        job_id = parse_job_id(id_text)
+        timeout = timedelta(seconds=self.server.config.job_timeout)
+        with self._db() as conn:
+            job, deadline = services.heartbeat(conn, job_id, name, attempt, extend, timeout, self.headers.get(CALLBACK_TOKEN_HEADER))
+        self.server.metrics.heartbeats.inc(job.name)
+        self.send_json(200, {**job_json(job), "deadline": timestamp(deadline)})
+
     def handle_pause(self, name: str) -> None:
         self.read_body()
         with self._db() as conn:
@@ -508,6 +585,68 @@ class Handler(ProtocolHandler):
         with self._db() as conn:
             job_type = services.resume_job_type(conn, name, concurrency)
         self.send_json(200, job_type_json(job_type))
+
+    # --- schedules ---
+
+    def handle_create_schedule(self) -> None:
+        body = self._read_json()
+        config_owned = body.pop("config_owned", False)
+        if not isinstance(config_owned, bool):
+            raise InvalidField("config_owned", "must be true or false")
+        self._check_schedule_data(body)
+        definition = timetable.validate(body)
+        with self._db() as conn:
+            schedules.create_schedule(conn, definition, config_owned)
+            found = schedules.get_schedule(conn, definition.name)
+        self.send_json(201, schedule_json(*found))
+
+    def handle_list_schedules(self) -> None:
+        with self._db() as conn:
+            found = schedules.list_schedules(conn)
+        self.send_json(200, {"schedules": [schedule_json(*pair) for pair in found]})
+
+    def handle_get_schedule(self, name: str) -> None:
+        with self._db() as conn:
+            found = schedules.get_schedule(conn, name)
+        self.send_json(200, schedule_json(*found))
+
+    def handle_update_schedule(self, name: str) -> None:
+        body = self._read_json()
+        self._check_schedule_data(body)
+        with self._db() as conn:
+            schedules.update_schedule(conn, name, body)
+            found = schedules.get_schedule(conn, name)
+        self.send_json(200, schedule_json(*found))
+
+    def handle_delete_schedule(self, name: str) -> None:
+        self.read_body()
+        with self._db() as conn:
+            deleted = schedules.delete_schedule(conn, name)
+        self.send_json(200, schedule_json(deleted, None))
+
+    def handle_pause_schedule(self, name: str) -> None:
+        self._schedule_switch(name, schedules.pause_schedule)
+
+    def handle_resume_schedule(self, name: str) -> None:
+        self._schedule_switch(name, schedules.resume_schedule)
+
+    def _schedule_switch(self, name: str, switch) -> None:
+        self.read_body()
+        with self._db() as conn:
+            switch(conn, name)
+            found = schedules.get_schedule(conn, name)
+        self.send_json(200, schedule_json(*found))
+
+    def handle_run_schedule(self, name: str) -> None:
+        self.read_body()
+        with self._db() as conn:
+            job = schedules.run_now(conn, name)
+        self.server.metrics.enqueued.inc(job.name)
+        self.send_json(201, job_json(job))
+
+    def _check_schedule_data(self, body: dict) -> None:
+        if "data" in body and self._data_too_large(body["data"]):
+            raise HttpError(413, "entity_too_large", "Data parameter is too large (100KB max)")
 
     def handle_healthz(self) -> None:
         try:
@@ -529,19 +668,21 @@ class Handler(ProtocolHandler):
             counted = metrics.collect(server.publisher.directory)
         else:
             counted = server.metrics
-        gauges, names = self._queue_gauges()
+        gauges, names, schedule_names = self._queue_gauges()
         counted.include_job_types(names)
+        counted.include_schedules(schedule_names)
         text = counted.render() + "\n".join(gauges) + "\n"
         self.send_answer(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _queue_gauges(self) -> tuple[list[str], list[str]]:
-        """What every host shares, from the database at scrape time (and the job types' names); without it, only that it is down."""
+    def _queue_gauges(self) -> tuple[list[str], list[str], list[str]]:
+        """What every host shares, from the database at scrape time (and the job types' and schedules' names); without it, only that it is down."""
         up = ["# HELP jobrunner_database_up 1 if this server reached the database for this scrape", "# TYPE jobrunner_database_up gauge"]
         try:
             with self._db(timeout=1.0) as conn:
                 counts = services.list_job_types_with_counts(conn)
+                found = [schedule for schedule, _ in schedules.list_schedules(conn)]
         except DatabaseUnavailable:
-            return up + ["jobrunner_database_up 0"], []
+            return up + ["jobrunner_database_up 0"], [], []
         lines = up + ["jobrunner_database_up 1"]
         for metric, doc, value in (
             ("jobrunner_jobs_queued", "jobs waiting, due or not, by job type", lambda c: c.queued),
@@ -550,7 +691,13 @@ class Handler(ProtocolHandler):
             ("jobrunner_job_type_concurrency", "the job type's concurrency (0: paused)", lambda c: c.job_type.concurrency),
         ):
             lines += render_gauges(metric, doc, "name", {c.job_type.name: value(c) for c in counts})
-        return lines, [c.job_type.name for c in counts]
+        for metric, doc, value in (
+            ("jobrunner_schedule_next_tick_timestamp_seconds", "when the schedule's next tick is due (Unix time), by schedule", lambda s: s.next_tick.timestamp()),
+            ("jobrunner_schedule_failing", "1 while the schedule cannot be evaluated (its error in the API), by schedule", lambda s: int(s.error is not None)),
+            ("jobrunner_schedule_paused", "1 while the schedule is paused, by schedule", lambda s: int(s.paused)),
+        ):
+            lines += render_gauges(metric, doc, "schedule", {s.name: value(s) for s in found})
+        return lines, [c.job_type.name for c in counts], [s.name for s in found]
 
 
 # --- the server ----------------------------------------------------------------

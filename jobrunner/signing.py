@@ -27,7 +27,7 @@ class WebhookVerificationError(ValueError):
 
 def secret_bytes(secret: str) -> bytes:
     """The key in a secret, `whsec_<base64>` or the base64 alone (padding optional, as the reference libraries read it)."""
-    encoded = secret.removeprefix(PREFIX).strip()
+    encoded = secret.removeprefix(PREFIX)
     try:
         key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):

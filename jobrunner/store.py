@@ -26,10 +26,11 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobTypeExists, SchemaMissing
-from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, TypePolicy
+from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, RetryPolicy, Schedule, TypePolicy
 
 Connection = psycopg.Connection
 
@@ -1223,12 +1224,12 @@ LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
 
 
 class Listener:
-    """One connection that LISTENs; behind PgBouncer it needs a session-pooled or direct URL."""
+    """One connection that LISTENs (to the workers' channels unless `listen` says others); behind PgBouncer it needs a session-pooled or direct URL."""
 
-    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True):
-        self._conn = connect(url, name, prepared_statements=prepared_statements)
+    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True, listen: str = LISTEN, **kwargs: Any):
+        self._conn = connect(url, name, prepared_statements=prepared_statements, **kwargs)
         with translated_errors():
-            self._conn.execute(LISTEN)
+            self._conn.execute(listen)
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         """(channel, payload) of every notification that arrives within `timeout` seconds, at least one if any."""
@@ -1237,32 +1238,52 @@ class Listener:
             rest = list(self._conn.notifies(timeout=0.0)) if first else []
         return [(n.channel, n.payload) for n in first + rest]
 
+    @property
+    def connection(self) -> Connection:
+        """The listening connection, for statements between waits (the scheduler needs no other)."""
+        return self._conn
+
     def close(self) -> None:
         self._conn.close()
 
 
 # --- outcomes: archive and retry ---------------------------------------------
 
-# total_attempts: the job's own (see SNAPSHOT_TOTAL_ATTEMPTS), else its type's.
-LOCK_JOB = """
-SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
-FROM queued_jobs q
+# A locked job with what its type says: total_attempts (the job's own, see
+# SNAPSHOT_TOTAL_ATTEMPTS, else its type's), its delivery strategy, its retry
+# settings (NULL: Rickover's back-off), and the transaction's now (one clock for
+# the decision and the statements that carry it out). Constants, joined below.
+LOCKED_JOB_COLUMNS = """
+q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy,
+s.retry_min_backoff, s.retry_max_backoff, s.retry_max_doublings, s.retry_max_duration,
+coalesce(%(now)s, now()) AS locked_at
+"""
+LOCKED_JOB_TABLES = """
+queued_jobs q
 JOIN jobs j ON j.name = q.name
 LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
-WHERE q.id = %(id)s
-FOR UPDATE OF q
+LEFT JOIN jobrunner_job_type_settings s ON s.name = q.name
 """
 
-LOCK_STUCK_JOBS = """
-SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
-FROM queued_jobs q
-JOIN jobs j ON j.name = q.name
-LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
-WHERE q.status = 'in-progress' AND q.updated_at < coalesce(%(now)s, now()) - %(older_than)s
+LOCK_JOB = "SELECT " + LOCKED_JOB_COLUMNS + " FROM " + LOCKED_JOB_TABLES + " WHERE q.id = %(id)s FOR UPDATE OF q"
+
+# In-progress jobs past their deadline: the last heartbeat's (only while the job is
+# as that heartbeat left it: the same attempt, not updated since), else the type's
+# job_timeout (or the default `timeout`) after it was claimed; plus `margin` (the
+# watcher's, behind the workers). Every in-progress row is looked at: there are
+# only as many as the types' concurrency allows.
+LOCK_STUCK_JOBS = (
+    "SELECT " + LOCKED_JOB_COLUMNS + " FROM " + LOCKED_JOB_TABLES
+    + """
+LEFT JOIN jobrunner_job_deadlines d ON d.id = q.id AND d.attempts = q.attempts AND d.beat_at = q.updated_at
+WHERE q.status = 'in-progress'
+  AND coalesce(d.deadline, q.updated_at + coalesce(s.job_timeout * interval '1 second', %(timeout)s)) + %(margin)s
+      < coalesce(%(now)s, now())
 ORDER BY q.updated_at
 LIMIT %(limit)s
 FOR UPDATE OF q SKIP LOCKED
 """
+)
 
 # The one way into the archive: each job deleted from queued_jobs and inserted into
 # archived_jobs by one statement, so it is never both queued and archived, nor neither.
@@ -1383,24 +1404,30 @@ class LockedJob:
     job: QueuedJob
     total_attempts: int
     delivery_strategy: str
+    retry: RetryPolicy  # the type's retry settings (all None: Rickover's back-off)
+    now: datetime  # the transaction's (the database's clock, or the caller's `now`)
 
 
 def _locked_job(row: dict) -> LockedJob:
-    total_attempts = row.pop("total_attempts")
-    delivery_strategy = row.pop("delivery_strategy")
-    return LockedJob(QueuedJob(**row), total_attempts, delivery_strategy)
+    retry = RetryPolicy(
+        row.pop("retry_min_backoff"), row.pop("retry_max_backoff"), row.pop("retry_max_doublings"), row.pop("retry_max_duration")
+    )
+    total_attempts, delivery_strategy, now = row.pop("total_attempts"), row.pop("delivery_strategy"), row.pop("locked_at")
+    return LockedJob(QueuedJob(**row), total_attempts, delivery_strategy, retry, now)
 
 
-def lock_job(conn: Connection, job_id: UUID) -> LockedJob | None:
+def lock_job(conn: Connection, job_id: UUID, now: datetime | None = None) -> LockedJob | None:
     """Lock a queued job for the rest of the caller's transaction."""
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(LOCK_JOB, {"id": job_id}).fetchone()
+        row = cur.execute(LOCK_JOB, {"id": job_id, "now": now}).fetchone()
     return None if row is None else _locked_job(row)
 
 
-def lock_stuck_jobs(conn: Connection, older_than: timedelta, limit: int, now: datetime | None = None) -> list[LockedJob]:
-    """Lock up to `limit` in-progress jobs not updated within `older_than`, oldest first."""
-    params = {"older_than": older_than, "limit": limit, "now": now}
+def lock_stuck_jobs(
+    conn: Connection, timeout: timedelta, limit: int, now: datetime | None = None, margin: timedelta = timedelta(0)
+) -> list[LockedJob]:
+    """Lock up to `limit` in-progress jobs past their deadline (see LOCK_STUCK_JOBS) and `margin`, oldest first."""
+    params = {"timeout": timeout, "margin": margin, "limit": limit, "now": now}
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
         return [_locked_job(row) for row in cur.execute(LOCK_STUCK_JOBS, params)]
 
@@ -1415,7 +1442,252 @@ def retry_job(
     return None if row is None else QueuedJob(**_without(row, "notified"))
 
 
+# --- heartbeats ----------------------------------------------------------------
+
+# A heartbeat of the attempt in progress: its deadline becomes now + `extend` (None:
+# the type's job_timeout, else the default `timeout`), and updated_at now (the clock
+# Rickover's watcher reads). Another attempt, or a job queued or archived, matches
+# nothing and nothing changes. The deadline row holds only while the job is as the
+# heartbeat left it (same attempt and updated_at, see LOCK_STUCK_JOBS).
+HEARTBEAT = """
+WITH beat AS (
+    UPDATE queued_jobs
+    SET updated_at = coalesce(%(now)s, now())
+    WHERE id = %(id)s AND name = %(name)s AND attempts = %(attempt)s AND status = 'in-progress'
+    RETURNING *
+),
+deadline AS (
+    INSERT INTO jobrunner_job_deadlines (id, attempts, beat_at, deadline)
+    SELECT b.id, b.attempts, b.updated_at,
+           b.updated_at + coalesce(%(extend)s, s.job_timeout * interval '1 second', %(timeout)s)
+    FROM beat b LEFT JOIN jobrunner_job_type_settings s ON s.name = b.name
+    ON CONFLICT (id) DO UPDATE SET attempts = excluded.attempts, beat_at = excluded.beat_at, deadline = excluded.deadline
+    RETURNING deadline
+)
+SELECT beat.*, deadline.deadline FROM beat, deadline
+"""
+
+# Deadlines no job holds any more (archived, retried, claimed again), a small batch at a time.
+DELETE_PAST_DEADLINES = """
+DELETE FROM jobrunner_job_deadlines
+WHERE id IN (
+    SELECT d.id FROM jobrunner_job_deadlines d
+    WHERE NOT EXISTS (
+        SELECT 1 FROM queued_jobs q
+        WHERE q.id = d.id AND q.status = 'in-progress' AND q.attempts = d.attempts AND q.updated_at = d.beat_at
+    )
+    LIMIT %(limit)s
+)
+"""
+
+
+def heartbeat(
+    conn: Connection, job_id: UUID, name: str, attempt: int, extend: timedelta | None, timeout: timedelta, now: datetime | None = None
+) -> tuple[QueuedJob, datetime] | None:
+    """Push the deadline of the attempt in progress (see HEARTBEAT): the job and its new deadline; None when nothing matched."""
+    params = {"id": job_id, "name": name, "attempt": attempt, "extend": extend, "timeout": timeout, "now": now}
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(HEARTBEAT, params).fetchone()
+    if row is None:
+        return None
+    deadline = row.pop("deadline")
+    return QueuedJob(**row), deadline
+
+
+def delete_past_deadlines(conn: Connection, limit: int) -> int:
+    with translated_errors():
+        return conn.execute(DELETE_PAST_DEADLINES, {"limit": limit}).rowcount
+
+
 def _without(row: dict, *keys: str) -> dict:
     for key in keys:
         del row[key]
     return row
+
+
+# --- schedules -----------------------------------------------------------------
+
+SCHEDULES_CHANNEL = "jobrunner_schedules"  # payload: a schedule that was created, changed or deleted
+LISTEN_SCHEDULES = "LISTEN jobrunner_schedules"
+
+_SCHEDULE_FIELDS = (
+    "job_type", "data", "cron", "time_zone", "interval_seconds", "run_after_offset", "expires_after",
+    "misfire", "misfire_limit", "paused", "config_owned", "next_tick",
+)  # what a create or an update writes; the rest is the scheduler's bookkeeping
+
+# Every change tells the schedulers at once (sent on commit): the next tick may be sooner.
+CREATE_SCHEDULE = """
+WITH created AS (
+    INSERT INTO jobrunner_schedules (name, job_type, data, cron, time_zone, interval_seconds, run_after_offset,
+                                     expires_after, misfire, misfire_limit, paused, config_owned, next_tick,
+                                     created_at, updated_at)
+    VALUES (%(name)s, %(job_type)s, %(data)s, %(cron)s, %(time_zone)s, %(interval_seconds)s, %(run_after_offset)s,
+            %(expires_after)s, %(misfire)s, %(misfire_limit)s, %(paused)s, %(config_owned)s, %(next_tick)s,
+            coalesce(%(now)s, now()), coalesce(%(now)s, now()))
+    ON CONFLICT (name) DO NOTHING
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM created
+"""
+
+# A change clears the row's error: what failed may be what was changed.
+UPDATE_SCHEDULE = """
+WITH updated AS (
+    UPDATE jobrunner_schedules
+    SET job_type = %(job_type)s, data = %(data)s, cron = %(cron)s, time_zone = %(time_zone)s,
+        interval_seconds = %(interval_seconds)s, run_after_offset = %(run_after_offset)s,
+        expires_after = %(expires_after)s, misfire = %(misfire)s, misfire_limit = %(misfire_limit)s,
+        paused = %(paused)s, config_owned = %(config_owned)s, next_tick = %(next_tick)s,
+        failures = 0, error = NULL, retry_at = NULL, updated_at = coalesce(%(now)s, now())
+    WHERE name = %(name)s
+    RETURNING *
+)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM updated
+"""
+
+DELETE_SCHEDULE = """
+WITH deleted AS (DELETE FROM jobrunner_schedules WHERE name = %(name)s RETURNING *)
+SELECT *, pg_notify('jobrunner_schedules', name) AS notified FROM deleted
+"""
+
+GET_SCHEDULE = "SELECT * FROM jobrunner_schedules WHERE name = %(name)s"
+
+# A change of a schedule waits for the scheduler's round that holds it, and the other way round.
+LOCK_SCHEDULE = "SELECT * FROM jobrunner_schedules WHERE name = %(name)s FOR UPDATE"
+
+# Every schedule with the status of its last job (NULL once that job is gone, by retention).
+LIST_SCHEDULES = """
+SELECT s.*, coalesce(q.status::text, a.status::text) AS last_job_status
+FROM jobrunner_schedules s
+LEFT JOIN queued_jobs q ON q.id = s.last_job_id
+LEFT JOIN archived_jobs a ON a.id = s.last_job_id
+WHERE %(name)s::text IS NULL OR s.name = %(name)s
+ORDER BY s.name
+"""
+
+# Due schedules, locked: another host's scheduler skips them (and finds them moved
+# on once this transaction commits). A row that failed waits for its retry_at.
+LOCK_DUE_SCHEDULES = """
+SELECT *
+FROM jobrunner_schedules
+WHERE NOT paused AND next_tick <= coalesce(%(now)s, now())
+  AND (retry_at IS NULL OR retry_at <= coalesce(%(now)s, now()))
+ORDER BY next_tick
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+ADVANCE_SCHEDULE = """
+UPDATE jobrunner_schedules
+SET next_tick = %(next_tick)s,
+    last_tick = coalesce(%(last_tick)s, last_tick),
+    last_job_id = coalesce(%(last_job_id)s, last_job_id),
+    failures = 0, error = NULL, retry_at = NULL
+WHERE name = %(name)s
+"""
+
+SET_LAST_JOB = "UPDATE jobrunner_schedules SET last_job_id = %(last_job_id)s WHERE name = %(name)s"
+
+# Back-off of a row that fails: 2^failures seconds, at most `max_delay`. The
+# failures before this one: 0 means it is new, and is logged.
+RECORD_SCHEDULE_ERROR = """
+UPDATE jobrunner_schedules
+SET failures = failures + 1, error = %(error)s,  -- SET reads the row as it was
+    retry_at = coalesce(%(now)s, now()) + least(power(2, least(failures + 1, 20)) * interval '1 second', %(max_delay)s)
+WHERE name = %(name)s
+RETURNING failures - 1
+"""
+
+# Seconds until the earliest schedule is due (0 if one is), None when none is active.
+NEXT_SCHEDULE_DUE_IN = """
+SELECT greatest(0, extract(epoch FROM min(greatest(next_tick, coalesce(retry_at, next_tick))) - coalesce(%(now)s, now())))::float8
+FROM jobrunner_schedules
+WHERE NOT paused
+"""
+
+# Config-declared schedules are reconciled by one process at a time (every host's scheduler starts with it).
+LOCK_SCHEDULE_RECONCILE = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s)"
+SCHEDULE_RECONCILE_LOCK_KEY = 1
+
+CONFIG_OWNED_SCHEDULES = "SELECT name FROM jobrunner_schedules WHERE config_owned ORDER BY name"
+
+
+def _schedule(row: dict | None) -> Schedule | None:
+    return None if row is None else Schedule(**_without(row, "notified"))
+
+
+def _schedule_params(name: str, fields: dict, now: datetime | None) -> dict:
+    params = {field: fields[field] for field in _SCHEDULE_FIELDS}
+    return {**params, "data": Jsonb(params["data"]), "name": name, "now": now}
+
+
+def create_schedule(conn: Connection, name: str, fields: dict, now: datetime | None = None) -> Schedule | None:
+    """Insert a schedule with `fields` (every one of _SCHEDULE_FIELDS); None when the name is taken."""
+    with translated_errors("schedule"), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(CREATE_SCHEDULE, _schedule_params(name, fields, now)).fetchone())
+
+
+def update_schedule(conn: Connection, name: str, fields: dict, now: datetime | None = None) -> Schedule | None:
+    with translated_errors("schedule"), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(UPDATE_SCHEDULE, _schedule_params(name, fields, now)).fetchone())
+
+
+def delete_schedule(conn: Connection, name: str) -> Schedule | None:
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        return _schedule(cur.execute(DELETE_SCHEDULE, {"name": name}).fetchone())
+
+
+def get_schedule(conn: Connection, name: str, lock: bool = False) -> Schedule | None:
+    """The schedule; with `lock`, locked until the caller's transaction ends."""
+    with translated_errors(), conn.cursor(row_factory=class_row(Schedule)) as cur:
+        return cur.execute(LOCK_SCHEDULE if lock else GET_SCHEDULE, {"name": name}).fetchone()
+
+
+def list_schedules(conn: Connection, name: str | None = None) -> list[tuple[Schedule, str | None]]:
+    """Every schedule (or the one named), by name, with the status of its last job (None: no job, or no longer kept)."""
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_SCHEDULES, {"name": name}).fetchall()
+    return [(Schedule(**{key: value for key, value in row.items() if key != "last_job_status"}), row["last_job_status"]) for row in rows]
+
+
+def lock_due_schedules(conn: Connection, limit: int, now: datetime | None = None) -> list[Schedule]:
+    with translated_errors(), conn.cursor(row_factory=class_row(Schedule)) as cur:
+        return cur.execute(LOCK_DUE_SCHEDULES, {"limit": limit, "now": now}).fetchall()
+
+
+def advance_schedule(
+    conn: Connection, name: str, next_tick: datetime, last_tick: datetime | None, last_job_id: UUID | None
+) -> None:
+    """Move a schedule to its next tick (and record the last tick and job, when there is one), clearing its error."""
+    params = {"name": name, "next_tick": next_tick, "last_tick": last_tick, "last_job_id": last_job_id}
+    with translated_errors():
+        conn.execute(ADVANCE_SCHEDULE, params)
+
+
+def set_last_job(conn: Connection, name: str, job_id: UUID) -> None:
+    with translated_errors():
+        conn.execute(SET_LAST_JOB, {"name": name, "last_job_id": job_id})
+
+
+def record_schedule_error(conn: Connection, name: str, error: str, max_delay: timedelta, now: datetime | None = None) -> int:
+    """Keep why a schedule failed and when to try it again; the failures it had before this one."""
+    params = {"name": name, "error": error, "max_delay": max_delay, "now": now}
+    with translated_errors():
+        row = conn.execute(RECORD_SCHEDULE_ERROR, params).fetchone()
+    return 0 if row is None else row[0]
+
+
+def next_schedule_due_in(conn: Connection, now: datetime | None = None) -> float | None:
+    """Seconds until a schedule is due by the database's clock (0: one is); None when none is active."""
+    with translated_errors():
+        return conn.execute(NEXT_SCHEDULE_DUE_IN, {"now": now}).fetchone()[0]
+
+
+def lock_schedule_reconcile(conn: Connection) -> None:
+    with translated_errors():
+        conn.execute(LOCK_SCHEDULE_RECONCILE, {"space": ADVISORY_LOCK_SPACE, "key": SCHEDULE_RECONCILE_LOCK_KEY})
+
+
+def config_owned_schedules(conn: Connection) -> list[str]:
+    with translated_errors():
+        return [name for (name,) in conn.execute(CONFIG_OWNED_SCHEDULES)]

@@ -31,6 +31,25 @@ def test_job_types_are_created_listed_read_and_updated(client):
     assert client.resume("email", concurrency=6)["concurrency"] == 6
 
 
+def test_schedules_are_created_read_changed_run_and_deleted(client):
+    client.create_type("email", "at_least_once", 3, 0)
+    created = client.create_schedule("nightly", "email", {"report": "daily"}, cron="0 2 * * *", time_zone="Europe/Berlin", misfire="once")
+    assert (created["cron"], created["time_zone"], created["misfire"], created["data"]) == ("0 2 * * *", "Europe/Berlin", "once", {"report": "daily"})
+    assert [s["name"] for s in client.schedules()] == ["nightly"]
+    assert client.update_schedule("nightly", interval_seconds=300)["interval_seconds"] == 300
+    assert client.pause_schedule("nightly")["paused"] is True
+    assert client.resume_schedule("nightly")["paused"] is False
+    job = client.run_schedule("nightly")
+    assert client.schedule("nightly")["last_job_id"] == job["id"]
+    with pytest.raises(ApiError) as refused:
+        client.create_schedule("bad", "email", interval_seconds=0)
+    assert (refused.value.status, refused.value.title) == (400, "Invalid interval_seconds: must be a whole number of seconds from 1 to 316224000, not 0")
+    assert client.delete_schedule("nightly")["name"] == "nightly"
+    with pytest.raises(ApiError) as missing:
+        client.schedule("nightly")
+    assert missing.value.status == 404
+
+
 def test_enqueue_makes_an_id_and_is_idempotent_under_a_given_one(client):
     client.create_type("email", "at_least_once", 3, 0)  # paused: the jobs stay queued
     job = client.enqueue("email", {"to": "a@example.com"})

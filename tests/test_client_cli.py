@@ -39,6 +39,24 @@ def test_types_are_created_listed_paused_and_resumed(jr):
     assert jr("types", "resume", "email", "--concurrency", "3").stdout.strip() == "email resumed: concurrency 3"
 
 
+def test_schedules_are_created_listed_run_changed_paused_and_deleted(jr):
+    jr("types", "create", "email", "--concurrency", "0")
+    created = jr("schedules", "create", "nightly", "--job-type", "email", "--cron", "0 2 * * *", "--time-zone", "Europe/Berlin", "--data", '{"r": 1}')
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("nightly (active): email 0 2 * * * Europe/Berlin; next ")
+    listed = jr("schedules", "list").stdout.splitlines()
+    assert listed[0].split()[:3] == ["NAME", "JOB", "TYPE"] and listed[1].split()[:2] == ["nightly", "email"]
+    job = json.loads(jr("schedules", "run", "nightly", "--json").stdout)
+    assert job["data"] == {"r": 1} and job["status"] == "queued"
+    assert f"last job {job['id']} queued" in jr("schedules", "get", "nightly").stdout
+    assert jr("schedules", "pause", "nightly").stdout.startswith("nightly (paused)")
+    assert "every 60 s" in jr("schedules", "update", "nightly", "--every", "60").stdout
+    refused = jr("schedules", "create", "other", "--job-type", "email", "--every", "0")
+    assert refused.returncode == 1 and "Invalid interval_seconds" in refused.stderr
+    assert jr("schedules", "delete", "nightly").returncode == 0
+    assert jr("schedules", "get", "nightly").returncode == 1
+
+
 def test_a_job_is_enqueued_read_cancelled_and_replayed(jr):
     jr("types", "create", "email", "--concurrency", "0")
     job = json.loads(jr("enqueue", "email", "--data", '{"to": "a@example.com"}', "--json").stdout)

@@ -192,3 +192,21 @@ def test_the_screenshot_script_runs(tmp_path):
     png = output.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1280, 900)
+
+
+def test_the_schedules_panel_shows_next_runs_and_last_jobs_and_pauses_and_resumes(api, browser):
+    api.post("/v1/jobs", {**EMAIL, "concurrency": 0})
+    schedule = {"name": "nightly", "job_type": "email", "cron": "30 2 * * *", "time_zone": "Europe/Berlin", "data": {"n": 1}}
+    assert api.post("/v1/schedules", schedule).status == 201
+    job = api.post("/v1/schedules/nightly/run").json
+    open_dashboard(browser, api.port)
+    row = browser.text('#schedules tr[data-schedule="nightly"]')
+    assert "30 2 * * * (Europe/Berlin)" in row
+    assert "02:30:00 CET" in row or "02:30:00 CEST" in row  # in its zone
+    assert "UTC" in row and job["id"] in row and "queued" in row
+    browser.click('#schedules tr[data-schedule="nightly"] button[data-action="pause-schedule"]')
+    wait_until(lambda: api.get("/v1/schedules/nightly").json["paused"], "the schedule to be paused")
+    wait_until(lambda: browser.text("#status") == "Paused schedule nightly", "the pause's result")
+    wait_until(lambda: browser.find_all('#schedules tr[data-schedule="nightly"] button[data-action="resume-schedule"]'), "the resume button")
+    browser.click('#schedules tr[data-schedule="nightly"] button[data-action="resume-schedule"]')
+    wait_until(lambda: not api.get("/v1/schedules/nightly").json["paused"], "the schedule to be resumed")

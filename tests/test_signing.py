@@ -17,7 +17,7 @@ from jobrunner import signing, store
 from jobrunner.client import WebhookVerificationError, verify_webhook
 from jobrunner.config import ConfigError, effective_settings, load_config
 from jobrunner.downstream import Delivery, Downstream
-from jobrunner.models import QueuedJob, TypePolicy
+from jobrunner.models import QueuedJob
 
 # The published test vectors of the Standard Webhooks reference libraries
 # (github.com/standard-webhooks/standard-webhooks: libraries/python/tests/test_webhooks.py,
@@ -40,6 +40,7 @@ UNPADDED_SECRETS = ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "MfKQ9r8GKYqrTwjUPD8ILPZ
 
 SECRET_A = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="  # 32 bytes
 SECRET_B = "whsec_" + "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI="
+SECRET_C = "whsec_" + "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M="
 
 
 def vector_headers(signature: str = VECTOR_SIGNATURE) -> dict:
@@ -190,6 +191,11 @@ def test_the_global_secrets_come_from_the_environment_or_the_config_file(tmp_pat
     assert load_config({"JOBRUNNER_SIGNING_SECRETS": SECRET_A}, str(path)).signing_secrets == (SECRET_A,)
 
 
+def test_at_most_two_global_secrets_as_for_a_type():
+    with pytest.raises(ConfigError, match="at most 2 secrets"):
+        load_config({"JOBRUNNER_SIGNING_SECRETS": ",".join([SECRET_A, SECRET_B, SECRET_C])})
+
+
 def test_a_bad_secret_fails_at_start_naming_the_setting_and_never_showing_a_secret():
     with pytest.raises(ConfigError) as refused:
         load_config({"JOBRUNNER_SIGNING_SECRETS": f"{SECRET_A},whsec_c2hvcnQ="})
@@ -207,7 +213,6 @@ def test_the_secrets_are_masked_wherever_the_config_is_shown():
 
 # --- what the downstream receives ---------------------------------------------------
 
-SECRET_C = "whsec_" + "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M="
 NOW = datetime.now(timezone.utc)
 JOB = QueuedJob(uuid.uuid4(), "email", 3, NOW, None, NOW, NOW, "in-progress", {"to": "a@example.com"})
 
@@ -281,11 +286,10 @@ def test_a_real_service_signs_every_post_and_its_downstream_verifies_each(db_url
     downstream.policy = verify_then_accept
     with running_service(db_url, downstream.url, JOBRUNNER_SIGNING_SECRETS=SECRET_A) as service:
         downstream.api_port = service.port
+        own = {"sms": {"signing_secrets": [SECRET_C, SECRET_B], "callback_token": "tok-0123456789abcdef"}}  # a rotation
         for name in holds:
-            body = {"name": name, "delivery_strategy": "at_least_once", "attempts": 1, "concurrency": 5}
+            body = {"name": name, "delivery_strategy": "at_least_once", "attempts": 1, "concurrency": 5, **own.get(name, {})}
             assert service.api.post("/v1/jobs", body).status == 201
-        with store.connect(db_url) as conn:
-            store.save_job_type_policy(conn, "sms", TypePolicy(signing_secrets=(SECRET_C, SECRET_B), callback_token="tok-0123456789abcdef"))
         ids = {name: [enqueue_over(service, name) for _ in range(10)] for name in holds}
         wait_until(lambda: succeeded(db_url) == 20 or refused, "20 jobs to succeed", timeout=30)
     assert not refused and not downstream.callback_errors
