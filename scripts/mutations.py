@@ -428,6 +428,22 @@ MUTATIONS = [
         (f"{HEARTBEAT_TESTS}::test_a_deadline_holds_for_its_attempt_only",),
     ),
     Mutation(
+        "stuck-bound-without-types",
+        "the overdue check's first bound allows for a type's job_timeout shorter than the default",
+        STORE,
+        "      (SELECT min(job_timeout) * interval '1 second' FROM jobrunner_job_type_settings),\n",
+        "",
+        (f"{POLICY_TESTS}::test_the_overdue_check_counts_each_type_from_its_own_job_timeout",),
+    ),
+    Mutation(
+        "stuck-bound-without-heartbeats",
+        "the overdue check's first bound allows for a heartbeat's extend shorter than the default",
+        STORE,
+        "      (SELECT min(deadline - beat_at) FROM jobrunner_job_deadlines)\n",
+        "      NULL\n",
+        (HEARTBEAT_TESTS,),
+    ),
+    Mutation(
         "heartbeat-any-attempt",
         "a heartbeat for another attempt changes nothing",
         STORE,
