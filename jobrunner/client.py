@@ -130,6 +130,16 @@ class Client:
         name = name or self.get(job_id)["name"]
         return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/cancel", {})
 
+    def heartbeat(self, name: str, job_id: str, attempt: int, extend: float | None = None, callback_token: str | None = None) -> dict:
+        """For a downstream still working on `attempt` of a job: push its callback deadline to now + `extend`
+        seconds (default: the type's job_timeout). `callback_token`: the Jobrunner-Callback-Token the job's
+        POST carried, for a type that has one. The job, with its new "deadline"; safe to retry."""
+        body: dict[str, Any] = {"attempt": attempt}
+        if extend is not None:
+            body["extend"] = extend
+        headers = {} if callback_token is None else {"Jobrunner-Callback-Token": callback_token}
+        return self._request("POST", f"/v1/jobs/{_quote(name)}/{job_id}/heartbeat", body, retry=True, headers=headers)
+
     def jobs(self, name: str, status: str | None = None, limit: int | None = None, page_size: int = 100) -> Iterator[dict]:
         """A type's jobs, newest first, page after page; at most `limit`."""
         cursor, given = None, 0
@@ -180,10 +190,10 @@ class Client:
 
     # --- the wire ---
 
-    def _request(self, method: str, path: str, body: Any = None, retry: bool = False) -> Any:
+    def _request(self, method: str, path: str, body: Any = None, retry: bool = False, headers: dict[str, str] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         for attempt, delay in enumerate((*(RETRY_DELAYS if retry else ()), None)):  # None: the last try
-            request = urllib.request.Request(self.url + path, data=data, headers=self._headers, method=method)
+            request = urllib.request.Request(self.url + path, data=data, headers={**self._headers, **(headers or {})}, method=method)
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
                     answer = response.read()

@@ -30,7 +30,9 @@ class HttpDelivery:
     """POST each job to the downstream (a `plugins.JobHandler`); its callback, or the timeout, reports how the job went.
 
     A 503 is resent a few times with back-off, without using an attempt, as long
-    as the job is still in progress at that attempt and not expired.
+    as the job is still in progress at that attempt and not expired. Each job goes
+    to its type's `downstream_url` within its `downstream_timeout` (`policies`,
+    replaced by the worker whenever it reads the types), else to the defaults.
     """
 
     def __init__(self, pool: store.Pool, downstream: Downstream, stop: threading.Event, counted: ServiceMetrics | None = None):
@@ -92,9 +94,15 @@ class HttpDelivery:
         return NotDelivered(reason)
 
     def _post(self, job: QueuedJob) -> tuple[Delivery, str]:
-        started = time.perf_counter()
         policy = self.policies.get(job.name, DEFAULT_POLICY)
-        result, reason = self.downstream.post(job, policy.signing_secrets, policy.callback_token)
+        started = time.perf_counter()
+        result, reason = self.downstream.post(
+            job,
+            base_url=policy.downstream_url,
+            timeout=policy.downstream_timeout,
+            signing_secrets=policy.signing_secrets,
+            callback_token=policy.callback_token,
+        )
         self.metrics.downstream_latency.observe(time.perf_counter() - started, job.name)
         if result is Delivery.ACCEPTED:
             self.metrics.dispatched.inc(job.name)

@@ -4,6 +4,9 @@ What we send is what Rickover sent (CONTRACT.md §6.3): `POST <DOWNSTREAM_URL>/v
 body exactly `{"data": ..., "attempts": N}`, HTTP Basic auth user `jobs`; with signing
 secrets, also the Standard Webhooks headers (`signing.py`; webhook-id `<job id>-<attempts>`,
 the same for every POST of one attempt), and a type's callback token when it has one.
+A job type may have a base URL and a timeout of its own (`post`'s `base_url`,
+`timeout`); connections are kept per thread and (scheme, host, port), so types sent
+to different services share nothing but the dispatch threads.
 Failures are told apart by their type, never by their message: an attempt that
 certainly never reached the downstream may be sent again; one that may have
 reached it must wait for its callback; an error answer proves that it arrived.
@@ -167,6 +170,7 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
         # not kept, is closed and forgotten, so memory stays flat however many come and go.
         self._kept: dict[tuple[int, str, str], _Kept] = {}
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
     def release(self, req: urllib.request.Request) -> None:
         """This thread's request is over: keep its connection only if the answer was read whole."""
@@ -192,6 +196,7 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
 
     def _open(self, connection_class, req):
         key = self._key(req)
+        self._sweep()
         with self._lock:
             kept = self._kept.pop(key, None)
         deadline = time.monotonic() + req.timeout
@@ -224,9 +229,23 @@ class _KeepAliveHandler(urllib.request.BaseHandler):
             self._kept[self._key(req)] = _Kept(conn, response, time.monotonic())
         return response
 
+    def _sweep(self) -> None:
+        """Close the kept connections idle past MAX_IDLE, which no POST would reuse: with job types sent
+        to many hosts, a thread keeps only those it used lately, not one per host it ever sent to."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_sweep:
+                return
+            self._next_sweep = now + MAX_IDLE
+            # an answer still being read (not closed) belongs to its thread's POST in progress
+            idle = [key for key, kept in self._kept.items() if kept.response.isclosed() and now - kept.used_at > MAX_IDLE]
+            closing = [self._kept.pop(key) for key in idle]
+        for kept in closing:
+            kept.conn.close()
+
     @staticmethod
     def _key(req: urllib.request.Request) -> tuple[int, str, str]:
-        return threading.get_ident(), req.type, req.host
+        return threading.get_ident(), req.type, req.host  # host: name and port, as the URL gives them
 
 
 MAX_IDLE = 1.0
@@ -242,7 +261,8 @@ class Delivery(enum.Enum):
 
 
 class Downstream:
-    """POSTs jobs to `base_url`, signed with `signing_secrets` (none: unsigned) unless a job type has its own."""
+    """POSTs jobs to `base_url` within `timeout`, signed with `signing_secrets` (none: unsigned),
+    unless a job type has its own base URL, timeout or secrets (`post`)."""
 
     def __init__(self, base_url: str, password: str, timeout: float, signing_secrets: Sequence[str] = ()):
         self.base_url = base_url.rstrip("/")
@@ -264,22 +284,32 @@ class Downstream:
         """Close the kept-alive connections of every thread."""
         self._connections.close_all()
 
-    def url(self, job: QueuedJob) -> str:
-        return f"{self.base_url}/v1/jobs/{urllib.parse.quote(job.name, safe='')}/{job.job_id}"
+    def url(self, job: QueuedJob, base_url: str | None = None) -> str:
+        base = self.base_url if base_url is None else base_url.rstrip("/")
+        return f"{base}/v1/jobs/{urllib.parse.quote(job.name, safe='')}/{job.job_id}"
 
-    def post(self, job: QueuedJob, signing_secrets: Sequence[str] = (), callback_token: str | None = None) -> tuple[Delivery, str]:
+    def post(
+        self,
+        job: QueuedJob,
+        *,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        signing_secrets: Sequence[str] = (),
+        callback_token: str | None = None,
+    ) -> tuple[Delivery, str]:
         """Send one attempt of `job`; what became of it, and a short reason for the logs.
 
-        Signed with the job type's `signing_secrets` (none: the default ones), and
-        carrying its `callback_token` if it has one. The whole exchange (connect,
-        send, the answer's head and its first MAX_ANSWER bytes) has `timeout`
-        seconds; past them the connection is closed.
+        To the job type's `base_url` (None: the default), path appended. Signed
+        with the type's `signing_secrets` (none: the default ones), and carrying
+        its `callback_token` if it has one. The whole exchange (connect, send,
+        the answer's head and its first MAX_ANSWER bytes) has `timeout` seconds
+        (None: the default); past them the connection is closed.
         """
         body = json.dumps({"data": job.data, "attempts": job.attempts}).encode()
         headers = self._headers_for(job, body, signing_secrets or self.signing_secrets, callback_token)
-        request = urllib.request.Request(self.url(job), data=body, headers=headers, method="POST")
+        request = urllib.request.Request(self.url(job, base_url), data=body, headers=headers, method="POST")
         try:
-            return self._send(request)
+            return self._send(request, self.timeout if timeout is None else timeout)
         finally:
             self._connections.release(request)
 
@@ -294,9 +324,9 @@ class Downstream:
             headers.update(signing.sign(secrets, webhook_id(job), int(time.time()), body))
         return headers
 
-    def _send(self, request: urllib.request.Request) -> tuple[Delivery, str]:
+    def _send(self, request: urllib.request.Request, timeout: float) -> tuple[Delivery, str]:
         try:
-            response = self._opener.open(request, timeout=self.timeout)
+            response = self._opener.open(request, timeout=timeout)
             response.read(MAX_ANSWER)
             return Delivery.ACCEPTED, f"HTTP {response.status}"
         except urllib.error.HTTPError as error:

@@ -68,16 +68,24 @@ class JobIdInUse(JobrunnerError):
 
 
 class StaleCallback(JobrunnerError):
-    """A failed callback for an attempt that is not the one in progress: it changes nothing."""
+    """A failed callback (or a heartbeat) for an attempt that is not the one in progress: it changes nothing."""
 
-    def __init__(self, job_id: str, attempt: int, stored_attempts: int, status: str):
+    def __init__(self, job_id: str, attempt: int, stored_attempts: int, status: str, what: str = "a failed callback"):
         super().__init__(
             f"Job {job_id} is {status} with {stored_attempts} attempts remaining; "
-            f"a failed callback for attempt {attempt} is stale and changes nothing"
+            f"{what} for attempt {attempt} is stale and changes nothing"
         )
         self.job_id = job_id
         self.attempt = attempt
         self.stored_attempts = stored_attempts
+
+
+class NotInProgress(JobrunnerError):
+    """A heartbeat for a job that is queued, not sent: there is no attempt to keep alive."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"Job {job_id} is queued, not in progress: a heartbeat is only for a job sent and not yet called back")
+        self.job_id = job_id
 
 
 class NotReplayable(JobrunnerError):

@@ -108,6 +108,16 @@ class ArchivedJob:
         return format_job_id(self.id)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """A job type's retry settings (seconds); all None: Rickover's back-off, 2^(attempts used) seconds."""
+
+    min_backoff: float | None = None
+    max_backoff: float | None = None
+    max_doublings: int | None = None
+    max_duration: float | None = None  # since the job's created_at: a failure after it is final
+
+
 def format_job_id(job_uuid: uuid.UUID) -> str:
     return JOB_ID_PREFIX + str(job_uuid)
 

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from base64 import b64decode
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import batching, dashboard, metrics, plugins, policies, schedules, services, store, timetable
@@ -31,6 +31,7 @@ from .errors import (
     JobrunnerError,
     JobTypeExists,
     NotCancellable,
+    NotInProgress,
     NotPaused,
     NotReplayable,
     ScheduleExists,
@@ -84,6 +85,7 @@ ROUTES = (
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+|random_id)"), {"GET": "get_job", "POST": "record_status", "PUT": "enqueue"}),
     (re.compile(r"/v1/jobs(?:/([^\s/]+))?/(job_[^\s/]+)/replay"), {"POST": "replay"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+)/cancel"), {"POST": "cancel"}),
+    (re.compile(r"/v1/jobs/([^\s/]+)/(job_[^\s/]+)/heartbeat"), {"POST": "heartbeat"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/pause"), {"POST": "pause"}),
     (re.compile(r"/v1/jobs/([^\s/]+)/resume"), {"POST": "resume"}),
     (re.compile(r"/v1/schedules"), {"GET": "list_schedules", "POST": "create_schedule"}),
@@ -130,6 +132,8 @@ def _error_for(error: JobrunnerError) -> HttpError:
         return HttpError(409, "invalid_cancel_attempt", message)
     if isinstance(error, StaleCallback):
         return HttpError(400, "stale_attempt", message)
+    if isinstance(error, NotInProgress):
+        return HttpError(400, "job_not_in_progress", message)
     if isinstance(error, CallbackForbidden):
         return HttpError(403, "forbidden", message, f"Send the {CALLBACK_TOKEN_HEADER} header that came with the job's POST")
     if isinstance(error, DatabaseUnavailable):
@@ -245,6 +249,22 @@ def _integer(body: dict, field: str, high: int, required: bool = True, low: int 
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a whole number from {low} to {high}")
     return value
+
+
+def _number(body: dict, field: str) -> float | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise HttpError(400, "invalid_request", BAD_JSON, f"{field} must be a number")
+    return value
+
+
+def _refuse_unknown_fields(body: dict, known: tuple[str, ...]) -> None:
+    """A field this route does not know is refused, so that a client never believes it took effect."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise HttpError(400, "invalid_parameter", f"Unknown field(s): {', '.join(unknown)}", f"known fields: {', '.join(known)}")
 
 
 def _timestamp(body: dict, field: str) -> datetime | None:
@@ -539,6 +559,19 @@ class Handler(ProtocolHandler):
             job = services.cancel(conn, job_id, name)
         self.server.metrics.outcome(job)
         self.send_json(200, job_json(job))
+
+    def handle_heartbeat(self, name: str, id_text: str) -> None:
+        """The downstream is still working on the attempt: push its callback deadline (and the stuck-job clock) forward."""
+        body = self._read_json()
+        _refuse_unknown_fields(body, ("attempt", "extend"))
+        attempt = _integer(body, "attempt", MAX_ATTEMPTS)
+        extend = _number(body, "extend")
+        job_id = parse_job_id(id_text)
+        timeout = timedelta(seconds=self.server.config.job_timeout)
+        with self._db() as conn:
+            job, deadline = services.heartbeat(conn, job_id, name, attempt, extend, timeout, self.headers.get(CALLBACK_TOKEN_HEADER))
+        self.server.metrics.heartbeats.inc(job.name)
+        self.send_json(200, {**job_json(job), "deadline": timestamp(deadline)})
 
     def handle_pause(self, name: str) -> None:
         self.read_body()

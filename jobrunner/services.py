@@ -15,6 +15,7 @@ import hmac
 import importlib
 import logging
 import math
+import random
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from .errors import (
     JobNameMismatch,
     JobrunnerError,
     NotCancellable,
+    NotInProgress,
     NotPaused,
     NotReplayable,
     StaleCallback,
@@ -50,6 +52,7 @@ from .models import (
     ArchivedJob,
     JobType,
     QueuedJob,
+    RetryPolicy,
     Schedule,
     format_job_id,
     new_job_id,
@@ -73,10 +76,16 @@ from .outcomes import (
 )
 from .store import Claim, Connection
 
+NO_RETRY_POLICY = RetryPolicy()
+
 # How long a dispatched job may wait for its callback before it counts as failed.
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 # Retry back-off is 2^k seconds, capped (Rickover's overflowed past 2^33).
 MAX_RETRY_DELAY = timedelta(days=1)
+# A type's own retry settings, when it sets only some (see backoff_bounds).
+DEFAULT_MIN_BACKOFF = 2.0  # seconds: Rickover's first wait
+DEFAULT_MAX_DOUBLINGS = 16  # Cloud Tasks' default
+MAX_EXPONENT = 512  # 2^512 x any min_backoff passes any max_backoff, and stays a float
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,7 @@ def __getattr__(name: str) -> Any:
 
 
 STUCK_JOBS_BATCH = 100
+MAX_HEARTBEAT_EXTEND = timedelta(seconds=policies.MAX_JOB_TIMEOUT)  # a heartbeat asks for at most the longest job_timeout
 MAX_PAGE = 500
 
 
@@ -406,7 +416,7 @@ def handle_status_callback(
     if status != FAILED:
         raise InvalidField("status", f"must be {SUCCEEDED!r} or {FAILED!r}, not {status!r}")
     with store.transaction(conn):
-        locked = store.lock_job(conn, job_id)
+        locked = store.lock_job(conn, job_id, now)
         if locked is None or locked.job.name != name:
             raise _not_queued(conn, job_id, name)
         return _fail(conn, locked, attempt, retryable, now)
@@ -440,10 +450,47 @@ def _token_accepted(expected: str | None, presented: str | None) -> bool:
     return expected is None or hmac.compare_digest(expected.encode(), (presented or "").encode("utf-8", "replace"))
 
 
-def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | None = None) -> list[QueuedJob | ArchivedJob]:
-    """Fail every in-progress job not updated within `older_than`, as a failed retryable callback would.
+def heartbeat(
+    conn: Connection,
+    job_id: UUID,
+    name: str,
+    attempt: int,
+    extend: float | None,
+    default_timeout: timedelta,
+    callback_token: str | None = None,
+    now: datetime | None = None,
+) -> tuple[QueuedJob, datetime]:
+    """The downstream is still at work on `attempt`: its callback deadline becomes now + `extend` seconds.
 
-    Returns what became of each job it failed. Jobs are locked first, so a real callback
+    `extend` defaults to the type's job_timeout (else `default_timeout`); the
+    overdue check and the watcher count from the new deadline. A type with a
+    callback token needs it (`callback_token`: the one presented), as a
+    callback does. A heartbeat for another attempt, or for a job queued or
+    archived, changes nothing and says why. Returns the job (updated_at: now)
+    and its deadline.
+    """
+    if extend is not None and not 0 < extend <= MAX_HEARTBEAT_EXTEND.total_seconds():
+        raise InvalidField("extend", f"must be more than 0 and at most {MAX_HEARTBEAT_EXTEND.total_seconds():.0f} seconds, not {extend!r}")
+    check_callback_token(conn, name, callback_token)
+    beat = store.heartbeat(conn, job_id, name, attempt, None if extend is None else timedelta(seconds=extend), default_timeout, now)
+    if beat is not None:
+        return beat
+    job = get_job(conn, job_id, name)  # unknown, or of another type
+    if isinstance(job, ArchivedJob):
+        raise JobAlreadyArchived(job.job_id, job.status)
+    if job.status != IN_PROGRESS:
+        raise NotInProgress(job.job_id)
+    raise StaleCallback(job.job_id, attempt, job.attempts, job.status, "a heartbeat")
+
+
+def archive_stuck_jobs(
+    conn: Connection, older_than: timedelta, now: datetime | None = None, margin: timedelta = timedelta(0)
+) -> list[QueuedJob | ArchivedJob]:
+    """Fail every in-progress job past its deadline and `margin`, as a failed retryable callback would.
+
+    The deadline is the last heartbeat's, else `older_than` after the claim (the
+    type's own job_timeout instead, when it has one); `margin` is the watcher's
+    lag behind the workers. Returns what became of each job it failed. Jobs are locked first, so a real callback
     racing with this either waits and then finds the job moved on (stale), or
     wins and the job is no longer stuck. A job that cannot be failed is logged
     and skipped (its own savepoint), so it never holds up the others.
@@ -451,7 +498,7 @@ def archive_stuck_jobs(conn: Connection, older_than: timedelta, now: datetime | 
     failed: list[QueuedJob | ArchivedJob] = []
     while True:
         with store.transaction(conn):
-            stuck = store.lock_stuck_jobs(conn, older_than, STUCK_JOBS_BATCH, now)
+            stuck = store.lock_stuck_jobs(conn, older_than, STUCK_JOBS_BATCH, now, margin)
             handled = [result for locked in stuck if (result := _fail_stuck(conn, locked, now)) is not None]
         failed += handled
         if len(stuck) < STUCK_JOBS_BATCH or not handled:
@@ -489,7 +536,7 @@ def record_rejected(conn: Connection, job: QueuedJob, now: datetime | None = Non
 
 def _record_failed_post(conn: Connection, job: QueuedJob, delivered: bool, now: datetime | None) -> QueuedJob | ArchivedJob:
     with store.transaction(conn):
-        locked = store.lock_job(conn, job.id)
+        locked = store.lock_job(conn, job.id, now)
         if locked is None or locked.job.name != job.name:
             raise _not_queued(conn, job.id, job.name)
         return _fail(conn, locked, job.attempts, retryable=True, now=now, delivered=delivered)
@@ -548,16 +595,21 @@ def _fail(
     now: datetime | None,
     delivered: bool = True,
 ) -> QueuedJob | ArchivedJob:
-    """Retry or archive a failed attempt; the job is locked by the caller's transaction."""
+    """Retry or archive a failed attempt; the job is locked by the caller's transaction.
+
+    Archived `failed` when not retryable, out of attempts, an at_most_once job that
+    may have arrived, or past its type's max_retry_duration since it was created.
+    """
     job = locked.job
     if job.status != IN_PROGRESS or job.attempts != attempt:
         raise StaleCallback(job.job_id, attempt, job.attempts, job.status)
     remaining = job.attempts - 1
     guard = {"expected_attempts": attempt, "now": now}
-    if not retryable or remaining <= 0 or (delivered and locked.delivery_strategy == AT_MOST_ONCE):
+    out_of_time = locked.retry.max_duration is not None and locked.now - job.created_at >= timedelta(seconds=locked.retry.max_duration)
+    if not retryable or remaining <= 0 or out_of_time or (delivered and locked.delivery_strategy == AT_MOST_ONCE):
         result = store.archive_job(conn, job.id, job.name, FAILED, 1, expected_status=IN_PROGRESS, **guard)
     else:
-        result = store.retry_job(conn, job.id, delay=retry_delay(locked.total_attempts, remaining), **guard)
+        result = store.retry_job(conn, job.id, delay=retry_delay(locked.total_attempts, remaining, locked.retry), **guard)
     if result is None:
         # The id was archived already (Rickover's two-statement archive could leave a job
         # both queued and archived): the queued copy is gone now, the first outcome stands.
@@ -584,9 +636,34 @@ def _require_aware(field: str, value: datetime | None) -> None:
 # --- timing ------------------------------------------------------------------
 
 
-def retry_delay(total_attempts: int, remaining_attempts: int) -> timedelta:
-    """2^(attempts used) seconds: 2 s after the first failure, then 4 s, 8 s, ... capped."""
+def retry_delay(total_attempts: int, remaining_attempts: int, retry: RetryPolicy = NO_RETRY_POLICY) -> timedelta:
+    """The wait before the next attempt, after `total_attempts - remaining_attempts` were used.
+
+    A type that sets none of min_backoff, max_backoff, max_doublings keeps
+    Rickover's 2^(attempts used) seconds: 2 s after the first failure, then 4 s,
+    8 s, ... capped at a day. One that sets any waits a random time between
+    `backoff_bounds` (full jitter: retries of many jobs failed at once spread out).
+    """
     exponent = max(0, total_attempts - remaining_attempts)
+    if (retry.min_backoff, retry.max_backoff, retry.max_doublings) != (None, None, None):
+        return timedelta(seconds=random.uniform(*backoff_bounds(retry, max(1, exponent))))
     if exponent >= math.log2(MAX_RETRY_DELAY.total_seconds()):
         return MAX_RETRY_DELAY
     return timedelta(seconds=2**exponent)
+
+
+def backoff_bounds(retry: RetryPolicy, attempts_used: int) -> tuple[float, float]:
+    """Seconds (low, high) the wait after the `attempts_used`-th failed attempt (1, 2, ...) is drawn from.
+
+        low  = min_backoff
+        high = min(max_backoff, min_backoff * 2^min(attempts_used - 1, max_doublings)), at least low
+
+    So the ceiling doubles from min_backoff after each failure, max_doublings times
+    at most, and never passes max_backoff. Unset ones default to Rickover's first
+    wait (2 s, or max_backoff if less), a day, and 16 doublings (Cloud Tasks').
+    """
+    high_cap = MAX_RETRY_DELAY.total_seconds() if retry.max_backoff is None else retry.max_backoff
+    low = min(DEFAULT_MIN_BACKOFF, high_cap) if retry.min_backoff is None else retry.min_backoff
+    doublings = DEFAULT_MAX_DOUBLINGS if retry.max_doublings is None else retry.max_doublings
+    exponent = max(0, min(attempts_used - 1, doublings, MAX_EXPONENT))
+    return low, max(low, min(high_cap, math.ldexp(low, exponent)))

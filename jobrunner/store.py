@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import DatabaseError, DatabaseUnavailable, InvalidField, JobTypeExists, SchemaMissing
-from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, Schedule, TypePolicy
+from .models import DEFAULT_POLICY, EXPIRED, FAILED, QUEUED, SUCCEEDED, ArchivedJob, JobType, QueuedJob, RetryPolicy, Schedule, TypePolicy
 
 Connection = psycopg.Connection
 
@@ -1195,26 +1195,41 @@ class Listener:
 
 # --- outcomes: archive and retry ---------------------------------------------
 
-# total_attempts: the job's own (see SNAPSHOT_TOTAL_ATTEMPTS), else its type's.
-LOCK_JOB = """
-SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
-FROM queued_jobs q
+# A locked job with what its type says: total_attempts (the job's own, see
+# SNAPSHOT_TOTAL_ATTEMPTS, else its type's), its delivery strategy, its retry
+# settings (NULL: Rickover's back-off), and the transaction's now (one clock for
+# the decision and the statements that carry it out). Constants, joined below.
+LOCKED_JOB_COLUMNS = """
+q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy,
+s.retry_min_backoff, s.retry_max_backoff, s.retry_max_doublings, s.retry_max_duration,
+coalesce(%(now)s, now()) AS locked_at
+"""
+LOCKED_JOB_TABLES = """
+queued_jobs q
 JOIN jobs j ON j.name = q.name
 LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
-WHERE q.id = %(id)s
-FOR UPDATE OF q
+LEFT JOIN jobrunner_job_type_settings s ON s.name = q.name
 """
 
-LOCK_STUCK_JOBS = """
-SELECT q.*, coalesce(t.total_attempts, j.attempts) AS total_attempts, j.delivery_strategy
-FROM queued_jobs q
-JOIN jobs j ON j.name = q.name
-LEFT JOIN jobrunner_job_attempts t ON t.id = q.id
-WHERE q.status = 'in-progress' AND q.updated_at < coalesce(%(now)s, now()) - %(older_than)s
+LOCK_JOB = "SELECT " + LOCKED_JOB_COLUMNS + " FROM " + LOCKED_JOB_TABLES + " WHERE q.id = %(id)s FOR UPDATE OF q"
+
+# In-progress jobs past their deadline: the last heartbeat's (only while the job is
+# as that heartbeat left it: the same attempt, not updated since), else the type's
+# job_timeout (or the default `timeout`) after it was claimed; plus `margin` (the
+# watcher's, behind the workers). Every in-progress row is looked at: there are
+# only as many as the types' concurrency allows.
+LOCK_STUCK_JOBS = (
+    "SELECT " + LOCKED_JOB_COLUMNS + " FROM " + LOCKED_JOB_TABLES
+    + """
+LEFT JOIN jobrunner_job_deadlines d ON d.id = q.id AND d.attempts = q.attempts AND d.beat_at = q.updated_at
+WHERE q.status = 'in-progress'
+  AND coalesce(d.deadline, q.updated_at + coalesce(s.job_timeout * interval '1 second', %(timeout)s)) + %(margin)s
+      < coalesce(%(now)s, now())
 ORDER BY q.updated_at
 LIMIT %(limit)s
 FOR UPDATE OF q SKIP LOCKED
 """
+)
 
 # The one way into the archive: each job deleted from queued_jobs and inserted into
 # archived_jobs by one statement, so it is never both queued and archived, nor neither.
@@ -1335,24 +1350,30 @@ class LockedJob:
     job: QueuedJob
     total_attempts: int
     delivery_strategy: str
+    retry: RetryPolicy  # the type's retry settings (all None: Rickover's back-off)
+    now: datetime  # the transaction's (the database's clock, or the caller's `now`)
 
 
 def _locked_job(row: dict) -> LockedJob:
-    total_attempts = row.pop("total_attempts")
-    delivery_strategy = row.pop("delivery_strategy")
-    return LockedJob(QueuedJob(**row), total_attempts, delivery_strategy)
+    retry = RetryPolicy(
+        row.pop("retry_min_backoff"), row.pop("retry_max_backoff"), row.pop("retry_max_doublings"), row.pop("retry_max_duration")
+    )
+    total_attempts, delivery_strategy, now = row.pop("total_attempts"), row.pop("delivery_strategy"), row.pop("locked_at")
+    return LockedJob(QueuedJob(**row), total_attempts, delivery_strategy, retry, now)
 
 
-def lock_job(conn: Connection, job_id: UUID) -> LockedJob | None:
+def lock_job(conn: Connection, job_id: UUID, now: datetime | None = None) -> LockedJob | None:
     """Lock a queued job for the rest of the caller's transaction."""
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(LOCK_JOB, {"id": job_id}).fetchone()
+        row = cur.execute(LOCK_JOB, {"id": job_id, "now": now}).fetchone()
     return None if row is None else _locked_job(row)
 
 
-def lock_stuck_jobs(conn: Connection, older_than: timedelta, limit: int, now: datetime | None = None) -> list[LockedJob]:
-    """Lock up to `limit` in-progress jobs not updated within `older_than`, oldest first."""
-    params = {"older_than": older_than, "limit": limit, "now": now}
+def lock_stuck_jobs(
+    conn: Connection, timeout: timedelta, limit: int, now: datetime | None = None, margin: timedelta = timedelta(0)
+) -> list[LockedJob]:
+    """Lock up to `limit` in-progress jobs past their deadline (see LOCK_STUCK_JOBS) and `margin`, oldest first."""
+    params = {"timeout": timeout, "margin": margin, "limit": limit, "now": now}
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
         return [_locked_job(row) for row in cur.execute(LOCK_STUCK_JOBS, params)]
 
@@ -1365,6 +1386,63 @@ def retry_job(
     with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(RETRY_JOB, params).fetchone()
     return None if row is None else QueuedJob(**_without(row, "notified"))
+
+
+# --- heartbeats ----------------------------------------------------------------
+
+# A heartbeat of the attempt in progress: its deadline becomes now + `extend` (None:
+# the type's job_timeout, else the default `timeout`), and updated_at now (the clock
+# Rickover's watcher reads). Another attempt, or a job queued or archived, matches
+# nothing and nothing changes. The deadline row holds only while the job is as the
+# heartbeat left it (same attempt and updated_at, see LOCK_STUCK_JOBS).
+HEARTBEAT = """
+WITH beat AS (
+    UPDATE queued_jobs
+    SET updated_at = coalesce(%(now)s, now())
+    WHERE id = %(id)s AND name = %(name)s AND attempts = %(attempt)s AND status = 'in-progress'
+    RETURNING *
+),
+deadline AS (
+    INSERT INTO jobrunner_job_deadlines (id, attempts, beat_at, deadline)
+    SELECT b.id, b.attempts, b.updated_at,
+           b.updated_at + coalesce(%(extend)s, s.job_timeout * interval '1 second', %(timeout)s)
+    FROM beat b LEFT JOIN jobrunner_job_type_settings s ON s.name = b.name
+    ON CONFLICT (id) DO UPDATE SET attempts = excluded.attempts, beat_at = excluded.beat_at, deadline = excluded.deadline
+    RETURNING deadline
+)
+SELECT beat.*, deadline.deadline FROM beat, deadline
+"""
+
+# Deadlines no job holds any more (archived, retried, claimed again), a small batch at a time.
+DELETE_PAST_DEADLINES = """
+DELETE FROM jobrunner_job_deadlines
+WHERE id IN (
+    SELECT d.id FROM jobrunner_job_deadlines d
+    WHERE NOT EXISTS (
+        SELECT 1 FROM queued_jobs q
+        WHERE q.id = d.id AND q.status = 'in-progress' AND q.attempts = d.attempts AND q.updated_at = d.beat_at
+    )
+    LIMIT %(limit)s
+)
+"""
+
+
+def heartbeat(
+    conn: Connection, job_id: UUID, name: str, attempt: int, extend: timedelta | None, timeout: timedelta, now: datetime | None = None
+) -> tuple[QueuedJob, datetime] | None:
+    """Push the deadline of the attempt in progress (see HEARTBEAT): the job and its new deadline; None when nothing matched."""
+    params = {"id": job_id, "name": name, "attempt": attempt, "extend": extend, "timeout": timeout, "now": now}
+    with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(HEARTBEAT, params).fetchone()
+    if row is None:
+        return None
+    deadline = row.pop("deadline")
+    return QueuedJob(**row), deadline
+
+
+def delete_past_deadlines(conn: Connection, limit: int) -> int:
+    with translated_errors():
+        return conn.execute(DELETE_PAST_DEADLINES, {"limit": limit}).rowcount
 
 
 def _without(row: dict, *keys: str) -> dict:

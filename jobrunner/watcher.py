@@ -3,7 +3,7 @@
 Every `stuck_job_interval` it fails jobs stuck in progress (a worker that died
 with jobs in flight), archives due jobs that expired, deletes archived jobs
 past the retention, and tidies jobrunner's side tables: the attempts kept for
-jobs that are archived now, and type errors no worker refreshes any more. It is the safety net behind the workers' own callback
+jobs that are archived now, heartbeat deadlines no job holds any more, and type errors no worker refreshes any more. It is the safety net behind the workers' own callback
 timeout, so its own timeout is longer.
 """
 
@@ -44,18 +44,22 @@ class Watcher:
         self.connection = connection
         self.metrics = counted or ServiceMetrics()
         self.interval = config.stuck_job_interval
-        self.stuck_after = timedelta(seconds=config.stuck_job_timeout)
+        # A job is stuck stuck_job_timeout after its claim: job_timeout (the type's own, when
+        # it has one, or the last heartbeat's deadline) and the same margin behind the workers.
+        self.job_timeout = timedelta(seconds=config.job_timeout)
+        self.margin = timedelta(seconds=config.stuck_job_timeout) - self.job_timeout
         self.retention = timedelta(days=config.archive_retention_days) if config.archive_retention_days else None
 
     def run_once(self, now: datetime | None = None) -> Round:
         """One round; what it changed."""
         with self.connection() as conn:
-            stuck = services.archive_stuck_jobs(conn, self.stuck_after, now)
+            stuck = services.archive_stuck_jobs(conn, self.job_timeout, now, self.margin)
             for job in stuck:
                 self.metrics.stuck.inc(job.name)
                 self.metrics.outcome(job)
             expired = _repeat(lambda: self._archive_expired(conn, now))
             _repeat(lambda: store.delete_attempts_of_archived_jobs(conn, BATCH))
+            _repeat(lambda: store.delete_past_deadlines(conn, BATCH))
             store.delete_stale_type_errors(conn, STALE_TYPE_ERROR, now)
             deleted = 0
             if self.retention is not None:

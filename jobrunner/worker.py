@@ -78,7 +78,8 @@ class Worker:
         self.pool = store.Pool(
             config.database_url, config.worker_pool_size, config.db_timeout, name="worker", prepared_statements=config.prepared_statements
         )
-        self.timeout = timedelta(seconds=config.job_timeout)
+        self.timeout = timedelta(seconds=config.job_timeout)  # a type's own job_timeout, when set, is read in SQL
+        self._shortest_timeout = config.job_timeout  # of the default and the types' (see _poll)
         self.downstream = Downstream(config.downstream_url, config.downstream_password, config.downstream_timeout, config.signing_secrets)
         self.http = HttpDelivery(self.pool, self.downstream, self.stop_event, self.metrics)
         self.default_handler, self.handlers = plugins.build_handlers(config, self.http)
@@ -158,6 +159,7 @@ class Worker:
             states = store.poll_job_types(conn)
             policies = store.job_type_policies(conn)
         self.http.policies = policies  # a new dict, swapped whole: a POST reads the old one or the new one
+        self._shortest_timeout = min([self.config.job_timeout, *(p.job_timeout for p in policies.values() if p.job_timeout is not None)])
         self._due_at = {
             state.name: now + max(0.0, state.next_due_in)
             for state in states
@@ -212,15 +214,15 @@ class Worker:
             self._next_stuck_check = now + self._backoff(min(self._overdue_outage.failures, 10))
 
     def _fail_overdue_jobs(self, now: float) -> None:
-        timeout = self.timeout.total_seconds()
-        self._next_stuck_check = now + min(max(timeout / 10, 0.05), 10.0)
+        # every tenth of the shortest job_timeout (the default's or a type's), at most every 10 s
+        self._next_stuck_check = now + min(max(self._shortest_timeout / 10, 0.05), 10.0)
         with self._connection() as conn:
             failed = services.archive_stuck_jobs(conn, self.timeout)
         for job in failed:
             self.metrics.timed_out.inc(job.name)
             self.metrics.outcome(job)
         if failed:
-            log.info("%d jobs not called back within %.0f s counted as failed", len(failed), timeout)
+            log.info("%d jobs not called back within their job_timeout (or heartbeat) counted as failed", len(failed))
 
     def _claim_alone(self, name: str, now: float) -> int:
         """Claim one type's due jobs; any error but an outage stays with this type (see `_type_failed`)."""

@@ -30,6 +30,16 @@ WORKER = "jobrunner/worker.py"
 PROMISES = "tests/test_promises.py"
 CRON = "jobrunner/cron.py"
 CRON_TESTS = ("tests/test_cron.py",)
+POLICIES = "jobrunner/policies.py"
+SERVER = "jobrunner/server.py"
+SETTINGS_TESTS = ("tests/test_type_settings.py", "tests/test_policies.py")
+SCHEDULES = "jobrunner/schedules.py"
+TIMETABLE = "jobrunner/timetable.py"
+SCHEDULE_TESTS = ("tests/test_schedules.py",)
+SIGNING = "jobrunner/signing.py"
+DOWNSTREAM = "jobrunner/downstream.py"
+SIGNING_TESTS = ("tests/test_signing.py",)
+TOKEN_TESTS = ("tests/test_callback_token.py",)
 
 MUTATIONS = [
     # --- pause / resume ------------------------------------------------------------------
@@ -289,5 +299,208 @@ MUTATIONS = [
         "if len(found) >= limit or window_start == start_exclusive:",
         "if True:",
         CRON_TESTS,
+    ),
+    # --- job-type settings: the rules of docs/api.md, "Job-type settings" ----------------
+    Mutation(
+        "settings-create-atomic",
+        "a type is created with its settings or not at all",
+        SERVICES,
+        "    with store.transaction(conn):\n        job_type = store.create_job_type(",
+        "    if True:\n        job_type = store.create_job_type(",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-unknown-key",
+        "an unknown key in a new type's body is a 400 naming it",
+        SERVER,
+        "        _refuse_unknown(body, CREATE_JOB_TYPE_FIELDS)\n",
+        "",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-min-not-over-max",
+        "retry.min_backoff may not exceed retry.max_backoff, checked on the merged settings",
+        POLICIES,
+        "if low is not None and high is not None and low > high:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-burst-needs-rate",
+        "a burst without per_second is refused",
+        POLICIES,
+        "if policy.rate_burst is not None and policy.rate_per_second is None:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-job-timeout-longer",
+        "job_timeout must be longer than downstream_timeout (equal is refused)",
+        POLICIES,
+        "sent <= answered",
+        "sent < answered",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-true-is-not-a-number",
+        "JSON true is not a number of seconds",
+        POLICIES,
+        "return isinstance(value, int) and not isinstance(value, bool)",
+        "return isinstance(value, int)",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-no-credentials-in-url",
+        "a downstream_url with user:password@ is refused (GET shows the URL)",
+        POLICIES,
+        "if parts.username is not None or parts.password is not None:",
+        "if False:",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-null-clears-group",
+        "retry: null clears every retry setting",
+        POLICIES,
+        "return {column: None for parser in parsers.values() for column in parser(None)}",
+        "return {}",
+        SETTINGS_TESTS,
+    ),
+    Mutation(
+        "settings-token-write-only",
+        "GET shows whether a callback token is set, never the token",
+        POLICIES,
+        '"callback_token_set": policy.callback_token is not None,',
+        '"callback_token_set": policy.callback_token,',
+        SETTINGS_TESTS,
+    ),
+    # --- schedules: docs/schedules.md ------------------------------------------------------
+    Mutation(
+        "schedule-tick-id",
+        "a tick's job id is derived from (schedule, tick): a tick enqueued twice is one job",
+        SCHEDULES,
+        "jobs = [NewJob(tick_job_id(schedule.name, tick),",
+        "jobs = [NewJob(new_job_id(),",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-advance",
+        "the schedule moves past now in the transaction that enqueues its ticks",
+        SCHEDULES,
+        "            store.advance_schedule(conn, schedule.name, due.next_tick, last, last_id)\n",
+        "",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-skip-grace",
+        "skip: the latest due tick gets its job only when at most the grace late",
+        TIMETABLE,
+        "now - kept[-1] > MISFIRE_GRACE",
+        "now - kept[-1] > MISFIRE_GRACE * 1000",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-all-bound",
+        "all: at most misfire_limit missed ticks are enqueued",
+        TIMETABLE,
+        'keep = schedule.misfire_limit if schedule.misfire == "all" else 1',
+        'keep = SCAN_LIMIT if schedule.misfire == "all" else 1',
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-zone",
+        "a cron expression is read in the schedule's time zone",
+        TIMETABLE,
+        "return _parse(definition.cron).next_after(after, zone_of(definition.time_zone))",
+        "return _parse(definition.cron).next_after(after, zone_of(None))",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-bad-row-isolated",
+        "one schedule that cannot be evaluated never stops the others",
+        SCHEDULES,
+        "    except DatabaseUnavailable:\n        raise\n    except Exception as error:",
+        "    except DatabaseUnavailable:\n        raise\n    except ZeroDivisionError as error:",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-resume-from-now",
+        "a resumed schedule starts at the next tick after now: the paused ticks are not misfires",
+        SCHEDULES,
+        "resumed = old.paused and not new.paused",
+        "resumed = False",
+        SCHEDULE_TESTS,
+    ),
+    # --- signed requests and callback scope (issue 16 items 5 and 6) -----------------------
+    Mutation(
+        "callback-token-batch",
+        "a succeeded callback in the group commit is checked against its type's token",
+        SERVICES,
+        "allowed = [_token_accepted(tokens.get(name), presented) for _, name, presented in callbacks]",
+        "allowed = [True for _ in callbacks]",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-alone",
+        "a callback done alone (failed, or left by the batch) is checked against its type's token",
+        BATCHING,
+        "            services.check_callback_token(conn, name, callback_token)\n",
+        "",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-any",
+        "a callback must present its type's token, not just any token",
+        SERVICES,
+        'hmac.compare_digest(expected.encode(), (presented or "").encode("utf-8", "replace"))',
+        "bool(presented)",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "signing-too-old",
+        "a webhook-timestamp more than the tolerance in the past is refused",
+        SIGNING,
+        "if int(stamp) < now - tolerance:",
+        "if int(stamp) < now - tolerance - 1:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-too-new",
+        "a webhook-timestamp more than the tolerance in the future is refused",
+        SIGNING,
+        "if int(stamp) > now + tolerance:",
+        "if int(stamp) > now + 2 * tolerance:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-every-secret",
+        "during a rotation every secret signs, so a downstream holding either verifies",
+        SIGNING,
+        '" ".join(signature(secret, msg_id, timestamp, body) for secret in secrets)',
+        "signature(secrets[0], msg_id, timestamp, body)",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-version",
+        "only v1 signatures are checked: the right digest under another scheme's name is refused",
+        SIGNING,
+        "if version != VERSION:",
+        "if not version:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-type-secrets-first",
+        "a type's own signing secrets replace the global ones",
+        DOWNSTREAM,
+        "signing_secrets or self.signing_secrets",
+        "self.signing_secrets or signing_secrets",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "webhook-id-per-attempt",
+        "webhook-id names the attempt: the next attempt of a job is a new message",
+        DOWNSTREAM,
+        'return f"{job.job_id}-{job.attempts}"',
+        "return job.job_id",
+        SIGNING_TESTS,
     ),
 ]

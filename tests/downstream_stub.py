@@ -35,6 +35,7 @@ class Post:
     job_id: str
     body: dict
     authorization: str
+    path: str = ""
     action: str = ""
     headers: dict = dataclasses.field(default_factory=dict)  # names in lower case
     raw: bytes = b""  # the body as received, which a signature covers
@@ -81,9 +82,11 @@ class DownstreamStub:
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         raw = request.rfile.read(int(request.headers["Content-Length"]))
-        _, _, _, name, job_id = request.path.split("/")
+        name, job_id = request.path.split("/")[-2:]  # .../v1/jobs/<name>/<id>, after a type's own base path
         headers = {key.lower(): value for key, value in request.headers.items()}
-        post = Post(time.monotonic(), name, job_id, json.loads(raw), request.headers.get("Authorization", ""), headers=headers, raw=raw)
+        post = Post(
+            time.monotonic(), name, job_id, json.loads(raw), request.headers.get("Authorization", ""), request.path, headers=headers, raw=raw
+        )
         post.action = self.policy(post)
         with self._lock:
             self.posts.append(post)

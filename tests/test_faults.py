@@ -106,7 +106,7 @@ def stored_ids(conn) -> set:
 
 
 def set_up(conn, strategy: str, claimed: bool, delivered: bool = True) -> Scene:
-    conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
+    conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs CASCADE")  # and the types' settings
     scene = Scene(conn, "faulty", strategy)
     services.create_job_type(conn, scene.name, strategy, 2, 2)
     scene.jobs = [services.enqueue(conn, uuid.uuid4(), scene.name, {"n": n}, now=T0) for n in range(2)]

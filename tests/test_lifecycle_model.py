@@ -74,7 +74,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs")
+        self.conn.execute("TRUNCATE queued_jobs, archived_jobs, jobrunner_paused_job_types, jobs CASCADE")  # and the types' settings
         self.now = START
         self.types: dict[str, ModelType] = {}
         self.jobs: dict[uuid.UUID, ModelJob] = {}

@@ -609,6 +609,26 @@ def replay(c: Checked, db_url: str) -> None:
     c.request("POST", f"/v1/jobs/{new_id()}/replay", status=404)
 
 
+def heartbeats(c: Checked, db_url: str) -> None:
+    c.request("POST", "/v1/jobs", EMAIL, 201)
+    job = new_id()
+    c.request("PUT", f"/v1/jobs/email/{job}", {"data": 1}, 202)
+    path = f"/v1/jobs/email/{job}/heartbeat"
+    c.request("POST", path, {"attempt": 3}, 400)  # queued, not sent
+    sent = claim(db_url, "email")
+    c.request("POST", path, {"attempt": sent.attempts}, 200)
+    c.request("POST", path, {"attempt": sent.attempts, "extend": 3600}, 200)
+    c.request("POST", path, {"attempt": sent.attempts, "extend": 0}, 400)
+    c.request("POST", path, {"attempt": sent.attempts, "extend": "soon"}, 400)
+    c.request("POST", path, {"attempt": sent.attempts, "lease": 5}, 400)
+    c.request("POST", path, {}, 400)
+    c.request("POST", path, {"attempt": sent.attempts + 1}, 400)  # stale
+    c.request("POST", f"/v1/jobs/sms/{job}/heartbeat", {"attempt": sent.attempts}, 404)
+    c.request("POST", f"/v1/jobs/email/{new_id()}/heartbeat", {"attempt": 1}, 404)
+    c.request("POST", f"/v1/jobs/email/{job}", {"status": "succeeded", "attempt": sent.attempts}, 200)
+    c.request("POST", path, {"attempt": sent.attempts}, 400)  # archived
+
+
 def schedules(c: Checked, db_url: str) -> None:
     c.request("POST", "/v1/jobs", EMAIL, 201)
     nightly = {"name": "nightly", "job_type": "email", "cron": "0 2 * * *", "time_zone": "Europe/Berlin", "data": {"report": "daily"}}
@@ -659,6 +679,7 @@ SCENARIOS = {
     "job types": (job_types, {"createJobType", "listJobTypes", "getJobTypeOrJob", "updateJobType", "pauseJobType", "resumeJobType"}),
     "jobs": (jobs, {"enqueue", "getJobTypeOrJob", "getJob", "listJobs", "recordStatus", "cancelJob"}),
     "replay": (replay, {"replayJob", "replayJobById"}),
+    "heartbeats": (heartbeats, {"heartbeat"}),
     "schedules": (
         schedules,
         {"createSchedule", "listSchedules", "getSchedule", "updateSchedule", "deleteSchedule", "pauseSchedule", "resumeSchedule", "runSchedule"},

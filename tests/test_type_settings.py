@@ -273,6 +273,19 @@ def test_valid_settings_round_trip_through_create_update_get_and_list(env, first
     assert has_row == (1 if state else 0)  # the defaults are no row at all
 
 
+@pytest.mark.parametrize(("fragment", "field"), INVALID, ids=[field for _, field in INVALID])
+def test_each_invalid_setting_is_refused_on_create_and_update(env, fragment, field):
+    api, conn = env
+    name = new_name()
+    before = stored(conn)
+    assert_refused(api.post("/v1/jobs", {"name": name, **NEW_TYPE, **fragment}), field)
+    assert stored(conn) == before
+    api.post("/v1/jobs", {"name": name, **NEW_TYPE})
+    before = stored(conn)
+    assert_refused(api.post(f"/v1/jobs/{name}", fragment), field)
+    assert stored(conn) == before
+
+
 valid_bases = patches.filter(lambda patch: model_refusal(model_apply({}, patch)) is None)
 
 
