@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_prepared_statements(config)
                 check_schema(config)
             print(effective_settings(config))
+            if config.schedules:
+                print(f"schedules declared in {config.config_file}: {', '.join(schedule.name for schedule in config.schedules)}")
             print("jobrunner: configuration is valid")
     except ConfigError as error:
         print(f"jobrunner {args.command}: bad configuration: {error}", file=sys.stderr)

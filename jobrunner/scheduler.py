@@ -102,7 +102,13 @@ class Scheduler:
 
     def _listen(self) -> store.Listener:
         url = self.config.listen_database_url or self.config.database_url
-        return store.Listener(url, "scheduler", prepared_statements=self.config.prepared_statements, listen=store.LISTEN_SCHEDULES)
+        return store.Listener(
+            url,
+            "scheduler",
+            prepared_statements=self.config.prepared_statements,
+            listen=store.LISTEN_SCHEDULES,
+            connect_timeout=max(2, round(self.config.db_timeout)),  # a stop is not held up by a database that does not answer
+        )
 
     def _round(self, listener: store.Listener) -> float:
         """One round on the listening connection; how long to sleep after it."""

@@ -1172,8 +1172,8 @@ LISTEN = "LISTEN jobrunner_jobs; LISTEN jobrunner_types"
 class Listener:
     """One connection that LISTENs (to the workers' channels unless `listen` says others); behind PgBouncer it needs a session-pooled or direct URL."""
 
-    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True, listen: str = LISTEN):
-        self._conn = connect(url, name, prepared_statements=prepared_statements)
+    def __init__(self, url: str, name: str = "", *, prepared_statements: bool = True, listen: str = LISTEN, **kwargs: Any):
+        self._conn = connect(url, name, prepared_statements=prepared_statements, **kwargs)
         with translated_errors():
             self._conn.execute(listen)
 

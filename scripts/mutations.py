@@ -33,7 +33,13 @@ CRON_TESTS = ("tests/test_cron.py",)
 POLICIES = "jobrunner/policies.py"
 SERVER = "jobrunner/server.py"
 SETTINGS_TESTS = ("tests/test_type_settings.py", "tests/test_policies.py")
+SCHEDULES = "jobrunner/schedules.py"
+TIMETABLE = "jobrunner/timetable.py"
+SCHEDULE_TESTS = ("tests/test_schedules.py",)
+SIGNING = "jobrunner/signing.py"
 DOWNSTREAM = "jobrunner/downstream.py"
+SIGNING_TESTS = ("tests/test_signing.py",)
+TOKEN_TESTS = ("tests/test_callback_token.py",)
 WATCHER = "jobrunner/watcher.py"
 POLICY_TESTS = "tests/test_delivery_policy.py"
 HEARTBEAT_TESTS = "tests/test_heartbeats.py"
@@ -490,5 +496,135 @@ MUTATIONS = [
         "return timedelta(seconds=random.uniform(*backoff_bounds(retry, max(1, exponent))))",
         "return timedelta(seconds=backoff_bounds(retry, max(1, exponent))[1])",
         (f"{POLICY_TESTS}::test_a_type_with_retry_settings_backs_off_between_its_bounds_with_full_jitter",),
+    ),
+    # --- schedules: docs/schedules.md ------------------------------------------------------
+    Mutation(
+        "schedule-tick-id",
+        "a tick's job id is derived from (schedule, tick): a tick enqueued twice is one job",
+        SCHEDULES,
+        "jobs = [NewJob(tick_job_id(schedule.name, tick),",
+        "jobs = [NewJob(new_job_id(),",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-advance",
+        "the schedule moves past now in the transaction that enqueues its ticks",
+        SCHEDULES,
+        "            store.advance_schedule(conn, schedule.name, due.next_tick, last, last_id)\n",
+        "",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-skip-grace",
+        "skip: the latest due tick gets its job only when at most the grace late",
+        TIMETABLE,
+        "now - kept[-1] > MISFIRE_GRACE",
+        "now - kept[-1] > MISFIRE_GRACE * 1000",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-all-bound",
+        "all: at most misfire_limit missed ticks are enqueued",
+        TIMETABLE,
+        'keep = schedule.misfire_limit if schedule.misfire == "all" else 1',
+        'keep = SCAN_LIMIT if schedule.misfire == "all" else 1',
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-zone",
+        "a cron expression is read in the schedule's time zone",
+        TIMETABLE,
+        "return _parse(definition.cron).next_after(after, zone_of(definition.time_zone))",
+        "return _parse(definition.cron).next_after(after, zone_of(None))",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-bad-row-isolated",
+        "one schedule that cannot be evaluated never stops the others",
+        SCHEDULES,
+        "    except DatabaseUnavailable:\n        raise\n    except Exception as error:",
+        "    except DatabaseUnavailable:\n        raise\n    except ZeroDivisionError as error:",
+        SCHEDULE_TESTS,
+    ),
+    Mutation(
+        "schedule-resume-from-now",
+        "a resumed schedule starts at the next tick after now: the paused ticks are not misfires",
+        SCHEDULES,
+        "resumed = old.paused and not new.paused",
+        "resumed = False",
+        SCHEDULE_TESTS,
+    ),
+    # --- signed requests and callback scope (issue 16 items 5 and 6) -----------------------
+    Mutation(
+        "callback-token-batch",
+        "a succeeded callback in the group commit is checked against its type's token",
+        SERVICES,
+        "allowed = [_token_accepted(tokens.get(name), presented) for _, name, presented in callbacks]",
+        "allowed = [True for _ in callbacks]",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-alone",
+        "a callback done alone (failed, or left by the batch) is checked against its type's token",
+        BATCHING,
+        "            services.check_callback_token(conn, name, callback_token)\n",
+        "",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "callback-token-any",
+        "a callback must present its type's token, not just any token",
+        SERVICES,
+        'hmac.compare_digest(expected.encode(), (presented or "").encode("utf-8", "replace"))',
+        "bool(presented)",
+        TOKEN_TESTS,
+    ),
+    Mutation(
+        "signing-too-old",
+        "a webhook-timestamp more than the tolerance in the past is refused",
+        SIGNING,
+        "if int(stamp) < now - tolerance:",
+        "if int(stamp) < now - tolerance - 1:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-too-new",
+        "a webhook-timestamp more than the tolerance in the future is refused",
+        SIGNING,
+        "if int(stamp) > now + tolerance:",
+        "if int(stamp) > now + 2 * tolerance:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-every-secret",
+        "during a rotation every secret signs, so a downstream holding either verifies",
+        SIGNING,
+        '" ".join(signature(secret, msg_id, timestamp, body) for secret in secrets)',
+        "signature(secrets[0], msg_id, timestamp, body)",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-version",
+        "only v1 signatures are checked: the right digest under another scheme's name is refused",
+        SIGNING,
+        "if version != VERSION:",
+        "if not version:",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "signing-type-secrets-first",
+        "a type's own signing secrets replace the global ones",
+        DOWNSTREAM,
+        "signing_secrets or self.signing_secrets",
+        "self.signing_secrets or signing_secrets",
+        SIGNING_TESTS,
+    ),
+    Mutation(
+        "webhook-id-per-attempt",
+        "webhook-id names the attempt: the next attempt of a job is a new message",
+        DOWNSTREAM,
+        'return f"{job.job_id}-{job.attempts}"',
+        "return job.job_id",
+        SIGNING_TESTS,
     ),
 ]

@@ -27,7 +27,7 @@ from conftest import API_PASSWORD, API_USER, examples, running_server, wait_unti
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from jobrunner import server, services, store
+from jobrunner import schedules, server, services, store, timetable
 from jobrunner.server import MAX_DATA_BYTES
 
 # The server's threads (psycopg_pool's connection jitter) use the global `random` while
@@ -85,6 +85,7 @@ def env(module_db_url):
         ids += [job.job_id for job in jobs]
         claimed = services.claim(conn, name, 1).jobs[0]
         services.cancel(conn, next(job.id for job in jobs if job.id != claimed.id), name)
+        schedules.create_schedule(conn, timetable.validate({"name": name, "job_type": name, "interval_seconds": 3600}))
     try:
         with running_server(module_db_url, read_timeout="3") as api:
             wait_for_full_pool(conn)
@@ -109,7 +110,8 @@ SELECT (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), '')) FROM qu
        (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.id), '')) FROM archived_jobs t),
        (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobs t),
        (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_paused_job_types t),
-       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_job_type_settings t)
+       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_job_type_settings t),
+       (SELECT md5(coalesce(string_agg(t::text, '|' ORDER BY t.name), '')) FROM jobrunner_schedules t)
 """
 
 
@@ -273,10 +275,30 @@ ROUTE_TEMPLATES = [
     ("GET", "/v1/jobs/{name}/jobs{query}"),
     ("GET", "/v1/jobs/{name}/{id}"), ("POST", "/v1/jobs/{name}/{id}"), ("PUT", "/v1/jobs/{name}/{id}"),
     ("POST", "/v1/jobs/{name}/{id}/replay"), ("POST", "/v1/jobs/{id}/replay"),
-    ("POST", "/v1/jobs/{name}/{id}/cancel"),
+    ("POST", "/v1/jobs/{name}/{id}/cancel"), ("POST", "/v1/jobs/{name}/{id}/heartbeat"),
     ("POST", "/v1/jobs/{name}/pause"), ("POST", "/v1/jobs/{name}/resume"),
     ("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+    ("GET", "/v1/schedules"), ("POST", "/v1/schedules"),
+    ("GET", "/v1/schedules/{name}"), ("POST", "/v1/schedules/{name}"), ("DELETE", "/v1/schedules/{name}"),
+    ("POST", "/v1/schedules/{name}/pause"), ("POST", "/v1/schedules/{name}/resume"), ("POST", "/v1/schedules/{name}/run"),
 ]
+seconds_text = st.one_of(st.integers(-2, 400_000_000).map(str), st.sampled_from(ODD_NUMBERS), json_leaf)
+CRONS = ["0 2 * * *", "*/15 * * * *", "@daily", "@reboot", "0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 29 2 *", "* * * * * *", "61 * * * *",
+         "0 9-17 * JAN-MAR mon-fri", "0 0 */2 * MON", "5/20 * * * *", "0 10 * * FRI-SUN", "*/60 * * * *", "", " ", "0 0 1,15 * 7"]
+ZONES = ["Europe/Berlin", "UTC", "Australia/Lord_Howe", "America/St_Johns", "Mars/Olympus", "../../etc/passwd", "", "Europe/berlin", "EST5EDT"]
+SCHEDULE_FIELDS = {
+    "job_type": st.one_of(names.map(json.dumps), json_leaf),
+    "data": any_json,
+    "cron": st.one_of(st.sampled_from(CRONS).map(json.dumps), st.text(max_size=20).map(json.dumps), json_leaf),
+    "time_zone": st.one_of(st.sampled_from(ZONES).map(json.dumps), json_leaf),
+    "interval_seconds": seconds_text,
+    "run_after_offset": seconds_text,
+    "expires_after": seconds_text,
+    "misfire": st.one_of(st.sampled_from(['"skip"', '"once"', '"all"', '"ALL"']), json_leaf),
+    "misfire_limit": st.one_of(st.integers(-2, 2000).map(str), json_leaf),
+    "paused": st.one_of(st.sampled_from(["true", "false", '"true"']), json_leaf),
+    "config_owned": st.one_of(st.sampled_from(["true", "false", "1"]), json_leaf),
+}
 # The fields each route reads, so that generated bodies reach past "missing field".
 FIELDS = {
     # settings only where the type is new: one on the shared types would slow their claims for the other examples
@@ -285,6 +307,8 @@ FIELDS = {
     "POST /v1/jobs/{name}/{id}": ["status", "attempt", "retryable"],
     "PUT /v1/jobs/{name}/{id}": ["data", "run_after", "expires_at"],
     "POST /v1/jobs/{name}/resume": ["concurrency"],
+    "POST /v1/schedules": list(SCHEDULE_FIELDS),
+    "POST /v1/schedules/{name}": list(SCHEDULE_FIELDS),
 }
 PLAUSIBLE = {
     "name": st.one_of(names.map(json.dumps), json_leaf),
@@ -308,6 +332,7 @@ PLAUSIBLE = {
         st.lists(st.tuples(st.sampled_from(['"per_second"', '"burst"']), st.one_of(st.sampled_from(ODD_NUMBERS), json_leaf)), max_size=2).map(_object),
         json_leaf,
     ),
+    **SCHEDULE_FIELDS,
     "signing_secrets": st.one_of(st.sampled_from(['["whsec_' + "A" * 32 + '"]', '["whsec_!"]', "[]", '"whsec_' + "A" * 32 + '"']), json_leaf),
 }
 
@@ -477,6 +502,45 @@ def test_generated_job_type_numbers(env, attempts, concurrency, strategy, update
         assert stored.status == 200 and stored.json == response.json
     if update:  # give the shared type its usual settings back, for the other examples
         services.update_job_type(env.conn, env.names[0], 3, 5)
+
+
+@st.composite
+def schedule_bodies(draw) -> bytes:
+    timing = draw(st.sampled_from(["cron", "interval_seconds"]))
+    chosen = draw(st.lists(st.sampled_from(list(SCHEDULE_FIELDS)), unique=True, max_size=5))
+    pairs = [(json.dumps(field), draw(SCHEDULE_FIELDS[field])) for field in dict.fromkeys([timing, *chosen]) if field != "job_type"]
+    pairs += draw(st.lists(st.tuples(st.text(max_size=10).map(json.dumps), json_leaf), max_size=1))
+    return pairs
+
+
+@settings(max_examples=examples(150))
+@given(pairs=schedule_bodies())
+@example(pairs=[('"cron"', '"30 2 * * *"'), ('"time_zone"', '"Australia/Lord_Howe"'), ('"misfire"', '"all"')])
+@example(pairs=[('"interval_seconds"', "316224000"), ('"expires_after"', "316224000"), ('"run_after_offset"', "316224000")])
+def test_generated_schedules_store_only_usable_schedules(env, pairs):
+    """A schedule created from generated fields answers GET, list, the dashboard and /metrics, and its next tick makes its job."""
+    name = fresh_type(env.conn, concurrency=0)
+    body = _object([('"name"', json.dumps(name)), ('"job_type"', json.dumps(name)), *pairs]).encode()
+    before = snapshot(env.conn)
+    response = env.api.post("/v1/schedules", body=body)
+    check_answer(env, "POST", "/v1/schedules", response, before)
+    if response.status != 201:
+        return
+    for path in (f"/v1/schedules/{name}", "/v1/schedules", "/", "/metrics"):
+        seen = env.api.get(path)
+        assert seen.status == 200, (path, seen.status, seen.body[:300])
+    tick = datetime.fromisoformat(response.json["next_tick"].replace("Z", "+00:00"))
+    fired = {f.name: f for f in schedules.enqueue_due_ticks(env.conn, now=tick)}
+    if response.json["paused"]:
+        assert name not in fired
+    else:
+        assert fired[name].error is None and fired[name].enqueued == 1, fired[name]
+        stored = env.api.get(f"/v1/schedules/{name}").json
+        job = env.api.get(f"/v1/jobs/{stored['last_job_id']}")
+        assert job.status == 200 and job.json["data"] == response.json["data"], job.body[:300]
+        assert stored["next_tick"] > response.json["next_tick"]
+    assert env.api.request("DELETE", f"/v1/schedules/{name}").status == 200  # the next examples' rounds find only theirs due
+    assert not env.log.take()
 
 
 def test_every_stored_job_can_still_be_read_listed_and_claimed(env):

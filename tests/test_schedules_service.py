@@ -119,3 +119,15 @@ def test_a_bad_schedule_in_the_config_file_stops_the_start_naming_it(db_url, con
         assert done.returncode == 2, done.stderr
         assert named in done.stderr
     assert schedules.list_schedules(conn) == []
+
+
+def test_check_config_names_the_declared_schedules_and_refuses_a_bad_one(tmp_path):
+    path = tmp_path / "jobrunner.ini"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("JOBRUNNER_", "DATABASE_URL", "DOWNSTREAM", "PORT"))}
+    command = [sys.executable, "-m", "jobrunner", "--config", str(path), "check-config"]
+    path.write_text("[jobrunner]\n\n[schedule nightly]\njob_type = email\ncron = @daily\ntime_zone = Europe/Berlin\n\n[schedule ping]\njob_type = ping\ninterval_seconds = 30\n")
+    good = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and f"schedules declared in {path}: nightly, ping" in good.stdout, good.stderr
+    path.write_text("[jobrunner]\n\n[schedule nightly]\njob_type = email\ncron = @daily\nmisfire = sometimes\n")
+    bad = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "[schedule nightly] misfire: must be one of skip, once, all" in bad.stderr, bad.stderr
