@@ -21,7 +21,7 @@ machine noise):
    rate = jobs / time from the first archive to the last.
 
 Throughout, pg_stat_activity is sampled every 50 ms: jobrunner's connections
-(their peak, against the documented formula H x (10 x servers + 5 x workers),
+(their peak, against the documented formula H x (10 x servers + 5 x workers + 1),
 plus one per host during a watcher round) and the sessions waiting on a lock
 (wait_event_type 'Lock'). pg_stat_statements gives the claims (one per-type
 advisory lock each) and the time spent in that lock, and the statements that
@@ -339,8 +339,8 @@ def archive_rate(database: Database, jobs: int) -> float:
 
 
 def connection_formula(hosts: int, servers: int, workers: int) -> int:
-    """docs/scaling.md: a host holds 10 x servers + 5 x workers (pools and LISTEN), plus one during a watcher round."""
-    return hosts * (SERVER_POOL * servers + (WORKER_POOL + 1) * workers + 1)
+    """docs/scaling.md: a host holds 10 x servers + 5 x workers (pools and LISTEN) + 1 (the scheduler), plus one during a watcher round."""
+    return hosts * (SERVER_POOL * servers + (WORKER_POOL + 1) * workers + 2)
 
 
 def run_hosts(database: Database, count: int, args, wrk: str, script: str, round_number: int) -> dict:

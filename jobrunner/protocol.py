@@ -386,10 +386,13 @@ class ConnectionThreads:
             me.name = "http-connection"  # what a thread dump (and the tests) see while it serves one
             try:
                 self._serve(*work)
-            finally:
+            except BaseException:  # _serve handles errors: this thread is ending, and no connection may count on it
                 with self._lock:
-                    self._free += 1
-                me.name = "http-idle"  # after: once no thread is named serving, the next connection finds one free
+                    self._threads.discard(me)
+                raise
+            with self._lock:
+                self._free += 1
+            me.name = "http-idle"  # after: once no thread is named serving, the next connection finds one free
 
     def _retire(self, thread: threading.Thread) -> bool:
         """End an idle thread, unless a queued connection counts on it."""

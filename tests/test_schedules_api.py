@@ -1,5 +1,7 @@
 """The schedules' HTTP routes: create, list, get, update, pause, resume, run now, delete; bad input is a 400 naming the field."""
 
+from datetime import datetime
+
 import pytest
 from conftest import create_type
 
@@ -91,3 +93,22 @@ def test_bad_updates_are_400s_and_change_nothing(typed):
     assert api.get("/v1/schedules/nightly").json == before
     assert api.post("/v1/schedules/nightly", b"[1]").status == 400
     assert api.post("/v1/schedules/nope", {"paused": True}).status == 404
+
+
+def test_metrics_show_every_schedule(typed, conn):
+    api = typed
+    api.post("/v1/schedules", SCHEDULE)
+    api.post("/v1/schedules", {"name": "broken", "job_type": "email", "interval_seconds": 60})
+    conn.execute("UPDATE jobrunner_schedules SET error = 'ValueError: x', failures = 1 WHERE name = 'broken'")
+    api.post("/v1/schedules/nightly/pause")
+    text = api.get("/metrics").body.decode()
+    lines = set(text.splitlines())
+    for metric in ("ticks_enqueued_total", "misfires_skipped_total", "errors_total"):
+        assert f'jobrunner_schedule_{metric}{{schedule="nightly"}} 0' in lines  # at 0 before the first event
+    next_tick = api.get("/v1/schedules/broken").json["next_tick"]
+    unix = int(datetime.fromisoformat(next_tick.replace("Z", "+00:00")).timestamp())
+    assert f'jobrunner_schedule_next_tick_timestamp_seconds{{schedule="broken"}} {unix}' in lines
+    assert {'jobrunner_schedule_failing{schedule="broken"} 1', 'jobrunner_schedule_failing{schedule="nightly"} 0'} <= lines
+    assert {'jobrunner_schedule_paused{schedule="nightly"} 1', 'jobrunner_schedule_paused{schedule="broken"} 0'} <= lines
+    page = api.get("/").body.decode()
+    assert 'data-schedule="broken"' in page and "failing" in page and "ValueError: x" in page

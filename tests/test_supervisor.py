@@ -52,11 +52,12 @@ def test_run_starts_its_children_serves_and_stops_gracefully_on_sigterm(db_url, 
         assert service.notified("STOPPING=1")
 
 
-def test_each_connection_names_its_process_and_the_waiting_watcher_holds_none(db_url, detached_downstream):
+def test_each_connection_names_its_process_and_the_waiting_watcher_holds_only_its_schedulers(db_url, detached_downstream):
     config = "workers = 2\nserver_pool_size = 3\nworker_pool_size = 2\n"
     with running_service(db_url, detached_downstream.url, config) as service:
         children = service.children()
-        expected = {f"jobrunner-server:{children['jr-server']}": 3}
+        # the watcher's rounds hold none between them; its scheduler holds one, to LISTEN for schedule changes
+        expected = {f"jobrunner-server:{children['jr-server']}": 3, f"jobrunner-scheduler:{children['jr-watcher']}": 1}
         for worker in ("jr-worker-1", "jr-worker-2"):
             expected[f"jobrunner-worker:{children[worker]}"] = 2
             expected[f"jobrunner-worker-listen:{children[worker]}"] = 1
