@@ -101,7 +101,7 @@ class Worker:
         self._overdue_outage = OutageLog("failing overdue jobs", log)
         self._type_outages: dict[str, OutageLog] = {}  # job type -> its claims' current outage
         self._held_until: dict[str, float] = {}  # job type -> monotonic time its back-off ends
-        self._rate_limited: set[str] = set()  # types with a rate limit at the last poll
+        self._limits: dict[str, tuple] = {}  # rate-limited type -> (per_second, burst) at the last poll
         self._tokens_at: dict[str, float] = {}  # rate-limited type -> monotonic time of its next token
         self._paused: set[str] = set()  # types of concurrency 0 at the last poll
         self._unsent: list[QueuedJob] = []  # claimed, never sent, the claim's commit unanswered
@@ -163,8 +163,10 @@ class Worker:
         self.http.policies = policies  # a new dict, swapped whole: a POST reads the old one or the new one
         self._shortest_timeout = min([self.config.job_timeout, *(p.job_timeout for p in policies.values() if p.job_timeout is not None)])
         # only these types' claims read their rate limit: the others' cost what they did before
-        self._rate_limited = {name for name, policy in policies.items() if policy.rate_per_second}
-        self._tokens_at = {name: at for name, at in self._tokens_at.items() if name in self._rate_limited}
+        limits = {name: (policy.rate_per_second, policy.rate_burst) for name, policy in policies.items() if policy.rate_per_second}
+        # a wait for a token under a limit that changed (10/s after 1/day) ends: the next claim says how long
+        self._tokens_at = {name: at for name, at in self._tokens_at.items() if limits.get(name) == self._limits.get(name)}
+        self._limits = limits
         self._due_at = {
             state.name: now + max(0.0, state.next_due_in)
             for state in states
@@ -276,7 +278,7 @@ class Worker:
         started = time.perf_counter()
         try:
             with self._connection() as conn:
-                claim = services.claim(conn, name, limit, rate_limited=name in self._rate_limited)
+                claim = services.claim(conn, name, limit, rate_limited=name in self._limits)
             claimed = len(claim.jobs)
         except store.ClaimOutcomeUnknown as error:
             self._unsent += error.jobs  # handed back once the database answers (run_once)

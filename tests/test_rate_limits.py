@@ -175,6 +175,18 @@ def test_a_worker_sends_a_fractional_rate_after_its_burst_and_sleeps_until_each_
     assert 2 <= waits <= 6
 
 
+def test_a_worker_waiting_for_a_token_under_a_limit_that_changes_waits_under_the_new_one(api, downstream, db_url, conn):
+    create_type(api, concurrency=10)
+    limit(conn, per_second=0.001, burst=1)  # the next token in 1,000 s
+    with running_worker(db_url, downstream.url) as worker:
+        enqueue(api)
+        enqueue(api)
+        wait_until(lambda: len(downstream.posts) == 1 and worker.metrics.rate_limited.value("email") >= 1, "the second job to wait for its token")
+        limit(conn, per_second=50, burst=1)  # tells the workers (jobrunner_types)
+
+        wait_until(lambda: len(downstream.posts) == 2, "the second job, under the new limit", timeout=5)
+
+
 def test_a_limited_type_never_holds_back_a_type_without_a_limit(api, downstream, db_url, conn):
     create_type(api, "slow", concurrency=10)
     create_type(api, "fast", concurrency=10)
