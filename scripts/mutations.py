@@ -40,6 +40,9 @@ SIGNING = "jobrunner/signing.py"
 DOWNSTREAM = "jobrunner/downstream.py"
 SIGNING_TESTS = ("tests/test_signing.py",)
 TOKEN_TESTS = ("tests/test_callback_token.py",)
+WATCHER = "jobrunner/watcher.py"
+POLICY_TESTS = "tests/test_delivery_policy.py"
+HEARTBEAT_TESTS = "tests/test_heartbeats.py"
 
 MUTATIONS = [
     # --- pause / resume ------------------------------------------------------------------
@@ -372,6 +375,127 @@ MUTATIONS = [
         '"callback_token_set": policy.callback_token is not None,',
         '"callback_token_set": policy.callback_token,',
         SETTINGS_TESTS,
+    ),
+    # --- a type's delivery policy and heartbeats ---------------------------------------
+    Mutation(
+        "policy-url-ignored",
+        "a type's jobs go to its own downstream_url",
+        DELIVERY,
+        "base_url=policy.downstream_url,",
+        "base_url=None,",
+        (f"{POLICY_TESTS}::test_each_type_is_posted_to_its_own_downstream",),
+    ),
+    Mutation(
+        "policy-timeout-ignored",
+        "a type's POSTs keep to its own downstream_timeout",
+        DELIVERY,
+        "timeout=policy.downstream_timeout,",
+        "timeout=None,",
+        (f"{POLICY_TESTS}::test_a_type_whose_downstream_is_gone_hangs_or_does_not_resolve_holds_up_no_other",),
+    ),
+    Mutation(
+        "idle-connections-kept",
+        "connections idle past MAX_IDLE are closed: a thread keeps only the hosts it sent to lately",
+        DOWNSTREAM,
+        "        self._sweep()\n",
+        "",
+        (f"{POLICY_TESTS}::test_connections_idle_past_max_idle_are_closed_so_many_hosts_keep_memory_flat",),
+    ),
+    Mutation(
+        "type-job-timeout-ignored",
+        "the overdue and stuck checks count from the type's own job_timeout",
+        STORE,
+        "coalesce(s.job_timeout * interval '1 second', %(timeout)s)) + %(margin)s",
+        "%(timeout)s) + %(margin)s",
+        (f"{POLICY_TESTS}::test_the_overdue_check_counts_each_type_from_its_own_job_timeout",),
+    ),
+    Mutation(
+        "watcher-no-margin",
+        "the watcher fails a job stuck_job_timeout - job_timeout after the workers would",
+        WATCHER,
+        "services.archive_stuck_jobs(conn, self.job_timeout, now, self.margin)",
+        "services.archive_stuck_jobs(conn, self.job_timeout, now)",
+        (f"{POLICY_TESTS}::test_the_watcher_gives_a_type_with_its_own_job_timeout_the_same_margin_behind_the_workers",),
+    ),
+    Mutation(
+        "heartbeat-deadline-ignored",
+        "the overdue check counts from a heartbeat's deadline",
+        STORE,
+        "coalesce(d.deadline, q.updated_at",
+        "coalesce(NULL, q.updated_at",
+        (HEARTBEAT_TESTS,),
+    ),
+    Mutation(
+        "deadline-outlives-its-attempt",
+        "a heartbeat's deadline holds for its attempt only",
+        STORE,
+        "ON d.id = q.id AND d.attempts = q.attempts AND d.beat_at = q.updated_at",
+        "ON d.id = q.id",
+        (f"{HEARTBEAT_TESTS}::test_a_deadline_holds_for_its_attempt_only",),
+    ),
+    Mutation(
+        "stuck-bound-without-types",
+        "the overdue check's first bound allows for a type's job_timeout shorter than the default",
+        STORE,
+        "      (SELECT min(job_timeout) * interval '1 second' FROM jobrunner_job_type_settings),\n",
+        "",
+        (f"{POLICY_TESTS}::test_the_overdue_check_counts_each_type_from_its_own_job_timeout",),
+    ),
+    Mutation(
+        "stuck-bound-without-heartbeats",
+        "the overdue check's first bound allows for a heartbeat's extend shorter than the default",
+        STORE,
+        "      (SELECT min(deadline - beat_at) FROM jobrunner_job_deadlines)\n",
+        "      NULL\n",
+        (HEARTBEAT_TESTS,),
+    ),
+    Mutation(
+        "heartbeat-any-attempt",
+        "a heartbeat for another attempt changes nothing",
+        STORE,
+        "WHERE id = %(id)s AND name = %(name)s AND attempts = %(attempt)s AND status = 'in-progress'",
+        "WHERE id = %(id)s AND name = %(name)s AND status = 'in-progress'",
+        (HEARTBEAT_TESTS,),
+    ),
+    Mutation(
+        "heartbeat-without-token",
+        "a heartbeat for a type with a callback token must carry it",
+        SERVICES,
+        "    check_callback_token(conn, name, callback_token)\n",
+        "",
+        (f"{HEARTBEAT_TESTS}::test_a_type_with_a_callback_token_takes_heartbeats_that_carry_it_only",),
+    ),
+    Mutation(
+        "retry-policy-ignored",
+        "a failed attempt waits its type's retry back-off",
+        SERVICES,
+        "delay=retry_delay(locked.total_attempts, remaining, locked.retry)",
+        "delay=retry_delay(locked.total_attempts, remaining)",
+        (POLICY_TESTS,),
+    ),
+    Mutation(
+        "max-retry-duration-ignored",
+        "a failure past the type's max_retry_duration since created_at is final",
+        SERVICES,
+        "out_of_time = locked.retry.max_duration is not None and",
+        "out_of_time = False and",
+        (POLICY_TESTS,),
+    ),
+    Mutation(
+        "backoff-doubles-forever",
+        "the back-off's ceiling doubles max_doublings times at most",
+        SERVICES,
+        "min(attempts_used - 1, doublings, MAX_EXPONENT)",
+        "min(attempts_used - 1, MAX_EXPONENT)",
+        (POLICY_TESTS,),
+    ),
+    Mutation(
+        "backoff-no-jitter",
+        "a type's back-off is jittered: jobs failed together do not come back together",
+        SERVICES,
+        "return timedelta(seconds=random.uniform(*backoff_bounds(retry, max(1, exponent))))",
+        "return timedelta(seconds=backoff_bounds(retry, max(1, exponent))[1])",
+        (f"{POLICY_TESTS}::test_a_type_with_retry_settings_backs_off_between_its_bounds_with_full_jitter",),
     ),
     # --- schedules: docs/schedules.md ------------------------------------------------------
     Mutation(
