@@ -131,6 +131,8 @@ CREATE TABLE IF NOT EXISTS jobrunner_job_type_settings (
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
 
+-- 0003_priority --------------------------------------------------------------
+
 -- jobrunner: a job's priority (issue 16): higher first within its type, 0 by
 -- default. Defaulted, so Rickover's code, which names its columns, never sees it;
 -- archived jobs keep it, so that a replay is queued at the same priority.
@@ -146,6 +148,21 @@ ALTER TABLE archived_jobs ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DE
 DROP INDEX IF EXISTS queued_jobs_claim;
 CREATE INDEX IF NOT EXISTS queued_jobs_claim_by_priority ON queued_jobs (name, priority DESC, run_after, id)
     WHERE status = 'queued';
+
+-- 0004_rate_limits ---------------------------------------------------------
+
+-- jobrunner: each rate-limited job type's token bucket (issue 16), in the
+-- database so that the limit holds across every worker, process and host. Read
+-- and written only by a claim of the type, under its claim lock: `tokens` as
+-- they were at `refilled_at`, under the limit (`per_second`, `burst`) of that
+-- claim. A type without a limit has no row and never reads the table.
+CREATE TABLE IF NOT EXISTS jobrunner_rate_limits (
+    name text PRIMARY KEY REFERENCES jobs (name),
+    tokens double precision NOT NULL,
+    per_second double precision NOT NULL CHECK (per_second > 0),
+    burst double precision NOT NULL CHECK (burst >= 1),
+    refilled_at timestamp with time zone NOT NULL
+);
 
 -- 0005_job_deadlines ---------------------------------------------------------
 

@@ -163,6 +163,11 @@ class ServiceMetrics(Registry):
         self.stuck = self.counter("jobrunner_jobs_stuck_archived_total", "in-progress jobs failed by the watcher after stuck_job_timeout, by job type", by_type)
         self.heartbeats = self.counter("jobrunner_heartbeats_total", "heartbeats that pushed a sent job's callback deadline forward, by job type", by_type)
         self.claim_errors = self.counter("jobrunner_claim_errors_total", "failed claims of a job type's jobs (other types go on), by job type", by_type)
+        self.rate_limited = self.counter(
+            "jobrunner_rate_limited_waits_total",
+            "claims of a rate-limited type that left due jobs for want of a token (the type then waits for its next one), by job type",
+            by_type,
+        )
         self.claim_latency = self.histogram("jobrunner_claim_duration_seconds", "time to claim a batch of one type's jobs, by job type", by_type)
         self.downstream_latency = self.histogram("jobrunner_downstream_request_duration_seconds", "downstream POST latency, whatever its outcome, by job type", by_type)
         self.downstream_errors = self.counter(

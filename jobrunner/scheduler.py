@@ -87,15 +87,15 @@ class Scheduler:
                     wait = self._round(listener)
                     outage.recovered()
                     backoff = 1.0
-                except JobrunnerError as error:  # unreachable, or a statement refused: logged once, tried again
+                    _wait(listener, stop, wait)
+                except Exception as error:  # unreachable, a statement refused, or a bug (logged with its traceback): once, then tried again
+                    # a thread that ended here would leave this host without a scheduler while its watcher goes on
                     outage.failed(error)
                     if listener is not None:
                         listener.close()
                         listener = None
-                    wait, backoff = backoff, min(backoff * 2, MAX_BACKOFF)
-                    stop.wait(wait)
-                    continue
-                _wait(listener, stop, wait)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             if listener is not None:
                 listener.close()

@@ -13,6 +13,7 @@ and services open `store.transaction(conn)` around the few that need more than o
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -747,13 +748,47 @@ NEXT_DUE_IN = """(
 # After a claim that took fewer than it asked: when to look again.
 NEXT_DUE = "SELECT " + NEXT_DUE_IN + " FROM (SELECT %(name)s::text AS name) AS j"
 
+# A rate-limited type's token bucket, refilled for the time since its last claim
+# and read, under the type's claim lock (LOCK_JOB_TYPE_FOR_CLAIM): no other claim
+# of the type, in any process or host, runs until this transaction ends, so the
+# bucket needs no lock of its own. A new bucket starts full. The limit is read
+# here, from the settings, not from the worker's copy: a claim never spends under
+# a limit that has changed. No row when the type has no limit (any more): the
+# claim is not limited. The burst defaults to one second's worth, at least one
+# job (policies.effective_burst). clock_timestamp(), not now(): the transaction
+# began before the lock was granted, maybe long before; the refill never goes
+# backwards (greatest), whatever the order in which claims got the lock.
+TAKE_RATE_TOKENS = """
+INSERT INTO jobrunner_rate_limits AS b (name, tokens, per_second, burst, refilled_at)
+SELECT s.name, l.burst, s.rate_per_second, l.burst, coalesce(%(now)s, clock_timestamp())
+FROM jobrunner_job_type_settings s
+CROSS JOIN LATERAL (SELECT coalesce(s.rate_burst, greatest(1, ceil(s.rate_per_second)))::float8 AS burst) AS l
+WHERE s.name = %(name)s AND s.rate_per_second > 0
+ON CONFLICT (name) DO UPDATE SET
+    tokens = least(
+        EXCLUDED.burst,
+        b.tokens + EXCLUDED.per_second * greatest(0, extract(epoch FROM EXCLUDED.refilled_at - b.refilled_at))
+    ),
+    per_second = EXCLUDED.per_second,
+    burst = EXCLUDED.burst,
+    refilled_at = greatest(b.refilled_at, EXCLUDED.refilled_at)
+RETURNING tokens, per_second
+"""
+
+# The tokens a claim spent: one a job claimed.
+SPEND_RATE_TOKENS = "UPDATE jobrunner_rate_limits SET tokens = tokens - %(spent)s WHERE name = %(name)s"
+
 
 @dataclasses.dataclass
 class Claim:
     jobs: list[QueuedJob]  # now in progress, yours to dispatch
     expired: list[QueuedJob]  # archived as expired instead, never to be sent
-    next_due_in: float | None = None  # when fewer than asked were claimed: see NEXT_DUE
+    # when fewer than asked were claimed: see NEXT_DUE; when due jobs wait for the
+    # type's rate limit, the seconds until its next token
+    next_due_in: float | None = None
     quarantined: list["Quarantined"] = dataclasses.field(default_factory=list)  # unreadable, archived failed
+    next_token_in: float | None = None  # seconds until the rate limit's next token, when no whole one is left
+    rate_limited: bool = False  # due jobs were left for want of a token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -805,15 +840,17 @@ def _reading_rows() -> Iterator[None]:
         raise _Unreadable(reason) from None
 
 
-def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None) -> Claim:
+def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = None, rate_limited: bool = False) -> Claim:
     """Claim up to `limit` due jobs of one type; jobs whose rows cannot be read are archived failed first.
 
+    With `rate_limited`, the type's rate limit, if it still has one, bounds the claim
+    too (TAKE_RATE_TOKENS); without, the claim reads nothing of rate limits.
     ClaimOutcomeUnknown when the commit got no answer (the claimed jobs travel with it).
     """
     quarantined: list[Quarantined] = []
     while True:
         try:
-            claim = _claim_jobs_once(conn, name, limit, now)
+            claim = _claim_jobs_once(conn, name, limit, now, rate_limited)
         except _Unreadable as error:
             found = quarantine_unreadable_jobs(conn, name, limit, now)
             if not found:  # not where a claim reads (a race, or a bug): the type's error, backed off
@@ -824,9 +861,9 @@ def claim_jobs(conn: Connection, name: str, limit: int, now: datetime | None = N
         return claim
 
 
-def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | None) -> Claim:
+def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | None, rate_limited: bool) -> Claim:
     claim = Claim(jobs=[], expired=[])
-    params = {"name": name, "limit": limit, "expire_limit": EXPIRE_BATCH, "now": now}
+    bucket = None
     decoded = False
     # The claim's snapshot is taken after the lock is granted: it sees every earlier
     # claim committed. Not pipelined: psycopg's pipeline mode cost more CPU than the
@@ -834,14 +871,22 @@ def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | No
     try:
         with translated_errors(), conn.transaction():
             conn.execute(LOCK_JOB_TYPE_FOR_CLAIM, {"space": ADVISORY_LOCK_SPACE, "name": name})
+            if rate_limited:
+                bucket = conn.execute(TAKE_RATE_TOKENS, {"name": name, "now": now}).fetchone()
+            allowed = limit if bucket is None else min(limit, math.floor(bucket[0]))
+            params = {"name": name, "limit": allowed, "expire_limit": EXPIRE_BATCH, "now": now}
             with conn.cursor(row_factory=dict_row) as cur, _reading_rows():
                 for row in cur.execute(CLAIM_JOBS, params).fetchall():
                     target = claim.expired if row.pop("expired") else claim.jobs
                     target.append(QueuedJob(**row))
             if claim.expired:
                 archive_jobs(conn, [(job.id, job.name) for job in claim.expired], EXPIRED, expected_status=QUEUED, now=now)
+            if bucket is not None and claim.jobs:
+                conn.execute(SPEND_RATE_TOKENS, {"name": name, "spent": len(claim.jobs)})
             if len(claim.jobs) < limit:
                 claim.next_due_in = conn.execute(NEXT_DUE, {"name": name, "now": now}).fetchone()[0]
+                if bucket is not None:
+                    _wait_for_tokens(claim, tokens_left=bucket[0] - len(claim.jobs), per_second=bucket[1])
             decoded = True  # what follows is the COMMIT
     except DatabaseUnavailable as error:
         # Lost at the COMMIT: it may have committed or not. The jobs were never
@@ -850,6 +895,15 @@ def _claim_jobs_once(conn: Connection, name: str, limit: int, now: datetime | No
             raise ClaimOutcomeUnknown(str(error), claim.jobs) from None
         raise
     return claim
+
+
+def _wait_for_tokens(claim: Claim, tokens_left: float, per_second: float) -> None:
+    """Without a whole token left, the next claim waits (next_due_in) for the next token too."""
+    if tokens_left >= 1 or claim.next_due_in is None:
+        return  # a token is left, or nothing is queued
+    claim.next_token_in = (1 - tokens_left) / per_second
+    claim.rate_limited = claim.next_due_in <= 0  # due jobs are left for want of a token
+    claim.next_due_in = max(claim.next_due_in, claim.next_token_in)
 
 
 # The rows a claim of the type reads: due queued jobs in the claim's order, and due

@@ -101,6 +101,8 @@ class Worker:
         self._overdue_outage = OutageLog("failing overdue jobs", log)
         self._type_outages: dict[str, OutageLog] = {}  # job type -> its claims' current outage
         self._held_until: dict[str, float] = {}  # job type -> monotonic time its back-off ends
+        self._limits: dict[str, tuple] = {}  # rate-limited type -> (per_second, burst) at the last poll
+        self._tokens_at: dict[str, float] = {}  # rate-limited type -> monotonic time of its next token
         self._paused: set[str] = set()  # types of concurrency 0 at the last poll
         self._unsent: list[QueuedJob] = []  # claimed, never sent, the claim's commit unanswered
 
@@ -160,6 +162,11 @@ class Worker:
             policies = store.job_type_policies(conn)
         self.http.policies = policies  # a new dict, swapped whole: a POST reads the old one or the new one
         self._shortest_timeout = min([self.config.job_timeout, *(p.job_timeout for p in policies.values() if p.job_timeout is not None)])
+        # only these types' claims read their rate limit: the others' cost what they did before
+        limits = {name: (policy.rate_per_second, policy.rate_burst) for name, policy in policies.items() if policy.rate_per_second}
+        # a wait for a token under a limit that changed (10/s after 1/day) ends: the next claim says how long
+        self._tokens_at = {name: at for name, at in self._tokens_at.items() if limits.get(name) == self._limits.get(name)}
+        self._limits = limits
         self._due_at = {
             state.name: now + max(0.0, state.next_due_in)
             for state in states
@@ -179,8 +186,12 @@ class Worker:
         return [name for name in list(self._due_at) if self._due_time(name) <= now]
 
     def _due_time(self, name: str) -> float:
-        """When the type is next to be claimed: when due, and not before its back-off ends."""
-        return max(self._due_at[name], self._held_until.get(name, 0.0))
+        """When the type is next to be claimed: when due, and not before its back-off ends or its next token.
+
+        A notification makes a type due now, but never before its next token: a
+        rate-limited type's enqueues and callbacks wake no claim that could take nothing.
+        """
+        return max(self._due_at[name], self._held_until.get(name, 0.0), self._tokens_at.get(name, 0.0))
 
     def _release_unsent(self) -> None:
         """Queue again the jobs of a claim whose commit got no answer: they were never sent."""
@@ -267,7 +278,7 @@ class Worker:
         started = time.perf_counter()
         try:
             with self._connection() as conn:
-                claim = services.claim(conn, name, limit)
+                claim = services.claim(conn, name, limit, rate_limited=name in self._limits)
             claimed = len(claim.jobs)
         except store.ClaimOutcomeUnknown as error:
             self._unsent += error.jobs  # handed back once the database answers (run_once)
@@ -282,6 +293,12 @@ class Worker:
             self.metrics.claimed.inc(name, amount=len(claim.jobs))
         if claim.expired:
             self.metrics.expired.inc(name, amount=len(claim.expired))
+        if claim.rate_limited:
+            self.metrics.rate_limited.inc(name)
+        if claim.next_token_in is None:
+            self._tokens_at.pop(name, None)
+        else:
+            self._tokens_at[name] = time.monotonic() + claim.next_token_in  # from the claim's end, not the round's start
         for job in claim.jobs:
             self.dispatch.submit(self._dispatch, job)
         if len(claim.jobs) == limit:

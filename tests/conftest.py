@@ -579,6 +579,7 @@ class PostgresRelay:
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        source.close()  # each socket is one direction's source: closed once, by the thread that read it (else a ResourceWarning at GC)
 
 
 @pytest.fixture

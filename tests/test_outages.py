@@ -6,7 +6,7 @@ import uuid
 
 from conftest import create_type, enqueue, make_type, running_worker, wait_for_status, wait_until
 
-from jobrunner import services, watcher
+from jobrunner import scheduler, schedules, services, timetable, watcher
 from jobrunner.config import load_config
 
 
@@ -58,3 +58,27 @@ def test_the_watcher_rides_out_a_database_outage_and_fails_stuck_jobs_after_it(c
             thread.join(timeout=30)
     assert not thread.is_alive(), "the watcher did not stop"
     assert services.get_job(conn, stuck.id).attempts == stuck.attempts - 1
+
+
+def test_the_scheduler_rides_out_a_database_outage_and_ticks_after_it(conn, relay, caplog):
+    make_type(conn, "email", concurrency=0)
+    schedules.create_schedule(conn, timetable.validate({"name": "every-second", "job_type": "email", "interval_seconds": 1}))
+    config = load_config({}, overrides={"database_url": relay.url, "db_timeout": "1"})
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(config, stop), name="test-scheduler")
+    ticks = lambda: conn.execute("SELECT count(*) FROM queued_jobs").fetchone()[0]  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="jobrunner.scheduler"):
+        thread.start()
+        try:
+            wait_until(lambda: ticks() >= 2, "the ticks' jobs")
+            relay.cut()
+            wait_until(lambda: "scheduler failed" in caplog.text, "the outage to be logged")
+            during = ticks()
+            relay.restore()
+            wait_until(lambda: ticks() >= during + 2, "ticks after the outage", timeout=30)
+            assert "scheduler recovered" in caplog.text
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert not thread.is_alive(), "the scheduler did not stop"
+    assert caplog.text.count("scheduler failed") == 1  # the outage logged once
