@@ -514,7 +514,7 @@ def test_the_dashboard_shows_a_type_whose_due_jobs_wait_for_its_rate_limit(conn)
     for name in ("partner", "email"):
         for _ in range(3):
             services.enqueue(conn, uuid.uuid4(), name, {})
-    assert len(services.claim(conn, "partner", 10).jobs) == 1  # its one token: the others wait 100 s for the next
+    assert len(services.claim(conn, "partner", 10, rate_limited=True).jobs) == 1  # its one token: the others wait 100 s for the next
     assert len(services.claim(conn, "email", 1).jobs) == 1  # a concurrency-bound wait is not a rate limit
     overview = services.overview(conn)
     page = dashboard.render(overview, "jobrunner").decode()
