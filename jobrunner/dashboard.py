@@ -277,7 +277,7 @@ def _type_row(counts: JobTypeCounts, overview: Overview) -> str:
     return (
         f'<tr data-type="{_escape(name)}"><td><span class="name">{_escape(name)}</span>'
         f'<span class="sub">{_escape(strategy)}, {job_type.attempts} attempt{"s" if job_type.attempts != 1 else ""}</span>'
-        f"{_policy(job_type.policy)}{_backing_off(overview.backing_off.get(name, 0))}"
+        f"{_policy(job_type.policy)}{_rate_limited(name in overview.rate_limited)}{_backing_off(overview.backing_off.get(name, 0))}"
         f"{_type_error(overview.type_errors.get(name), overview.now)}</td>"
         f'<td class="n">{_concurrency(job_type.concurrency, overview.paused.get(name))}</td>'
         f"{_count_cell(counts.queued)}{_count_cell(counts.due)}{_count_cell(counts.in_progress)}{finished}"
@@ -289,6 +289,12 @@ def _policy(policy: TypePolicy) -> str:
     """The type's delivery settings in a line (nothing for a type that sets none); secrets only as set or not."""
     parts = describe(policy_json(policy))
     return f'<span class="sub policy">{_escape(", ".join(parts))}</span>' if parts else ""
+
+
+def _rate_limited(limited: bool) -> str:
+    if not limited:
+        return ""
+    return '<span class="badge backoff" title="due jobs wait for the rate limit\'s next token">rate limited</span>'
 
 
 def _backing_off(jobs: int) -> str:

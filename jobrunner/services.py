@@ -217,6 +217,7 @@ class Overview:
     type_errors: dict[str, store.JobTypeError]  # types whose claims fail right now (the others go on)
     schedules: list[tuple[Schedule, str | None]]  # every schedule and the status of its last job
     backing_off: dict[str, int]  # type -> its jobs waiting out a retry's back-off
+    rate_limited: set[str]  # types whose due jobs wait for a token of their rate limit
 
 
 def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> Overview:
@@ -239,6 +240,7 @@ def overview(conn: Connection, limit: int = 20, now: datetime | None = None) -> 
             type_errors=store.type_errors(conn),
             schedules=store.list_schedules(conn),
             backing_off=store.backing_off_jobs(conn, now),
+            rate_limited=store.rate_limited_types(conn, now),
         )
 
 

@@ -1182,6 +1182,16 @@ WHERE q.status = 'queued' AND q.run_after > coalesce(%(now)s, now()) AND q.attem
 GROUP BY q.name
 """
 
+# Types whose due jobs wait for a token: the bucket as the last claim left it,
+# refilled to now, holds less than one job (only types still limited count).
+RATE_LIMITED_TYPES = """
+SELECT b.name
+FROM jobrunner_rate_limits b
+JOIN jobrunner_job_type_settings s ON s.name = b.name AND s.rate_per_second IS NOT NULL
+WHERE least(b.burst, b.tokens + b.per_second * extract(epoch FROM coalesce(%(now)s, now()) - b.refilled_at)) < 1
+  AND EXISTS (SELECT 1 FROM queued_jobs q WHERE q.name = b.name AND q.status = 'queued' AND q.run_after <= coalesce(%(now)s, now()))
+"""
+
 DATABASE_NOW = "SELECT coalesce(%(now)s, now())"
 
 
@@ -1209,6 +1219,12 @@ def backing_off_jobs(conn: Connection, now: datetime | None = None) -> dict[str,
     """Job type -> how many of its jobs wait for a retry (types with none are left out)."""
     with translated_errors():
         return dict(conn.execute(BACKING_OFF_JOBS, {"now": now}).fetchall())
+
+
+def rate_limited_types(conn: Connection, now: datetime | None = None) -> set[str]:
+    """Job types whose due jobs wait for their rate limit's next token."""
+    with translated_errors():
+        return {name for (name,) in conn.execute(RATE_LIMITED_TYPES, {"now": now})}
 
 
 def database_now(conn: Connection, now: datetime | None = None) -> datetime:

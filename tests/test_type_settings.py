@@ -506,3 +506,18 @@ def test_the_dashboard_shows_each_types_policy_and_its_jobs_backing_off(conn):
     assert "1 backing off" in email_row and "backing off" not in sms_row
     assert "to https://mail.example, callback within 30m, 0.5/s, callback token" in email_row
     assert "z" * 20 not in page and 'class="sub policy"' not in sms_row
+
+
+def test_the_dashboard_shows_a_type_whose_due_jobs_wait_for_its_rate_limit(conn):
+    services.create_job_type(conn, "partner", "at_least_once", 3, 5, {"rate_limit": {"per_second": 0.01, "burst": 1}})
+    services.create_job_type(conn, "email", "at_least_once", 3, 5)
+    for name in ("partner", "email"):
+        for _ in range(3):
+            services.enqueue(conn, uuid.uuid4(), name, {})
+    assert len(services.claim(conn, "partner", 10, rate_limited=True).jobs) == 1  # its one token: the others wait 100 s for the next
+    assert len(services.claim(conn, "email", 1).jobs) == 1  # a concurrency-bound wait is not a rate limit
+    overview = services.overview(conn)
+    page = dashboard.render(overview, "jobrunner").decode()
+    assert overview.rate_limited == {"partner"}
+    assert "rate limited" in page.split('<tr data-type="partner">')[1].split("</tr>")[0]
+    assert "rate limited" not in page.split('<tr data-type="email">')[1].split("</tr>")[0]
