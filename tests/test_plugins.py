@@ -217,6 +217,15 @@ AUTHENTICATED = [
     ("POST", "/v1/jobs/email/job_8b9a3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d/cancel"),
     ("POST", "/v1/jobs/email/pause"),
     ("POST", "/v1/jobs/email/resume"),
+    ("POST", "/v1/jobs/email/job_8b9a3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d/heartbeat"),
+    ("GET", "/v1/schedules"),
+    ("POST", "/v1/schedules"),
+    ("GET", "/v1/schedules/nightly"),
+    ("POST", "/v1/schedules/nightly"),
+    ("DELETE", "/v1/schedules/nightly"),
+    ("POST", "/v1/schedules/nightly/pause"),
+    ("POST", "/v1/schedules/nightly/resume"),
+    ("POST", "/v1/schedules/nightly/run"),
 ]
 
 
